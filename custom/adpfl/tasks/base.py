@@ -1,0 +1,123 @@
+"""What a segmentation task is: channels, labels, evaluation regions, transforms, network.
+
+A task is one module in this package that defines ``TASK`` (a :class:`SegTask`).
+Nothing here imports nvflare.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Sequence, Tuple
+
+import torch
+
+__all__ = ["SegTask", "get_task", "TASK_NAMES", "labels_to_regions"]
+
+TASK_NAMES = ("skin2d", "kidney3d", "brain3d")
+
+
+@dataclass(frozen=True)
+class SegTask:
+    """Static description of one segmentation task.
+
+    Labels are integer class values (0 = background); the network predicts one softmax
+    channel per class. Evaluation regions are unions of label values (e.g. KiTS's
+    "tumour+cyst"), scored on the arg-max prediction.
+    """
+
+    name: str
+    spatial_dims: int
+    channel_names: Tuple[str, ...]
+    label_names: Dict[int, str]
+    regions: Dict[str, Tuple[int, ...]]
+    key_region: str
+    default_size: Tuple[int, ...]
+    unet_channels: Tuple[int, ...] = (16, 32, 64, 128)
+    unet_strides: Tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 2
+    # patch size for random-crop training (3D tasks); None = whole image
+    patch_size: Tuple[int, ...] | None = None
+    # builders for the MONAI transform chains (set by each task module)
+    make_train_transforms: Callable[["SegTask", Tuple[int, ...]], object] | None = field(default=None, compare=False)
+    make_val_transforms: Callable[["SegTask", Tuple[int, ...]], object] | None = field(default=None, compare=False)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def label_values(self) -> Tuple[int, ...]:
+        return tuple(sorted(self.label_names))
+
+    def build_network(self) -> torch.nn.Module:
+        """The MONAI UNet of this task (wrapped by :class:`adpfl.tasks.network.TaskNetwork`)."""
+        from monai.networks.nets import UNet
+
+        return UNet(
+            spatial_dims=self.spatial_dims,
+            in_channels=self.in_channels,
+            out_channels=self.num_classes,
+            channels=self.unet_channels,
+            strides=self.unet_strides,
+            num_res_units=self.num_res_units,
+        )
+
+    def resolve_size(self, size=None) -> Tuple[int, ...]:
+        """``size`` as a full spatial tuple (an int means the same size on every axis)."""
+        if size is None or size == 0:
+            return tuple(self.default_size)
+        if isinstance(size, int):
+            size = (size,) * self.spatial_dims
+        size = tuple(int(s) for s in size)
+        if len(size) != self.spatial_dims or min(size) < 16:
+            raise ValueError(
+                f"image_size for task {self.name} must be an int or {self.spatial_dims} ints >= 16, got {size}"
+            )
+        return size
+
+    def train_transforms(self, size=None):
+        return self.make_train_transforms(self, self.resolve_size(size))
+
+    def val_transforms(self, size=None):
+        return self.make_val_transforms(self, self.resolve_size(size))
+
+
+def labels_to_regions(labels: torch.Tensor, task: SegTask) -> torch.Tensor:
+    """Map an integer label map (B,1,*spatial) to binary region channels (B,R,*spatial)."""
+    if labels.shape[1] != 1:
+        raise ValueError(f"expected a single-channel label map, got shape {tuple(labels.shape)}")
+    lab = labels[:, 0]
+    chans = []
+    for values in task.regions.values():
+        m = torch.zeros_like(lab, dtype=torch.bool)
+        for v in values:
+            m |= lab == v
+        chans.append(m)
+    return torch.stack(chans, dim=1).float()
+
+
+def get_task(name: str) -> SegTask:
+    """Return the task named ``name`` (one module per task in this package)."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"task must be one of {TASK_NAMES}, got {name!r}")
+    try:
+        module = importlib.import_module(f"adpfl.tasks.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"adpfl.tasks.{name}":
+            raise ValueError(f"task must be one of {TASK_NAMES}, got {name!r}") from None
+        raise
+    task = getattr(module, "TASK", None)
+    if not isinstance(task, SegTask):
+        raise ValueError(
+            f"task must be one of {TASK_NAMES}, got {name!r} (module adpfl.tasks.{name} does not define TASK)"
+        )
+    return task
+
+
+def region_names(task: SegTask) -> Sequence[str]:
+    return list(task.regions)

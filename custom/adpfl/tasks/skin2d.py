@@ -1,0 +1,69 @@
+"""Skin lesion segmentation on 2D RGB dermoscopy (HAM10000 / ISIC 2018 Task 1 style).
+
+Images: RGB PNG/JPEG, masks: single-channel PNG with 0 (skin) / 255 (lesion), as in ISIC.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from monai import transforms as mt
+
+from adpfl.tasks.base import SegTask
+
+
+def _binarize_mask(x):
+    # ISIC masks are 0/255 (sometimes with JPEG-like halo values); lesion = above half range.
+    return (x > 127).astype(np.float32) if isinstance(x, np.ndarray) else (x > 127).float()
+
+
+def _first_channel(x):
+    return x[:1]
+
+
+def _rgb(x):
+    return x[:3]
+
+
+def _load_and_normalize(task: SegTask, size):
+    return [
+        mt.LoadImaged(keys=["image", "label"], image_only=True),
+        mt.EnsureChannelFirstd(keys=["image", "label"]),
+        # a mask saved as RGB(A) keeps only its first channel
+        mt.Lambdad(keys="label", func=_first_channel),
+        mt.Lambdad(keys="label", func=_binarize_mask),
+        mt.Lambdad(keys="image", func=_rgb),
+        mt.ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
+        mt.Resized(keys=["image", "label"], spatial_size=size, mode=("bilinear", "nearest")),
+    ]
+
+
+def _train(task: SegTask, size):
+    return mt.Compose(
+        _load_and_normalize(task, size)
+        + [
+            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
+            mt.RandRotate90d(keys=["image", "label"], prob=0.5, max_k=3),
+            mt.EnsureTyped(keys=["image", "label"], track_meta=False),
+        ]
+    )
+
+
+def _val(task: SegTask, size):
+    return mt.Compose(_load_and_normalize(task, size) + [mt.EnsureTyped(keys=["image", "label"], track_meta=False)])
+
+
+TASK = SegTask(
+    name="skin2d",
+    spatial_dims=2,
+    channel_names=("R", "G", "B"),
+    label_names={0: "background", 1: "lesion"},
+    regions={"lesion": (1,)},
+    key_region="lesion",
+    default_size=(128, 128),
+    unet_channels=(16, 32, 64, 128),
+    unet_strides=(2, 2, 2),
+    num_res_units=2,
+    make_train_transforms=_train,
+    make_val_transforms=_val,
+)

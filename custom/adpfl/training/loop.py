@@ -1,0 +1,201 @@
+"""Local training and validation of one site (MONAI), independent of FLARE.
+
+The FLARE executor is a thin adapter over :class:`LocalTrainer`: it hands in the global
+weights, calls :meth:`LocalTrainer.train` and :meth:`LocalTrainer.evaluate`, and ships the
+result. Everything numeric here is MONAI/PyTorch: UNet (from the task), DiceCE loss,
+DiceMetric and HD95 (HausdorffDistanceMetric, percentile 95), sliding-window inference for
+patch-trained 3D tasks, AMP on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+from adpfl.tasks.base import SegTask, labels_to_regions
+
+__all__ = ["TrainConfig", "LocalTrainer", "resolve_device"]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available on this machine")
+    return dev
+
+
+@dataclass
+class TrainConfig:
+    """Local training settings of one site (all set from the job definition)."""
+
+    local_epochs: int = 2
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    max_steps_per_round: int = 0  # 0 = no cap: train ``local_epochs`` full epochs
+    amp: bool = True  # mixed precision, used only on CUDA
+    image_size: object = None  # int or tuple; None = the task's default
+    device: str = "auto"
+    num_workers: int = 0
+    seed: Optional[int] = None  # torch seed for weight init / augmentation (not for privacy noise)
+
+    def validate(self) -> None:
+        checks = [
+            ("local_epochs", self.local_epochs, self.local_epochs >= 1),
+            ("batch_size", self.batch_size, self.batch_size >= 1),
+            ("learning_rate", self.learning_rate, 0 < self.learning_rate < 10),
+            ("max_steps_per_round", self.max_steps_per_round, self.max_steps_per_round >= 0),
+            ("num_workers", self.num_workers, self.num_workers >= 0),
+        ]
+        for name, value, ok in checks:
+            if not ok:
+                raise ValueError(f"invalid training setting {name}={value!r}")
+
+
+class LocalTrainer:
+    """Trains and evaluates a model on one site's datalist."""
+
+    def __init__(self, task: SegTask, datalist: Dict[str, List[dict]], config: TrainConfig):
+        config.validate()
+        self.task = task
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.size = task.resolve_size(config.image_size)
+        train_items = list(datalist.get("training") or [])
+        val_items = list(datalist.get("validation") or [])
+        if not train_items:
+            raise ValueError(f"site has no training cases (task {task.name})")
+        self.num_train = len(train_items)
+        self.num_val = len(val_items)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.train_ds = CacheDataset(
+                train_items, transform=task.train_transforms(self.size), cache_rate=1.0, progress=False
+            )
+            self.val_ds = (
+                CacheDataset(val_items, transform=task.val_transforms(self.size), cache_rate=1.0, progress=False)
+                if val_items
+                else None
+            )
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.use_amp = bool(config.amp) and self.device.type == "cuda"
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._optimizer_model_id: Optional[int] = None
+        self._scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    # -- training ---------------------------------------------------------------------
+    def _loader(self, shuffle: bool, ds, batch_size: int) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+        )
+
+    def optimizer_for(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """One Adam optimizer per site, kept across rounds (its moments are local state)."""
+        if self._optimizer is None or self._optimizer_model_id != id(model):
+            self._optimizer = torch.optim.Adam(model.parameters(), lr=self.config.learning_rate)
+            self._optimizer_model_id = id(model)
+        return self._optimizer
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        should_stop: Optional[Callable[[], bool]] = None,
+        on_step: Optional[Callable[[int, float], None]] = None,
+    ) -> Dict[str, float]:
+        """Run the local epochs; returns mean loss, steps, samples seen and seconds."""
+        model.to(self.device).train()
+        opt = self.optimizer_for(model)
+        loader = self._loader(True, self.train_ds, self.config.batch_size)
+        steps, samples, loss_sum = 0, 0, 0.0
+        t0 = time.perf_counter()
+        cap = self.config.max_steps_per_round or math.inf
+        for _epoch in range(self.config.local_epochs):
+            for batch in loader:
+                if should_stop is not None and should_stop():
+                    return {"loss": loss_sum / max(steps, 1), "steps": steps, "samples": samples,
+                            "seconds": time.perf_counter() - t0, "aborted": True}
+                x = batch["image"].to(self.device, non_blocking=True)
+                y = batch["label"].to(self.device, non_blocking=True)
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", enabled=self.use_amp):
+                    loss = self.loss_fn(model(x), y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"local training loss became {loss.item()} at step {steps}")
+                self._scaler.scale(loss).backward()
+                self._scaler.step(opt)
+                self._scaler.update()
+                steps += 1
+                samples += x.shape[0]
+                loss_sum += float(loss.detach())
+                if on_step is not None:
+                    on_step(steps, float(loss.detach()))
+                if steps >= cap:
+                    break
+            if steps >= cap:
+                break
+        return {"loss": loss_sum / max(steps, 1), "steps": steps, "samples": samples,
+                "seconds": time.perf_counter() - t0, "aborted": False}
+
+    # -- evaluation -------------------------------------------------------------------
+    def _predict(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", enabled=self.use_amp):
+            if self.task.patch_size is not None and tuple(x.shape[2:]) != tuple(self.task.patch_size):
+                return sliding_window_inference(x, self.task.patch_size, sw_batch_size=4, predictor=model, overlap=0.25)
+            return model(x)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, with_hd95: bool = True) -> Dict[str, float]:
+        """Dice (and HD95) per evaluation region on the site's validation set.
+
+        Keys: ``dice_<region>``, ``hd95_<region>``, ``dice_mean`` (mean over regions).
+        Regions that are empty in both prediction and ground truth of a case are ignored
+        for that case (MONAI ``ignore_empty``); HD95 is NaN-skipped likewise.
+        """
+        if self.val_ds is None:
+            raise ValueError(f"site has no validation cases (task {self.task.name}); cannot evaluate")
+        model.to(self.device).eval()
+        dice = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True)
+        hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="mean_batch") if with_hd95 else None
+        for batch in self._loader(False, self.val_ds, 1):
+            x = batch["image"].to(self.device)
+            y = batch["label"].to(self.device)
+            logits = self._predict(model, x).float()
+            pred = logits.argmax(dim=1, keepdim=True)
+            p_reg = labels_to_regions(pred, self.task)
+            y_reg = labels_to_regions(y.round().long(), self.task)
+            dice(p_reg, y_reg)
+            if hd is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    hd(p_reg, y_reg)
+        out: Dict[str, float] = {}
+        d = dice.aggregate()
+        for i, name in enumerate(self.task.regions):
+            out[f"dice_{name}"] = _finite_or_zero(d[i])
+        if hd is not None:
+            h = hd.aggregate()
+            for i, name in enumerate(self.task.regions):
+                v = float(h[i])
+                out[f"hd95_{name}"] = v if math.isfinite(v) else float("nan")
+        out["dice_mean"] = sum(out[f"dice_{n}"] for n in self.task.regions) / len(self.task.regions)
+        return out
+
+
+def _finite_or_zero(v) -> float:
+    v = float(v)
+    return v if math.isfinite(v) else 0.0
