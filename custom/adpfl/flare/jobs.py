@@ -1,0 +1,210 @@
+"""The one definition of every FLARE job in this bundle (Job API: ``FedJob``).
+
+``jobs/<task>_<mode>`` folders are exported from here (``adpfl jobs export``) and a test
+checks that the checked-in folders equal a fresh export, so the task x mode jobs cannot
+drift apart. The same ``FedJob`` objects run directly through the Job API
+(``build_job(...).simulator_run(...)``, see ``adpfl run --job-api``).
+
+Every number a user can set lives in ``TASK_DEFAULTS`` / ``MODE_DEFAULTS`` below and
+reaches the components as their constructor arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from typing import Dict, Optional
+
+TASKS = ("skin2d", "kidney3d", "brain3d")
+MODES = ("npfl", "dpfl", "adpfl")
+
+#: per-task federation and local-training settings (simulator defaults for a CPU machine)
+TASK_DEFAULTS: Dict[str, dict] = {
+    "skin2d": {
+        "num_rounds": 5,
+        "min_clients": 3,
+        "executor": {
+            "task": "skin2d",
+            "num_train": 40,
+            "num_val": 20,
+            "image_size": 0,
+            "local_epochs": 3,
+            "batch_size": 8,
+            "learning_rate": 0.002,
+        },
+    },
+}
+
+#: privacy settings per mode (None = no privacy filter). Units: site-level update DP,
+#: replace-one, sensitivity 2 * clip_norm, delta per site, sample rate 1 per round.
+MODE_DEFAULTS: Dict[str, Optional[dict]] = {
+    "npfl": None,
+}
+
+BYOC_NOTE = (
+    "This folder is intentionally (almost) empty.\n"
+    "The adpfl package is installed at each site (pip install -r requirements.txt);\n"
+    "a custom/ folder marks the job as carrying custom code (BYOC), which lets FLARE\n"
+    "instantiate adpfl.* classes without a site allow-list. Sites that refuse custom code\n"
+    "allow-list the installed package instead (see README, 'Deploy to real sites').\n"
+)
+
+
+def job_name(task: str, mode: str) -> str:
+    return f"{task}_{mode}"
+
+
+def job_settings(task: str, mode: str, **overrides) -> dict:
+    """Full settings of one job: task defaults, mode defaults, then ``overrides``.
+
+    ``overrides`` may name top-level keys (``num_rounds``, ``min_clients``) or
+    ``executor`` / ``privacy`` dicts whose keys replace the defaults one by one.
+    """
+    if task not in TASK_DEFAULTS:
+        raise ValueError(f"task must be one of {tuple(TASK_DEFAULTS)}, got {task!r}")
+    if mode not in MODE_DEFAULTS:
+        raise ValueError(f"mode must be one of {tuple(MODE_DEFAULTS)}, got {mode!r}")
+    s = copy.deepcopy(TASK_DEFAULTS[task])
+    privacy = copy.deepcopy(MODE_DEFAULTS[mode])
+    if privacy is not None:
+        privacy = dict(privacy, planned_rounds=s["num_rounds"])
+    s["privacy"] = privacy
+    s["task"], s["mode"] = task, mode
+    for key, value in overrides.items():
+        if key in ("executor", "privacy") and isinstance(value, dict):
+            if key == "privacy" and s["privacy"] is None:
+                raise ValueError(f"mode {mode} has no privacy filter; privacy overrides {sorted(value)} do not apply")
+            s[key].update(value)
+        elif key in s:
+            s[key] = value
+        else:
+            raise ValueError(f"unknown job setting {key!r}; known: {sorted(s)}")
+    if s["privacy"] is not None and "num_rounds" in overrides and "planned_rounds" not in (overrides.get("privacy") or {}):
+        s["privacy"]["planned_rounds"] = s["num_rounds"]
+    return s
+
+
+def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
+    """The FedJob of ``task`` x ``mode`` (components configured from ``job_settings``)."""
+    from nvflare.apis.dxo import DataKind
+    from nvflare.app_common.aggregators import InTimeAccumulateWeightedAggregator
+    from nvflare.app_common.shareablegenerators import FullModelShareableGenerator
+    from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
+    from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
+    from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
+    from nvflare.app_common.workflows.global_model_eval import GlobalModelEval
+    from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
+    from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
+    from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+    from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
+    from nvflare.job_config.api import FedJob
+
+    from adpfl.flare.executor import SegmentationExecutor
+    from adpfl.tasks.network import TaskNetwork
+
+    s = job_settings(task, mode, **overrides)
+    private = s["privacy"] is not None
+    job = FedJob(name=name or job_name(task, mode), min_clients=s["min_clients"])
+    job.set_app_packages(["adpfl"])
+
+    # ---- server
+    job.to_server(_explicit(PTFileModelPersistor(model=_explicit(TaskNetwork(task=task)))), id="persistor")
+    job.to_server(_explicit(FullModelShareableGenerator()), id="shareable_generator")
+    # private jobs weigh sites equally: the un-noised local step count must not steer aggregation
+    job.to_server(
+        _explicit(
+            InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF, weigh_by_local_iter=not private)
+        ),
+        id="aggregator",
+    )
+    job.to_server(_explicit(IntimeModelSelector(key_metric="val_dice")), id="model_selector")
+    job.to_server(_explicit(PTFileModelLocator(pt_persistor_id="persistor")), id="model_locator")
+    job.to_server(_explicit(ValidationJsonGenerator()), id="json_generator")
+    job.to_server(
+        _explicit(TBAnalyticsReceiver(events=["fed.analytix_log_stats", "analytix_log_stats"])), id="tb_receiver"
+    )
+    if private:
+        from adpfl.flare.privacy_widget import PrivacyAccountingWidget
+
+        job.to_server(_explicit(PrivacyAccountingWidget(**_widget_args(s["privacy"]))), id="privacy_accountant")
+    job.to_server(
+        _explicit(ScatterAndGather(
+            min_clients=s["min_clients"],
+            num_rounds=s["num_rounds"],
+            wait_time_after_min_received=0,
+            aggregator_id="aggregator",
+            persistor_id="persistor",
+            shareable_generator_id="shareable_generator",
+            train_task_name="train",
+            train_timeout=0,
+            # a site that refuses to release (privacy budget, pipeline error) costs a round
+            # of its contribution, not the run
+            ignore_result_error=True,
+        )),
+        id="scatter_and_gather",
+    )
+    job.to_server(
+        _explicit(GlobalModelEval(model_locator_id="model_locator", validation_task_name="validate")), id="global_eval"
+    )
+
+    # ---- clients
+    job.to_clients(_explicit(SegmentationExecutor(**s["executor"])), tasks=["train", "validate"])
+    job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."), id="event_to_fed")
+    if private:
+        from adpfl.flare.privacy_filter import ADPFilter
+
+        job.to_clients(_explicit(ADPFilter(**s["privacy"])), tasks=["train"], filter_type=_result_filter_type())
+
+    note = _byoc_note_file()
+    job.add_file_to_server(note, app_folder_type="custom")
+    job.add_file_to_clients(note, app_folder_type="custom")
+    return job
+
+
+def _explicit(obj):
+    """Make the exported config list every constructor argument, defaults included, so a
+    job folder shows all of its settings (FedJob otherwise drops default-valued ones)."""
+    import inspect
+
+    params = [p for p in inspect.signature(type(obj).__init__).parameters if p not in ("self", "args", "kwargs")]
+    present = [p for p in params if p in obj.__dict__ or "_" + p in obj.__dict__]
+    obj._always_serialize_args = tuple(present)
+    return obj
+
+
+def _byoc_note_file() -> str:
+    """The placeholder that goes into each app's custom/ folder (copied at export time)."""
+    folder = os.path.join(tempfile.gettempdir(), f"adpfl_byoc_{os.getuid()}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "README_custom.txt")
+    with open(path, "w") as f:
+        f.write(BYOC_NOTE)
+    return path
+
+
+def _result_filter_type():
+    from nvflare.job_config.defs import FilterType
+
+    return FilterType.TASK_RESULT
+
+
+def _widget_args(privacy: dict) -> dict:
+    keys = ("target_epsilon", "delta", "planned_rounds", "noise_type")
+    return {k: privacy[k] for k in keys if k in privacy}
+
+
+def export_job(task: str, mode: str, jobs_dir: str, **overrides) -> str:
+    """Write ``<jobs_dir>/<task>_<mode>`` from the definition; returns its path."""
+    job = build_job(task, mode, **overrides)
+    os.makedirs(jobs_dir, exist_ok=True)
+    job.export_job(jobs_dir)
+    return os.path.join(jobs_dir, job.name)
+
+
+def all_jobs():
+    return [(t, m) for t in TASK_DEFAULTS for m in MODE_DEFAULTS]
+
+
+def export_all(jobs_dir: str) -> list:
+    return [export_job(t, m, jobs_dir) for t, m in all_jobs()]

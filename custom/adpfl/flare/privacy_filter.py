@@ -1,0 +1,283 @@
+"""Client-side task-result filter: the ADP pipeline on every outgoing update.
+
+A thin FLARE adapter over :class:`adpfl.privacy.PrivacyPipeline`
+(sparsify -> clip -> noise, accounted in the site's own ledger on disk).
+
+Fails closed: whatever goes wrong (bad result, wrong data kind, non-finite values,
+budget exhausted, ledger not writable, device error), the reply that leaves the site
+carries no model data at all, only an error code. The clean update never leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Optional
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
+from nvflare.app_common.app_constant import AppConstants
+
+from adpfl.flare.executor import PUBLIC_INFO_PROP
+from adpfl.flare.privacy_meta import PRIVACY_META_KEY
+from adpfl.flare.site_config import read_site_config, resolve_ledger_dir
+from adpfl.privacy.accounting import PrivacyLedger
+from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError
+from adpfl.privacy.pipeline import PrivacyConfig, PrivacyPipeline
+
+
+class ADPFilter(DXOFilter):
+    def __init__(
+        self,
+        mode: str = "adpfl",
+        target_epsilon: float = 10.0,
+        delta: float = 1e-5,
+        planned_rounds: int = 0,
+        keep_fraction: float = 1.0,
+        mask_policy: str = "random",
+        clip_norm: float = 1.0,
+        clip_percentile: float = 0.5,
+        clip_learning_rate: float = 0.2,
+        clip_indicator_noise: float = 10.0,
+        clip_min: float = 1e-4,
+        clip_max: float = 1e4,
+        noise_multiplier: float = 0.0,
+        noise_type: str = "gaussian",
+        noise_min_factor: float = 0.5,
+        noise_max_factor: float = 1.5,
+        accountant: str = "rdp",
+        track_prv: bool = True,
+        ledger_name: str = "privacy_ledger",
+        ledger_dir: str = "",
+        device: str = "auto",
+        test_seed: int = -1,
+    ):
+        """The site's privacy policy for outgoing updates (see README, privacy settings table).
+
+        Args:
+            mode: "dpfl" (fixed clip, fixed noise, no sparsification) or "adpfl"
+                (sparsify + adaptive clip + adaptive noise).
+            target_epsilon: the site's budget (site-level update DP) at ``delta``.
+            delta: the delta every epsilon is stated at.
+            planned_rounds: rounds the budget is planned over (the job's num_rounds).
+            keep_fraction: fraction of coordinates released per round (adpfl).
+            mask_policy: random (fresh randomness), topk_public (last global change),
+                topk_private (opt-out: mask chosen from the private update, flagged).
+            clip_norm: fixed clip (dpfl) or initial clip (adpfl) of the kept update, L2.
+            clip_percentile: target quantile of the site's update norms (adaptive clip).
+            clip_learning_rate: geometric step of the adaptive clip (0 = fixed clip).
+            clip_indicator_noise: std of the noisy clip indicator (accounted).
+            clip_min / clip_max: bounds of the adaptive clip.
+            noise_multiplier: fixed z for dpfl (0 = calibrate from target_epsilon).
+            noise_type: gaussian (default) or laplace (dpfl only, L1 clip).
+            noise_min_factor / noise_max_factor: range of the adaptive noise schedule
+                around its even-spend plan.
+            accountant: rdp (enforced; PRV is reported next to it) or prv.
+            track_prv: also compute the PRV epsilon for the ledger/report.
+            ledger_name: the ledger's file name (one ledger per site and dataset).
+            ledger_dir: where the ledger lives (default: the site's workspace; the site's
+                ``local/adpfl_site.json`` or ``ADPFL_LEDGER_DIR`` override it).
+            device: where the pipeline runs ("auto": the GPU when there is one).
+            test_seed: >= 0 fixes the noise for tests; refused unless the site process has
+                ``ADPFL_ALLOW_TEST_SEED=1`` (a job config alone cannot enable it).
+        """
+        super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF], data_kinds_to_filter=[DataKind.WEIGHT_DIFF])
+        self.mode = mode
+        self.target_epsilon = target_epsilon
+        self.delta = delta
+        self.planned_rounds = planned_rounds
+        self.keep_fraction = keep_fraction
+        self.mask_policy = mask_policy
+        self.clip_norm = clip_norm
+        self.clip_percentile = clip_percentile
+        self.clip_learning_rate = clip_learning_rate
+        self.clip_indicator_noise = clip_indicator_noise
+        self.clip_min = clip_min
+        self.clip_max = clip_max
+        self.noise_multiplier = noise_multiplier
+        self.noise_type = noise_type
+        self.noise_min_factor = noise_min_factor
+        self.noise_max_factor = noise_max_factor
+        self.accountant = accountant
+        self.track_prv = track_prv
+        self.ledger_name = ledger_name
+        self.ledger_dir = ledger_dir
+        self.device = device
+        self.test_seed = test_seed
+        if not ledger_name or os.sep in ledger_name or ledger_name.startswith("."):
+            raise PrivacyConfigError(f"ledger_name must be a plain file name, got {ledger_name!r}")
+        if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
+            raise PrivacyConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+        # validated now: a bad privacy setting stops the job at start-up, naming the setting
+        self._config = self._make_config(target_epsilon).validate()
+        self._pipeline: Optional[PrivacyPipeline] = None
+        self._ledger_path: Optional[str] = None
+        self._state_path: Optional[str] = None
+        self._cache = None  # (job_id, round, DXO) of the last release, resent on a retry
+        self._lock = threading.Lock()
+
+    def _make_config(self, target_epsilon) -> PrivacyConfig:
+        return PrivacyConfig(
+            mode=self.mode,
+            keep_fraction=self.keep_fraction,
+            mask_policy=self.mask_policy,
+            clip_norm=self.clip_norm,
+            clip_percentile=self.clip_percentile,
+            clip_lr=self.clip_learning_rate,
+            clip_indicator_noise=self.clip_indicator_noise,
+            clip_min=self.clip_min,
+            clip_max=self.clip_max,
+            noise_multiplier=self.noise_multiplier or None,
+            target_epsilon=target_epsilon,
+            delta=self.delta,
+            planned_rounds=self.planned_rounds or None,
+            noise_type=self.noise_type,
+            accountant=self.accountant,
+            noise_max_factor=self.noise_max_factor,
+            noise_min_factor=self.noise_min_factor,
+            track_prv=self.track_prv,
+            test_seed=None if self.test_seed is None or self.test_seed < 0 else int(self.test_seed),
+        )
+
+    # ------------------------------------------------------------------ FLARE entry
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        """Never returns the clean update: either the protected release or an empty error reply."""
+        try:
+            with self._lock:
+                return self._protect(shareable, fl_ctx)
+        except BudgetExhausted as e:
+            self.log_error(fl_ctx, f"privacy budget: refusing to release this round's update: {e}")
+        except Exception as e:  # fail closed on anything else
+            self.log_exception(fl_ctx, f"privacy pipeline failed; nothing is released this round: {e}")
+        return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext):  # pragma: no cover - unused
+        raise RuntimeError("ADPFilter handles whole shareables in process()")
+
+    # ------------------------------------------------------------------ pipeline
+    def _setup(self, fl_ctx: FLContext) -> None:
+        if self._pipeline is not None:
+            return
+        site = fl_ctx.get_identity_name()
+        ws = fl_ctx.get_engine().get_workspace() if fl_ctx.get_engine() else None
+        ws_root = ws.get_root_dir() if ws is not None else None
+        site_cfg = read_site_config(ws_root)
+        target = self.target_epsilon
+        site_cap = site_cfg.get("max_epsilon")
+        if site_cap is not None:
+            # the site's own cap wins over a job asking for more
+            target = min(float(target), float(site_cap))
+        config = self._make_config(target).validate()
+        folder = os.path.join(resolve_ledger_dir(self.ledger_dir, ws_root), site)
+        os.makedirs(folder, exist_ok=True)
+        self._ledger_path = os.path.join(folder, f"{self.ledger_name}.json")
+        ledger = PrivacyLedger.load_or_create(self._ledger_path, delta=config.delta, target_epsilon=target)
+        self._pipeline = PrivacyPipeline(config, ledger, ledger_path=self._ledger_path)
+        self._state_path = os.path.join(folder, f"{self.ledger_name}.state.{fl_ctx.get_job_id()}.json")
+        if os.path.exists(self._state_path):
+            with open(self._state_path) as f:
+                self._pipeline.load_state_dict(json.load(f))
+        spent = ledger.epsilon() if ledger.entries else 0.0
+        self.log_info(
+            fl_ctx,
+            f"{site}: privacy ledger {self._ledger_path} ({len(ledger.entries)} earlier releases, epsilon "
+            f"{spent:.4g} of {target} at delta={config.delta}); {self._pipeline.describe()}",
+        )
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def _protect(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        rc = shareable.get_return_code()
+        if rc != ReturnCode.OK:
+            # pass the error on, but never any content the executor may have attached
+            return make_reply(rc)
+        dxo = from_shareable(shareable)
+        if dxo.data_kind != DataKind.WEIGHT_DIFF:
+            raise PrivacyConfigError(f"only WEIGHT_DIFF updates can be released privately, got {dxo.data_kind}")
+        if not dxo.data:
+            raise ValueError("the update to release is empty")
+        self._setup(fl_ctx)
+        job_id = fl_ctx.get_job_id()
+        current_round = shareable.get_header(AppConstants.CURRENT_ROUND)
+        if current_round is None:
+            raise ValueError("the task carries no current_round header; cannot account the release")
+        current_round = int(current_round)
+        if self._cache is not None and self._cache[:2] == (job_id, current_round):
+            # the same round asked again (retry): resend the same noisy release, spend nothing more
+            self.log_warning(fl_ctx, f"round {current_round} was already released; resending the same release")
+            return self._reply(shareable, self._cache[2])
+
+        device = self._device()
+        update = {}
+        for k, v in dxo.data.items():
+            arr = np.asarray(v)
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise PrivacyConfigError(f"update entry {k!r} has non-float dtype {arr.dtype}; cannot be noised")
+            update[k] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device)
+        public = fl_ctx.get_prop(PUBLIC_INFO_PROP) or {}
+        public_scores = None
+        if public.get("global_delta") is not None:
+            public_scores = {k: torch.as_tensor(np.abs(v)) for k, v in public["global_delta"].items()}
+        released, meta = self._pipeline.release(
+            update,
+            current_round,
+            public_scores=public_scores,
+            global_change=public.get("global_change"),
+            job_id=job_id,
+        )
+        with open(self._state_path + ".tmp", "w") as f:
+            json.dump(self._pipeline.state_dict(), f, default=_json_default)
+        os.replace(self._state_path + ".tmp", self._state_path)
+        out_meta = {
+            # equal weights in private jobs: the true local step count stays at the site
+            MetaKey.NUM_STEPS_CURRENT_ROUND: 1,
+            PRIVACY_META_KEY: {k: _plain(v) for k, v in meta.items()},
+        }
+        initial = dxo.get_meta_prop(MetaKey.INITIAL_METRICS)
+        if initial is not None:
+            out_meta[MetaKey.INITIAL_METRICS] = float(initial)
+        data = {k: v.detach().to("cpu").numpy() for k, v in released.items()}
+        out = DXO(data_kind=DataKind.WEIGHT_DIFF, data=data, meta=out_meta)
+        self._cache = (job_id, current_round, out)
+        self.log_info(
+            fl_ctx,
+            f"released round {current_round}: z={meta['noise_multiplier']:.4g}, C={meta['clip_norm']:.4g}, "
+            f"keep={meta['keep_fraction']:.3g} ({meta['mask_policy']}), epsilon_rdp={meta['epsilon_rdp']:.4g} "
+            f"at delta={meta['delta']}",
+        )
+        return self._reply(shareable, out)
+
+    @staticmethod
+    def _reply(original: Shareable, dxo: DXO) -> Shareable:
+        """A fresh shareable holding only the protected DXO plus the original's headers
+        (routing information such as the round and task id; headers carry no model data)."""
+        reply = dxo.to_shareable()
+        for key, value in (original.get(ReservedHeaderKey.HEADERS) or {}).items():
+            reply.set_header(key, value)
+        reply.set_return_code(ReturnCode.OK)
+        return reply
+
+
+def _plain(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    return v
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"cannot store {type(o)} in the privacy state file")

@@ -1,0 +1,63 @@
+"""The privacy metadata a site attaches to each released update (no FLARE import).
+
+One place defines the key and the fields, so the site filter and the server widget agree.
+Raw update norms never appear here: ``clip_norm`` is the public sensitivity bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+PRIVACY_META_KEY = "adpfl_privacy"
+
+REQUIRED_FIELDS = (
+    "mechanism",
+    "noise_multiplier",
+    "noise_std",
+    "clip_norm",
+    "keep_fraction",
+    "mask_policy",
+    "mask_covered",
+    "delta",
+    "round",
+    "epsilon_rdp",
+)
+FORBIDDEN_FIELDS = ("norm", "pre_clip_norm", "raw_norm", "update_norm", "indicator")
+
+
+def check_privacy_meta(meta: Any, delta: float, min_noise_multiplier: float = 0.0) -> Dict[str, Any]:
+    """Validate a contribution's privacy metadata; returns it or raises ValueError (why)."""
+    if not isinstance(meta, dict):
+        raise ValueError("no privacy metadata attached (a private job accepts only noised releases)")
+    missing = [k for k in REQUIRED_FIELDS if k not in meta]
+    if missing:
+        raise ValueError(f"privacy metadata lacks {missing}")
+    leaked = [k for k in meta if k in FORBIDDEN_FIELDS]
+    if leaked:
+        raise ValueError(f"privacy metadata carries private values {leaked}")
+    if meta["mechanism"] not in ("gaussian", "laplace"):
+        raise ValueError(f"unknown mechanism {meta['mechanism']!r}")
+    for k in ("noise_multiplier", "noise_std", "clip_norm", "keep_fraction", "delta"):
+        v = meta[k]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"privacy metadata field {k}={v!r} is not a positive finite number")
+    if not 0 < meta["keep_fraction"] <= 1:
+        raise ValueError(f"keep_fraction={meta['keep_fraction']} outside (0, 1]")
+    if abs(float(meta["delta"]) - float(delta)) > 1e-15:
+        raise ValueError(f"site accounted delta={meta['delta']}, the job's delta is {delta}")
+    if meta["noise_multiplier"] < min_noise_multiplier:
+        raise ValueError(
+            f"claims noise_multiplier={meta['noise_multiplier']:.4g} below the job's policy minimum "
+            f"{min_noise_multiplier:.4g}"
+        )
+    if meta["mechanism"] == "gaussian":
+        # std must match z * sensitivity (2 * C) for the update's own noise multiplier
+        z_u = float(meta.get("update_noise_multiplier", meta["noise_multiplier"]))
+        expected = z_u * 2.0 * float(meta["clip_norm"])
+        if not math.isclose(float(meta["noise_std"]), expected, rel_tol=1e-4):
+            raise ValueError(
+                f"noise_std={meta['noise_std']:.6g} does not equal update_noise_multiplier * 2 * clip_norm "
+                f"= {expected:.6g}"
+            )
+    return meta

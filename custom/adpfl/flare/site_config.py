@@ -1,0 +1,64 @@
+"""Where a site keeps its data and its privacy ledger, decided by the site, not the job.
+
+Order of precedence for each setting (first found wins):
+1. the site's own file ``<site workspace>/local/adpfl_site.json``, e.g.
+   ``{"data_root": {"kidney3d": "/data/kits23_site"}, "ledger_dir": "/secure/adpfl"}``
+   (``data_root`` may also be one string, used for every task),
+2. environment variables of the site process: ``ADPFL_DATA_ROOT`` (a parent folder:
+   the task's data is ``$ADPFL_DATA_ROOT/<task>``) and ``ADPFL_LEDGER_DIR``,
+3. the job's own argument (``data_root`` of the executor: the task's folder),
+4. built-in defaults: data under ``~/.cache/adpfl/data/<task>``, the ledger under
+   ``<site workspace>/adpfl_privacy``.
+
+A real site (startup kit) therefore points the bundle at its data without editing jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+SITE_CONFIG_NAME = "adpfl_site.json"
+_KNOWN_KEYS = {"data_root", "ledger_dir"}
+
+
+def read_site_config(workspace_root: Optional[str]) -> dict:
+    if not workspace_root:
+        return {}
+    path = os.path.join(workspace_root, "local", SITE_CONFIG_NAME)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"site config {path} is not readable JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"site config {path} must hold a JSON object")
+    unknown = set(cfg) - _KNOWN_KEYS
+    if unknown:
+        raise ValueError(f"site config {path} has unknown keys {sorted(unknown)}; known: {sorted(_KNOWN_KEYS)}")
+    return cfg
+
+
+def resolve_data_root(task: str, job_value: str, workspace_root: Optional[str]) -> str:
+    cfg = read_site_config(workspace_root)
+    site_value = cfg.get("data_root")
+    if isinstance(site_value, dict):
+        site_value = site_value.get(task)
+    env_value = os.environ.get("ADPFL_DATA_ROOT")
+    for value in (site_value, os.path.join(env_value, task) if env_value else None, job_value):
+        if value:
+            return os.path.abspath(os.path.expanduser(value))
+    return os.path.join(os.path.expanduser("~"), ".cache", "adpfl", "data", task)
+
+
+def resolve_ledger_dir(job_value: str, workspace_root: Optional[str]) -> str:
+    cfg = read_site_config(workspace_root)
+    for value in (cfg.get("ledger_dir"), os.environ.get("ADPFL_LEDGER_DIR"), job_value):
+        if value:
+            return os.path.abspath(os.path.expanduser(value))
+    if not workspace_root:
+        raise ValueError("no ledger_dir configured and no site workspace known")
+    return os.path.join(workspace_root, "adpfl_privacy")
