@@ -240,13 +240,22 @@ class SegmentationExecutor(Executor):
         return out.to_shareable()
 
     def _publish_public_info(self, fl_ctx: FLContext, global_weights: Dict[str, np.ndarray], current_round: int):
-        """Hand the last global-model change (public) to this site's result filter."""
-        info = {"round": int(current_round), "global_change": None, "global_delta": None}
+        """Hand public information to this site's result filter (it never leaves the site).
+
+        ``public_scores``: magnitudes of the last global-model change (|w_t - w_{t-1}|), or of
+        the global weights themselves in the first round; both are known to every site and
+        the server, so a top-k mask chosen from them costs no privacy.
+        ``global_change``: ||w_t - w_{t-1}|| / ||w_t||, the training-progress signal of the
+        adaptive noise schedule (None in the first round).
+        """
+        info = {"round": int(current_round), "global_change": None, "public_scores": None}
         if self._prev_global is not None and set(self._prev_global) == set(global_weights):
             delta = {k: global_weights[k].astype(np.float32) - self._prev_global[k] for k in global_weights}
             num = float(np.sqrt(sum(float(np.square(d).sum()) for d in delta.values())))
             den = float(np.sqrt(sum(float(np.square(g.astype(np.float32)).sum()) for g in global_weights.values())))
             info["global_change"] = num / max(den, 1e-12)
-            info["global_delta"] = delta
+            info["public_scores"] = {k: np.abs(d) for k, d in delta.items()}
+        else:
+            info["public_scores"] = {k: np.abs(v.astype(np.float32)) for k, v in global_weights.items()}
         self._prev_global = {k: v.astype(np.float32).copy() for k, v in global_weights.items()}
         fl_ctx.set_prop(PUBLIC_INFO_PROP, info, private=True, sticky=False)

@@ -19,7 +19,8 @@ from typing import Dict, Optional
 TASKS = ("skin2d", "kidney3d", "brain3d")
 MODES = ("npfl", "dpfl", "adpfl")
 
-#: per-task federation and local-training settings (simulator defaults for a CPU machine)
+#: per-task federation, local-training and task-specific privacy settings
+#: (simulator defaults sized for a CPU machine; raise image_size/epochs on a GPU)
 TASK_DEFAULTS: Dict[str, dict] = {
     "skin2d": {
         "num_rounds": 5,
@@ -29,17 +30,72 @@ TASK_DEFAULTS: Dict[str, dict] = {
             "num_train": 40,
             "num_val": 20,
             "image_size": 0,
-            "local_epochs": 3,
+            "local_epochs": 2,
             "batch_size": 8,
             "learning_rate": 0.002,
         },
+        # update norms of this UNet after 2 local epochs: about 5 (round 1) falling to 1.5
+        "privacy": {"clip_norm": 2.0},
+    },
+    "kidney3d": {
+        "num_rounds": 5,
+        "min_clients": 3,
+        "executor": {
+            "task": "kidney3d",
+            "num_train": 8,
+            "num_val": 4,
+            "image_size": 0,
+            "local_epochs": 5,
+            "batch_size": 2,
+            "learning_rate": 0.002,
+        },
+        "privacy": {"clip_norm": 2.0},
+    },
+    "brain3d": {
+        "num_rounds": 5,
+        "min_clients": 3,
+        "executor": {
+            "task": "brain3d",
+            "num_train": 8,
+            "num_val": 4,
+            "image_size": 0,
+            "local_epochs": 5,
+            "batch_size": 2,
+            "learning_rate": 0.002,
+        },
+        "privacy": {"clip_norm": 2.0},
     },
 }
 
 #: privacy settings per mode (None = no privacy filter). Units: site-level update DP,
 #: replace-one, sensitivity 2 * clip_norm, delta per site, sample rate 1 per round.
+#: DP-FL and ADP-FL share one target epsilon so they are compared at equal accounted
+#: privacy. The figure is large because update-level DP on a whole UNet update needs
+#: z ~ 1e-3 to keep the update useful (see README, "Privacy guarantees").
 MODE_DEFAULTS: Dict[str, Optional[dict]] = {
     "npfl": None,
+    "dpfl": {
+        "mode": "dpfl",
+        "target_epsilon": 1.0e5,
+        "delta": 1e-5,
+        "keep_fraction": 1.0,
+        "noise_multiplier": 0.0,  # 0 = calibrated from target_epsilon over planned_rounds
+        "clip_learning_rate": 0.0,
+        "noise_type": "gaussian",
+    },
+    "adpfl": {
+        "mode": "adpfl",
+        "target_epsilon": 1.0e5,
+        "delta": 1e-5,
+        "keep_fraction": 0.5,
+        "mask_policy": "topk_public",
+        "clip_percentile": 0.5,
+        "clip_learning_rate": 0.2,
+        "clip_indicator_noise": 1.0,
+        "noise_min_factor": 0.5,
+        "noise_max_factor": 1.5,
+        "noise_type": "gaussian",
+    },
 }
 
 BYOC_NOTE = (
@@ -66,9 +122,10 @@ def job_settings(task: str, mode: str, **overrides) -> dict:
     if mode not in MODE_DEFAULTS:
         raise ValueError(f"mode must be one of {tuple(MODE_DEFAULTS)}, got {mode!r}")
     s = copy.deepcopy(TASK_DEFAULTS[task])
+    task_privacy = s.pop("privacy", {})
     privacy = copy.deepcopy(MODE_DEFAULTS[mode])
     if privacy is not None:
-        privacy = dict(privacy, planned_rounds=s["num_rounds"])
+        privacy = dict(privacy, **task_privacy, planned_rounds=s["num_rounds"], ledger_name=task)
     s["privacy"] = privacy
     s["task"], s["mode"] = task, mode
     for key, value in overrides.items():
@@ -190,8 +247,21 @@ def _result_filter_type():
 
 
 def _widget_args(privacy: dict) -> dict:
-    keys = ("target_epsilon", "delta", "planned_rounds", "noise_type")
-    return {k: privacy[k] for k in keys if k in privacy}
+    """The server's mirror of the sites' policy, including the least noise a site may
+    claim: the fixed z (DP-FL) or the adaptive schedule's floor, noise_min_factor times the
+    even-spend z of the plan (ADP-FL). Contributions claiming less are rejected."""
+    from adpfl.privacy.accounting import calibrate_noise_multiplier
+
+    args = {k: privacy[k] for k in ("target_epsilon", "delta", "planned_rounds", "noise_type") if k in privacy}
+    z = privacy.get("noise_multiplier") or 0.0
+    if privacy.get("noise_type", "gaussian") == "gaussian":
+        if not z:
+            z = calibrate_noise_multiplier(privacy["target_epsilon"], privacy["delta"], privacy["planned_rounds"])
+        if privacy["mode"] == "adpfl":
+            z *= privacy.get("noise_min_factor", 0.5)
+        # rounded down to 4 significant digits: the floor is a policy, not a bit pattern
+        args["min_noise_multiplier"] = float(f"{z * (1 - 1e-4):.4g}")
+    return args
 
 
 def export_job(task: str, mode: str, jobs_dir: str, **overrides) -> str:

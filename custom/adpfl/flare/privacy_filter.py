@@ -225,8 +225,8 @@ class ADPFilter(DXOFilter):
             update[k] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(device)
         public = fl_ctx.get_prop(PUBLIC_INFO_PROP) or {}
         public_scores = None
-        if public.get("global_delta") is not None:
-            public_scores = {k: torch.as_tensor(np.abs(v)) for k, v in public["global_delta"].items()}
+        if public.get("public_scores") is not None:
+            public_scores = {k: torch.as_tensor(v) for k, v in public["public_scores"].items()}
         released, meta = self._pipeline.release(
             update,
             current_round,

@@ -47,7 +47,7 @@ _BUDGET_MARGIN = 1e-9  # relative; keeps float round-off of the accountant on th
 def _smallest_feasible(fn: Callable[[float], float], budget: float, hi: float, rtol: float) -> float:
     """Smallest z (to relative tolerance) with fn(z) <= budget, fn decreasing, fn(hi) <= budget."""
     lo = hi
-    floor = 1e-2
+    floor = 1e-6  # update-level DP on large models is used down to z ~ 1e-3 (epsilon ~ 1e6 per round)
     while True:
         lo = lo / 2.0
         if lo < floor:

@@ -1,0 +1,69 @@
+"""Helpers for tests that run real `nvflare simulator` processes on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from adpfl.flare.jobs import export_job
+
+# tiny, fast CPU settings shared by every integration test
+TINY_EXECUTOR = {
+    "num_train": 6,
+    "num_val": 3,
+    "image_size": 32,
+    "local_epochs": 1,
+    "batch_size": 3,
+}
+
+
+def nvflare_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "nvflare")
+
+
+def run_simulator(job_dir: Path, workspace: Path, data_root: Path, n_sites: int = 3, extra_env=None, timeout=600):
+    env = dict(os.environ)
+    env["ADPFL_DATA_ROOT"] = str(data_root)
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra_env or {})
+    cmd = [nvflare_bin(), "simulator", str(job_dir), "-w", str(workspace), "-n", str(n_sites), "-t", str(n_sites)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def tiny_job(tmp_path: Path, task: str, mode: str, num_rounds: int = 2, executor=None, privacy=None) -> Path:
+    overrides = {"num_rounds": num_rounds, "executor": dict(TINY_EXECUTOR, **(executor or {}))}
+    if privacy:
+        overrides["privacy"] = privacy
+    return Path(export_job(task, mode, str(tmp_path / "jobs"), **overrides))
+
+
+def run_dir(workspace: Path) -> Path:
+    return workspace / "server" / "simulate_job"
+
+
+def read_scalars(tb_dir: Path) -> dict:
+    """All scalar series under ``tb_dir`` as {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for events in tb_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def logs(workspace: Path) -> str:
+    text = []
+    for p in sorted(workspace.rglob("log.txt")):
+        text.append(p.read_text(errors="replace"))
+    return "\n".join(text)
+
+
+def load_json(p: Path):
+    return json.loads(p.read_text())

@@ -1,0 +1,160 @@
+"""ADPFilter as FLARE calls it: protected release or an empty error reply, never the clean update."""
+
+import json
+
+import numpy as np
+import pytest
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import ReservedHeaderKey, make_reply
+from nvflare.app_common.app_constant import AppConstants
+
+from adpfl.flare.executor import PUBLIC_INFO_PROP
+from adpfl.flare.privacy_filter import ADPFilter
+from adpfl.flare.privacy_meta import PRIVACY_META_KEY, check_privacy_meta
+from adpfl.privacy.errors import PrivacyConfigError
+
+
+def _ctx(site="site-1", job="job-1", public=None):
+    ctx = FLContext()
+    ctx.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=True)
+    ctx.set_prop(ReservedKey.RUN_NUM, job, private=False, sticky=True)
+    if public is not None:
+        ctx.set_prop(PUBLIC_INFO_PROP, public, private=True, sticky=False)
+    return ctx
+
+
+def _update(seed=0, n=5000):
+    rng = np.random.default_rng(seed)
+    return {"a.weight": rng.normal(size=(n,)).astype(np.float32), "b.bias": rng.normal(size=(10,)).astype(np.float32)}
+
+
+def _result(update, round_=0, kind=DataKind.WEIGHT_DIFF, steps=7):
+    s = DXO(data_kind=kind, data=update, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps, MetaKey.INITIAL_METRICS: 0.5}).to_shareable()
+    s.set_header(AppConstants.CURRENT_ROUND, round_)
+    return s
+
+
+def _dpfl(tmp_path, **kw):
+    args = dict(mode="dpfl", target_epsilon=50.0, delta=1e-5, planned_rounds=3, noise_multiplier=1.0,
+                clip_norm=1.0, clip_learning_rate=0.0, ledger_dir=str(tmp_path), device="cpu")
+    args.update(kw)
+    return ADPFilter(**args)
+
+
+def _has_no_model_data(reply):
+    try:
+        dxo = from_shareable(reply)
+    except Exception:
+        return True
+    return not dxo.data
+
+
+def test_release_is_noised_clipped_and_accounted(tmp_path):
+    f = _dpfl(tmp_path)
+    upd = _update()
+    out = f.process(_result(upd), _ctx())
+    assert out.get_return_code() == ReturnCode.OK
+    dxo = from_shareable(out)
+    meta = check_privacy_meta(dxo.get_meta_prop(PRIVACY_META_KEY), delta=1e-5)
+    # noise std = z * 2C on every coordinate (replace-one sensitivity)
+    assert meta["noise_std"] == pytest.approx(1.0 * 2 * 1.0)
+    released = np.concatenate([dxo.data[k].ravel() for k in sorted(dxo.data)])
+    clean = np.concatenate([upd[k].ravel() for k in sorted(upd)])
+    assert np.std(released - clean) > 1.5  # clipped to norm 1 and noised at std 2
+    # the true local step count stays at the site: equal weights
+    assert dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 1
+    assert not any(k in json.dumps(meta) for k in ("pre_clip", "raw_norm"))
+    ledger = json.loads((tmp_path / "site-1" / "privacy_ledger.json").read_text())
+    assert len(ledger["entries"]) == 1 and ledger["entries"][0]["epsilon_rdp"] == pytest.approx(meta["epsilon_rdp"])
+
+
+def test_refuses_past_budget_and_sends_nothing(tmp_path):
+    f = _dpfl(tmp_path, target_epsilon=6.0)  # z=1: 4.73 after one round, 7.08 after two
+    assert f.process(_result(_update(), 0), _ctx()).get_return_code() == ReturnCode.OK
+    reply = f.process(_result(_update(), 1), _ctx())
+    assert reply.get_return_code() != ReturnCode.OK
+    assert _has_no_model_data(reply)
+    ledger = json.loads((tmp_path / "site-1" / "privacy_ledger.json").read_text())
+    assert len(ledger["entries"]) == 1  # the refused round cost nothing
+
+
+def test_budget_persists_across_filters_and_jobs(tmp_path):
+    _dpfl(tmp_path, target_epsilon=6.0).process(_result(_update(), 0), _ctx(job="job-1"))
+    # a new job on the same site starts from the first job's spend
+    reply = _dpfl(tmp_path, target_epsilon=6.0).process(_result(_update(), 0), _ctx(job="job-2"))
+    assert reply.get_return_code() != ReturnCode.OK and _has_no_model_data(reply)
+
+
+@pytest.mark.parametrize(
+    "make_bad",
+    [
+        lambda u: _result({**u, "a.weight": np.full_like(u["a.weight"], np.nan)}),  # NaN in the update
+        lambda u: _result(u, kind=DataKind.WEIGHTS),  # full weights instead of a difference
+        lambda u: _result({**u, "c.count": np.arange(3)}),  # integer tensor
+        lambda u: _no_round(_result(u)),  # round unknown: cannot be accounted
+    ],
+    ids=["nan", "weights", "integer", "no-round"],
+)
+def test_fails_closed_on_bad_results(tmp_path, make_bad):
+    reply = _dpfl(tmp_path).process(make_bad(_update()), _ctx())
+    assert reply.get_return_code() != ReturnCode.OK
+    assert _has_no_model_data(reply)
+
+
+def _no_round(s):
+    s[ReservedHeaderKey.HEADERS].pop(AppConstants.CURRENT_ROUND, None)
+    return s
+
+
+def test_fails_closed_when_ledger_unwritable(tmp_path):
+    blocker = tmp_path / "ledgers"
+    blocker.write_text("not a folder")
+    reply = _dpfl(tmp_path, ledger_dir=str(blocker)).process(_result(_update()), _ctx())
+    assert reply.get_return_code() != ReturnCode.OK and _has_no_model_data(reply)
+
+
+def test_error_results_pass_on_without_content(tmp_path):
+    err = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+    err["smuggled"] = _update()
+    reply = _dpfl(tmp_path).process(err, _ctx())
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert "smuggled" not in reply
+
+
+def test_retry_of_same_round_resends_same_release(tmp_path):
+    f = _dpfl(tmp_path)
+    a = from_shareable(f.process(_result(_update(), 0), _ctx())).data
+    b = from_shareable(f.process(_result(_update(), 0), _ctx())).data
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    ledger = json.loads((tmp_path / "site-1" / "privacy_ledger.json").read_text())
+    assert len(ledger["entries"]) == 1
+
+
+def test_two_releases_differ(tmp_path):
+    a = from_shareable(_dpfl(tmp_path / "a").process(_result(_update()), _ctx())).data["a.weight"]
+    b = from_shareable(_dpfl(tmp_path / "b").process(_result(_update()), _ctx())).data["a.weight"]
+    assert not np.allclose(a, b)
+
+
+def test_adpfl_topk_public_uses_public_scores(tmp_path):
+    f = ADPFilter(mode="adpfl", target_epsilon=1e5, planned_rounds=3, keep_fraction=0.1, mask_policy="topk_public",
+                  clip_norm=1.0, clip_indicator_noise=1.0, ledger_dir=str(tmp_path), device="cpu")
+    upd = _update()
+    scores = {k: np.zeros_like(v) for k, v in upd.items()}
+    scores["a.weight"][:501] = 1.0  # public scores pick the first 501 coordinates of 5010 (10 %)
+    out = f.process(_result(upd), _ctx(public={"round": 0, "global_change": None, "public_scores": scores}))
+    dxo = from_shareable(out)
+    assert np.count_nonzero(dxo.data["a.weight"][:501]) == 501
+    assert np.count_nonzero(dxo.data["a.weight"][501:]) == 0 and np.count_nonzero(dxo.data["b.bias"]) == 0
+    assert dxo.get_meta_prop(PRIVACY_META_KEY)["mask_covered"] is True
+
+
+def test_settings_are_validated_at_construction(tmp_path):
+    with pytest.raises(PrivacyConfigError, match="keep_fraction"):
+        ADPFilter(mode="adpfl", target_epsilon=10, planned_rounds=5, keep_fraction=1.5)
+    with pytest.raises(PrivacyConfigError, match="unreachable"):
+        ADPFilter(mode="adpfl", target_epsilon=1e-6, planned_rounds=50, clip_indicator_noise=1e4)
+    with pytest.raises(PrivacyConfigError, match="test_seed"):
+        ADPFilter(mode="dpfl", noise_multiplier=1.0, target_epsilon=10, planned_rounds=2, test_seed=3)
