@@ -237,7 +237,10 @@ class SegmentationExecutor(Executor):
                 MetaKey.INITIAL_METRICS: float(global_metrics["dice_mean"]),
             },
         )
-        return out.to_shareable()
+        result = out.to_shareable()
+        # the round travels with the result: the privacy filter accounts the release by it
+        result.set_header(AppConstants.CURRENT_ROUND, int(current_round))
+        return result
 
     def _publish_public_info(self, fl_ctx: FLContext, global_weights: Dict[str, np.ndarray], current_round: int):
         """Hand public information to this site's result filter (it never leaves the site).
