@@ -162,8 +162,9 @@ def test_seed_repeatability(tmp_path, task, size):
     fa, fb, fc = (_files(tmp_path / x / "site-2") for x in "abc")
     assert fa == fb  # byte-identical, including datalist.json
     assert set(fa) == set(fc)
-    differing = [k for k in fa if k != "datalist.json" and fa[k] != fc[k]]
-    assert len(differing) == len(fa) - 1
+    images = [k for k in fa if k not in ("datalist.json", ".adpfl_synthetic")]
+    differing = [k for k in images if fa[k] != fc[k]]
+    assert differing == images  # every image and label differs with another seed
 
 
 def test_generate_refuses_existing_without_overwrite(tmp_path):
@@ -244,3 +245,16 @@ def test_cli_synth_and_validate(tmp_path, capsys):
     assert main(["validate", "--data-root", str(tmp_path), "--site", "site-1"]) == 0
     assert main(["validate", "--data-root", str(tmp_path / "missing"), "--site", "site-1"]) == 2
     assert "data_root" in capsys.readouterr().err
+
+
+def test_ensure_site_data_never_replaces_real_data(tmp_path):
+    from adpfl.data.errors import DataError
+    from adpfl.data.synthetic import ensure_site_data
+
+    site = tmp_path / "site-1"
+    site.mkdir()
+    real = {"task": "skin2d", "training": [{"image": "ISIC_0000000.jpg", "label": "ISIC_0000000_segmentation.png"}]}
+    (site / "datalist.json").write_text(json.dumps(real))
+    with pytest.raises(DataError, match="refusing to replace"):
+        ensure_site_data("skin2d", tmp_path, "site-1", num_train=2, num_val=1, size=32)
+    assert json.loads((site / "datalist.json").read_text()) == real

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--size", type=int, default=0)
     dg.add_argument("--seed", type=int, default=0)
     dg.set_defaults(func=cmd_data_generate)
+    # handled in main() by adpfl.data's own parser (listed here for --help)
+    dsub.add_parser("prepare", help="split a public dataset (ISIC/HAM10000, KiTS23, BraTS 2024) into site datalists")
+    dsub.add_parser("validate", help="check a site's datalist and files")
 
     r = sub.add_parser("run", help="run a job in the FLARE simulator and print its summary")
     r.add_argument("--task", default="skin2d")
@@ -191,10 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summary", help="print the summary of a finished simulator workspace")
     s.add_argument("-w", "--workspace", required=True)
     s.set_defaults(func=cmd_summary)
+
+    from adpfl.poc import add_parser as add_poc_parser  # `adpfl poc ...` (POC system)
+
+    add_poc_parser(sub)
+    from adpfl.evaluation.compare import add_compare_parsers
+
+    add_compare_parsers(sub)  # `adpfl compare` and `adpfl report`
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["data"] and argv[1:2] and argv[1] in ("prepare", "validate"):
+        from adpfl.data.__main__ import main as data_main
+
+        return data_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

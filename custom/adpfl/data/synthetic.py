@@ -200,6 +200,7 @@ def generate_site(
     tmp.mkdir()
     try:
         _write_site(task, tmp, site_name, n_train, n_val, shape, seed)
+        (tmp / SYNTHETIC_MARKER).write_text("written by adpfl's synthetic generator; safe to regenerate\n")
         _install(tmp, target)
     finally:
         if tmp.exists():
@@ -263,4 +264,20 @@ def ensure_site_data(task: str, data_root, site_name: str, **kw) -> Path:
     with _site_lock(root, site_name):
         if _site_is_current(datalist_path, expected):  # another process made it meanwhile
             return datalist_path
+        _refuse_to_replace_foreign_site(root / site_name)
         return generate_site(task, root, site_name, overwrite=True, **kw)
+
+
+SYNTHETIC_MARKER = ".adpfl_synthetic"
+
+
+def _refuse_to_replace_foreign_site(folder: Path) -> None:
+    """Never overwrite a site folder this generator did not write (e.g. prepared real data):
+    only folders carrying the generator's marker file are regenerated."""
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    if not (folder / SYNTHETIC_MARKER).is_file():
+        raise DataError(
+            f"{folder} holds data that adpfl's synthetic generator did not write (real data?); refusing to "
+            "replace it. Set the executor's synthetic=false to train on it, or choose another data_root."
+        )
