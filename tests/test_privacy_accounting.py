@@ -84,3 +84,30 @@ def test_ledger_save_load_roundtrip_and_corrupt(tmp_path):
     path.write_text(json.dumps({"hello": 1}))
     with pytest.raises(PrivacyError, match="corrupt"):
         PrivacyLedger.load(path)
+
+
+def test_exact_gaussian_conversion_matches_reference_and_prv():
+    from adpfl.privacy.accounting import epsilon_exact
+
+    # privacy-model.md section 5: z=1 for 50 rounds, exact 54.38 (PRV 54.39, RDP 57.30)
+    assert epsilon_exact([1.0] * 50, 1e-5) == pytest.approx(54.38, abs=0.01)
+    assert epsilon_exact([2.0] * 20, 1e-5) == pytest.approx(11.49, abs=0.02)
+    assert epsilon_exact([2.0] * 10 + [1.0] * 10, 1e-5) == pytest.approx(20.69, abs=0.02)
+    # never above RDP (RDP is an upper bound), and defined where PRV is not (z ~ 1e-3)
+    for zs in ([0.5] * 3, [0.005] * 5, [1e-3, 2e-3]):
+        assert 0 < epsilon_exact(zs, 1e-5) <= epsilon_rdp(zs, 1e-5)
+
+
+def test_exact_conversion_independent_check_single_release():
+    """One Gaussian release at z: delta(eps) from the closed form, evaluated by hand."""
+    import math
+
+    from scipy.stats import norm
+
+    from adpfl.privacy.accounting import epsilon_exact
+
+    z, delta = 1.5, 1e-5
+    eps = epsilon_exact([z], delta)
+    mu = 1.0 / z
+    d = norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
+    assert d == pytest.approx(delta, rel=1e-4)

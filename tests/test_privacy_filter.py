@@ -12,6 +12,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from adpfl.flare.executor import PUBLIC_INFO_PROP
 from adpfl.flare.privacy_filter import ADPFilter
+from adpfl.flare.sparse import decode_sparse
 from adpfl.flare.privacy_meta import PRIVACY_META_KEY, check_privacy_meta
 from adpfl.privacy.errors import PrivacyConfigError
 
@@ -146,8 +147,10 @@ def test_adpfl_topk_public_uses_public_scores(tmp_path):
     scores["a.weight"][:501] = 1.0  # public scores pick the first 501 coordinates of 5010 (10 %)
     out = f.process(_result(upd), _ctx(public={"round": 0, "global_change": None, "public_scores": scores}))
     dxo = from_shareable(out)
-    assert np.count_nonzero(dxo.data["a.weight"][:501]) == 501
-    assert np.count_nonzero(dxo.data["a.weight"][501:]) == 0 and np.count_nonzero(dxo.data["b.bias"]) == 0
+    assert "__adpfl_sparse__" in dxo.data  # only the kept coordinates travel
+    data = decode_sparse(dxo.data)
+    assert np.count_nonzero(data["a.weight"][:501]) == 501
+    assert np.count_nonzero(data["a.weight"][501:]) == 0 and np.count_nonzero(data["b.bias"]) == 0
     assert dxo.get_meta_prop(PRIVACY_META_KEY)["mask_covered"] is True
 
 

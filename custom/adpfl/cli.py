@@ -103,8 +103,12 @@ def print_summary(summary: dict) -> None:
         delta = priv.get("delta")
         print(f"privacy spent per site (site-level update DP, replace-one, delta={delta}):")
         for site, info in sorted((priv.get("sites") or {}).items()):
+            prv = info.get("epsilon_prv")
+            prv_text = f"{prv:.4g}" if isinstance(prv, (int, float)) else "n/a (z < 0.1)"
+            exact = info.get("epsilon_exact")
+            exact_text = f"{exact:.4g}" if isinstance(exact, (int, float)) else "n/a"
             print(
-                f"  {site}: epsilon RDP={info.get('epsilon_rdp'):.4g}, PRV={info.get('epsilon_prv'):.4g} "
+                f"  {site}: epsilon RDP={info.get('epsilon_rdp'):.4g}, PRV={prv_text}, exact={exact_text} "
                 f"after {info.get('releases')} releases (target {priv.get('target_epsilon')})"
             )
         if priv.get("stopped_early"):

@@ -39,6 +39,12 @@ from adpfl.training import LocalTrainer, TrainConfig
 
 PUBLIC_INFO_PROP = "adpfl.public_info"
 
+#: test-only fault injection, read from the site process's environment (never from a job
+#: config): "<site>:<fault>[:<round>]" (comma-separated for several sites) with fault in
+#: nan_update, wrong_shape, weights_kind,
+#: crash (the site process exits, as a dying hospital node would).
+FAULT_ENV = "ADPFL_TEST_FAULT"
+
 
 class SegmentationExecutor(Executor):
     def __init__(
@@ -227,8 +233,22 @@ class SegmentationExecutor(Executor):
         except Exception as e:
             self.log_exception(fl_ctx, f"training round {current_round} failed: {e}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        kind = DataKind.WEIGHT_DIFF
+        fault = self._fault(fl_ctx, current_round)
+        if fault == "crash":
+            self.log_error(fl_ctx, f"{FAULT_ENV}: crashing this site process in round {current_round}")
+            os._exit(17)
+        elif fault == "nan_update":
+            first = next(iter(diff))
+            diff[first] = np.full_like(diff[first], np.nan)
+        elif fault == "wrong_shape":
+            first = next(iter(diff))
+            diff[first] = np.zeros((3, 3), dtype=np.float32)
+        elif fault == "weights_kind":
+            kind = DataKind.WEIGHTS
+            diff = {k: local_state[k].detach().cpu().float().numpy() for k in global_weights}
         out = DXO(
-            data_kind=DataKind.WEIGHT_DIFF,
+            data_kind=kind,
             data=diff,
             meta={
                 MetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"],
@@ -241,6 +261,20 @@ class SegmentationExecutor(Executor):
         # the round travels with the result: the privacy filter accounts the release by it
         result.set_header(AppConstants.CURRENT_ROUND, int(current_round))
         return result
+
+    def _fault(self, fl_ctx: FLContext, current_round: int) -> Optional[str]:
+        """The fault injected into this site in this round, if the test environment asks
+        for one (comma-separated specs, e.g. "site-1:nan_update,site-3:crash:1")."""
+        for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+            parts = spec.strip().split(":")
+            site, fault = parts[0], parts[1] if len(parts) > 1 else ""
+            if site != fl_ctx.get_identity_name():
+                continue
+            if len(parts) > 2 and int(parts[2]) != int(current_round):
+                continue
+            self.log_warning(fl_ctx, f"TEST FAULT INJECTION ACTIVE ({FAULT_ENV}={spec}): {fault} in round {current_round}")
+            return fault
+        return None
 
     def _publish_public_info(self, fl_ctx: FLContext, global_weights: Dict[str, np.ndarray], current_round: int):
         """Hand public information to this site's result filter (it never leaves the site).

@@ -128,6 +128,12 @@ def job_settings(task: str, mode: str, **overrides) -> dict:
         privacy = dict(privacy, **task_privacy, planned_rounds=s["num_rounds"], ledger_name=task)
     s["privacy"] = privacy
     s["task"], s["mode"] = task, mode
+    # seconds the final evaluation waits for each site's answer (a dead site must not hold
+    # the run open for FLARE's default of 6000 s)
+    s.setdefault("validation_timeout", 600)
+    # seconds a round waits for the remaining sites once min_clients have answered (a round
+    # ends at once when every site has answered; this only matters when a site is slow or gone)
+    s.setdefault("wait_time_after_min_received", 10)
     for key, value in overrides.items():
         if key in ("executor", "privacy") and isinstance(value, dict):
             if key == "privacy" and s["privacy"] is None:
@@ -158,6 +164,7 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
     from nvflare.job_config.api import FedJob
 
     from adpfl.flare.executor import SegmentationExecutor
+    from adpfl.flare.validation_widget import ContributionValidator
     from adpfl.tasks.network import TaskNetwork
 
     s = job_settings(task, mode, **overrides)
@@ -175,6 +182,7 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
         ),
         id="aggregator",
     )
+    job.to_server(_explicit(ContributionValidator()), id="contribution_validator")
     job.to_server(_explicit(IntimeModelSelector(key_metric="val_dice")), id="model_selector")
     job.to_server(_explicit(PTFileModelLocator(pt_persistor_id="persistor")), id="model_locator")
     job.to_server(_explicit(ValidationJsonGenerator()), id="json_generator")
@@ -185,11 +193,16 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
         from adpfl.flare.privacy_widget import PrivacyAccountingWidget
 
         job.to_server(_explicit(PrivacyAccountingWidget(**_widget_args(s["privacy"]))), id="privacy_accountant")
+        from adpfl.flare.sparse import SparseDensifyFilter
+
+        # task-result filters run before the controller: sparse releases are densified (and
+        # malformed ones rejected) before the widget and the aggregator see them
+        job.to_server(_explicit(SparseDensifyFilter()), tasks=["train"], filter_type=_result_filter_type())
     job.to_server(
         _explicit(ScatterAndGather(
             min_clients=s["min_clients"],
             num_rounds=s["num_rounds"],
-            wait_time_after_min_received=0,
+            wait_time_after_min_received=s["wait_time_after_min_received"],
             aggregator_id="aggregator",
             persistor_id="persistor",
             shareable_generator_id="shareable_generator",
@@ -202,7 +215,13 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
         id="scatter_and_gather",
     )
     job.to_server(
-        _explicit(GlobalModelEval(model_locator_id="model_locator", validation_task_name="validate")), id="global_eval"
+        _explicit(
+            GlobalModelEval(
+                model_locator_id="model_locator",
+                validation_task_name="validate",
+                validation_timeout=s["validation_timeout"],
+            )
+        ), id="global_eval"
     )
 
     # ---- clients

@@ -227,7 +227,7 @@ class ADPFilter(DXOFilter):
         public_scores = None
         if public.get("public_scores") is not None:
             public_scores = {k: torch.as_tensor(v) for k, v in public["public_scores"].items()}
-        released, meta = self._pipeline.release(
+        sparse, meta = self._pipeline.release_sparse(
             update,
             current_round,
             public_scores=public_scores,
@@ -245,8 +245,7 @@ class ADPFilter(DXOFilter):
         initial = dxo.get_meta_prop(MetaKey.INITIAL_METRICS)
         if initial is not None:
             out_meta[MetaKey.INITIAL_METRICS] = float(initial)
-        data = {k: v.detach().to("cpu").numpy() for k, v in released.items()}
-        out = DXO(data_kind=DataKind.WEIGHT_DIFF, data=data, meta=out_meta)
+        out = DXO(data_kind=DataKind.WEIGHT_DIFF, data=_wire_data(sparse), meta=out_meta)
         self._cache = (job_id, current_round, out)
         self.log_info(
             fl_ctx,
@@ -265,6 +264,23 @@ class ADPFilter(DXOFilter):
             reply.set_header(key, value)
         reply.set_return_code(ReturnCode.OK)
         return reply
+
+
+def _wire_data(sparse) -> dict:
+    """DXO data of a release: the sparse wire format (adpfl.flare.sparse, densified by the
+    server's SparseDensifyFilter) when coordinates were dropped and it is smaller, else dense."""
+    from adpfl.flare.sparse import encode_release, payload_nbytes
+    from adpfl.privacy.mechanisms import unflatten_update
+
+    numel = sparse.spec.numel
+    if sparse.indices.numel() < numel:
+        data = encode_release(sparse)
+        if payload_nbytes(data) < numel * sparse.values.element_size():
+            return data
+        dense = sparse.to_dense()
+    else:
+        dense = unflatten_update(sparse.values, sparse.spec)
+    return {k: v.detach().to("cpu").numpy() for k, v in dense.items()}
 
 
 def _plain(v):

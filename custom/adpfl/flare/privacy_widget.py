@@ -75,7 +75,7 @@ class PrivacyAccountingWidget(Widget):
         self.min_noise_multiplier = float(min_noise_multiplier)
         self.report_name = report_name
         self.stop_on_budget = stop_on_budget
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._ledgers: Dict[str, PrivacyLedger] = {}
         self._site_reported: Dict[str, dict] = {}
         self._rejected: List[dict] = []
@@ -116,10 +116,16 @@ class PrivacyAccountingWidget(Widget):
         except Exception as e:
             self._reject(result, site, current_round, str(e), fl_ctx)
             return
+        # the round the site released for (a late result of an earlier round arrives while
+        # the server is already in the next one; it was released, so it is accounted)
+        release_round = meta.get("round", result.get_header(AppConstants.CURRENT_ROUND, current_round))
         with self._lock:
             ledger = self._ledgers.setdefault(site, PrivacyLedger(delta=self.delta, target_epsilon=None))
+            if ledger.has_round(int(release_round), fl_ctx.get_job_id()):
+                self._reject(result, site, current_round, f"a second release for round {release_round}", fl_ctx)
+                return
             entry = ledger.record(
-                round=int(current_round),
+                round=int(release_round),
                 noise_multiplier=float(meta["noise_multiplier"]),
                 update_noise_multiplier=float(meta.get("update_noise_multiplier", meta["noise_multiplier"])),
                 clip_norm=float(meta["clip_norm"]),
@@ -177,6 +183,7 @@ class PrivacyAccountingWidget(Widget):
                 for tag, value in (
                     ("epsilon_rdp", eps_rdp),
                     ("epsilon_prv", prv),
+                    ("epsilon_exact", last.get("epsilon_exact")),
                     ("noise_multiplier", last["noise_multiplier"]),
                     ("clip_norm", last["clip_norm"]),
                     ("keep_fraction", last["keep_fraction"]),
@@ -219,11 +226,12 @@ class PrivacyAccountingWidget(Widget):
     def report(self) -> dict:
         sites = {}
         for site, ledger in sorted(self._ledgers.items()):
-            prv = ledger.entries[-1].get("epsilon_prv") if ledger.entries else None
+            last = ledger.entries[-1] if ledger.entries else {}
             sites[site] = {
                 "releases": len(ledger.entries),
                 "epsilon_rdp": ledger.epsilon("rdp") if ledger.entries else 0.0,
-                "epsilon_prv": prv,
+                "epsilon_prv": last.get("epsilon_prv"),
+                "epsilon_exact": last.get("epsilon_exact"),
                 "site_reported_total_epsilon_rdp": self._site_reported.get(site, {}).get("epsilon_rdp"),
                 "mask_covered": site not in self._mask_uncovered_sites,
                 "ledger": ledger.entries,
@@ -234,7 +242,11 @@ class PrivacyAccountingWidget(Widget):
             "target_epsilon": self.target_epsilon,
             "planned_rounds": self.planned_rounds,
             "noise_type": self.noise_type,
-            "accountants": {"epsilon_rdp": "Opacus RDPAccountant", "epsilon_prv": "Opacus PRVAccountant"},
+            "accountants": {
+                "epsilon_rdp": "Opacus RDPAccountant (enforced)",
+                "epsilon_prv": "Opacus PRVAccountant (null where z < 0.1: Opacus's PRV numerics fail there)",
+                "epsilon_exact": "exact composed-Gaussian conversion at sample rate 1 (mu-GDP, Balle & Wang)",
+            },
             "noise_multiplier_convention": "noise std = update_noise_multiplier * 2 * clip_norm; "
             "noise_multiplier is the effective one accounted (update noise combined with the adaptive "
             "clipping's indicator noise)",

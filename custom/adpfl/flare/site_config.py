@@ -20,7 +20,7 @@ import os
 from typing import Optional
 
 SITE_CONFIG_NAME = "adpfl_site.json"
-_KNOWN_KEYS = {"data_root", "ledger_dir"}
+_KNOWN_KEYS = {"data_root", "ledger_dir", "max_epsilon"}
 
 
 def read_site_config(workspace_root: Optional[str]) -> dict:

@@ -121,6 +121,49 @@ def epsilon_prv(noise_multipliers: Sequence[float], delta: float) -> float:
     return eps
 
 
+def epsilon_exact(noise_multipliers: Sequence[float], delta: float) -> float:
+    """Exact epsilon of composed Gaussian releases at sample rate 1.
+
+    Without subsampling, T Gaussian releases with multipliers z_t compose exactly into one
+    Gaussian mechanism with mu = sqrt(sum 1/z_t^2) (Dong, Roth & Su 2019, mu-GDP), whose
+    (epsilon, delta) curve is delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)
+    (Balle & Wang 2018). Solved for eps in log space, so it holds at any z, including the
+    z ~ 1e-3 of useful update-level noise where Opacus's PRV accountant fails. Not Opacus's
+    GDP accountant (a CLT approximation for subsampled steps): no approximation here.
+    Written by hand because neither Opacus nor MONAI provides the exact conversion.
+    """
+    from scipy.special import log_ndtr
+
+    delta = _check_delta(delta)
+    zs = [_check_z(z) for z in noise_multipliers]
+    if not zs:
+        return 0.0
+    mu = math.sqrt(sum(1.0 / (z * z) for z in zs))
+    log_delta = math.log(delta)
+
+    def log_delta_of(eps: float) -> float:
+        log_a = float(log_ndtr(-eps / mu + mu / 2.0))
+        log_b = eps + float(log_ndtr(-eps / mu - mu / 2.0))
+        if log_b >= log_a:
+            return -math.inf
+        return log_a + math.log1p(-math.exp(log_b - log_a))
+
+    if log_delta_of(0.0) <= log_delta:
+        return 0.0
+    lo, hi = 0.0, max(1.0, mu * mu)
+    while log_delta_of(hi) > log_delta:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if log_delta_of(mid) > log_delta:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-9 * max(1.0, hi):
+            break
+    return hi
+
+
 def epsilon_gaussian(noise_multipliers: Sequence[float], delta: float, accountant: str = "rdp") -> float:
     if accountant == "rdp":
         return epsilon_rdp(noise_multipliers, delta)
@@ -313,6 +356,8 @@ class PrivacyLedger:
             entry["epsilon_round"] = 1.0 / z
             lap += 1.0 / z
         entry["epsilon_rdp"] = self._epsilon_of(zs, lap, "rdp")
+        # exact conversion of the composed Gaussian (sample rate 1); Gaussian-only ledgers
+        entry["epsilon_exact"] = epsilon_exact(zs, self.delta) if lap == 0 else None
         entry["epsilon_prv"] = None
         if self.track_prv:
             try:
@@ -420,6 +465,7 @@ __all__ = [
     "RdpSearch",
     "calibrate_noise_multiplier",
     "epsilon_gaussian",
+    "epsilon_exact",
     "epsilon_prv",
     "epsilon_rdp",
     "group_history",
