@@ -1,0 +1,128 @@
+"""FL overhead: simulator round wall time vs the pure local compute of that round.
+
+Usage: python bench/bench_fl_overhead.py [--task skin2d] [--mode npfl] [--sites 3 16] [--rounds 3]
+                                         [--timeout 300]
+
+Per site count it runs the tiny job (tests' TINY settings: 6 training / 3 validation
+cases of 32x32, 1 local epoch, batch 3) in ``nvflare simulator`` with one client thread per site
+(-t N, OMP_NUM_THREADS=1), reads each round's wall time from the
+server log ("Round r started" -> "Round r finished"; round 0 is left out: it includes data
+generation and dataset caching), and compares it with the pure local compute of a round
+measured in this process with the same LocalTrainer settings and 1 torch thread: per site
+validate(global) + train + validate(local), times the number of sites divided by
+min(threads, CPU cores) (the ideal time of the sites' compute run concurrently).
+
+overhead ratio = median round wall time / local compute per round (1.0 = no FL overhead).
+"""
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from adpfl.evaluation.compare import TINY_EXECUTOR
+from adpfl.flare.jobs import export_job
+
+LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Round (\d+) (started|finished)\.")
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+
+
+def round_times(log: Path) -> dict:
+    start, end = {}, {}
+    for line in log.read_text(errors="replace").splitlines():
+        m = LINE.match(line)
+        if m:
+            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            (start if m.group(3) == "started" else end)[int(m.group(2))] = t
+    return {r: end[r] - start[r] for r in start if r in end}
+
+
+def local_compute_per_site(task: str, executor: dict, repeats: int = 3) -> float:
+    from adpfl.data.datalist import load_site_datalist
+    from adpfl.data.synthetic import ensure_site_data
+    from adpfl.tasks.base import get_task
+    from adpfl.tasks.network import TaskNetwork
+    from adpfl.training import LocalTrainer, TrainConfig
+
+    torch.set_num_threads(1)
+    root = tempfile.mkdtemp(prefix="adpfl_bench_fl_")
+    ensure_site_data(task, root, "site-1", num_train=executor["num_train"], num_val=executor["num_val"],
+                     size=executor["image_size"], seed=0)
+    trainer = LocalTrainer(get_task(task), load_site_datalist(root, "site-1", task=task),
+                           TrainConfig(local_epochs=executor["local_epochs"], batch_size=executor["batch_size"],
+                                       learning_rate=0.002, image_size=executor["image_size"], device="cpu"))
+    model = TaskNetwork(task)
+    ts = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        trainer.evaluate(model)
+        trainer.train(model)
+        trainer.evaluate(model)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts[1:])
+
+
+def run_sim(task, mode, sites, rounds, timeout, threads) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix=f"adpfl_bench_fl{sites}_"))
+    job = export_job(task, mode, str(tmp / "jobs"), num_rounds=rounds, min_clients=sites,
+                     executor=dict(TINY_EXECUTOR))
+    env = dict(os.environ, ADPFL_DATA_ROOT=str(tmp / "data"), OMP_NUM_THREADS="1")
+    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([nvflare, "simulator", job, "-w", str(tmp / "ws"), "-n", str(sites), "-t", str(threads)],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    wall = time.perf_counter() - t0
+    log = tmp / "ws" / "server" / "log.txt"
+    rt = round_times(log) if log.is_file() else {}
+    return {"rc": rc, "wall": wall, "rounds": rt, "dir": str(tmp)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="skin2d")
+    ap.add_argument("--mode", default="npfl")
+    ap.add_argument("--sites", type=int, nargs="+", default=[3, 16])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--timeout", type=int, default=300, help="per simulator run, seconds")
+    ap.add_argument("--threads", type=int, default=0, help="simulator client threads (default: one per site; "
+                    "fewer than sites makes the simulator swap client processes, ~10 s per swap)")
+    args = ap.parse_args()
+    print(f"machine: {machine()}")
+    per_site = local_compute_per_site(args.task, TINY_EXECUTOR)
+    print(f"local compute per site per round (validate + train + validate, tiny {args.task}, 1 thread): "
+          f"{per_site:.2f} s")
+    for n in args.sites:
+        threads = args.threads or n
+        r = run_sim(args.task, args.mode, n, args.rounds, args.timeout, threads)
+        later = [v for k, v in sorted(r["rounds"].items()) if k >= 1]
+        if r["rc"] != 0 or not later:
+            print(f"{n} sites: no measurement (simulator {r['rc']} after {r['wall']:.0f}s, rounds {r['rounds']}); "
+                  f"see {r['dir']}")
+            continue
+        wall = statistics.median(later)
+        # sites run concurrently on the machine's cores: ideal compute time of the round
+        compute = per_site * n / max(1, min(threads, os.cpu_count() or 1))
+        print(f"{n} sites ({args.mode}, -t {threads}): round wall time median {wall:.2f} s over rounds 1..{args.rounds - 1} "
+              f"(round 0 with set-up: {r['rounds'].get(0, float('nan')):.2f} s), local compute {compute:.2f} s, "
+              f"FL overhead ratio {wall / compute:.2f}; whole simulator run {r['wall']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

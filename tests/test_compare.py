@@ -1,0 +1,163 @@
+"""`adpfl compare` / `adpfl report`: report functions on synthetic run.json data (fast) and the
+harness end to end on a tiny configuration with resume (integration)."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from adpfl.evaluation.compare import parse_kv, plan_runs, run_overrides
+from adpfl.evaluation.report import (
+    dice_curve,
+    epsilon_spent,
+    load_runs,
+    rounds_to_reach,
+    summarize,
+    write_report,
+)
+
+ROUNDS = 4
+
+
+def _fake_run(mode, seed, eps, final_dice, curve, eps_spent=None):
+    """A run.json shaped like compare.collect_run's, two sites, two regions."""
+    sites = ("site-1", "site-2")
+    run = {
+        "run_id": f"{mode}_{eps}_{seed}", "task": "kidney3d", "mode": mode, "epsilon": eps, "seed": seed,
+        "rounds": ROUNDS, "sites": 2, "delta": 1e-5, "wall_time_s": 10.0 + seed,
+        "regions": ["kidney", "tumor"],
+        "curves": {s: {"dice_mean": {str(r): v for r, v in enumerate(curve)},
+                       "dice_kidney": {str(r): v for r, v in enumerate(curve)}} for s in sites},
+        "final": {s: {"dice_kidney": final_dice + 0.05, "dice_tumor": final_dice - 0.05, "dice_mean": final_dice,
+                      "hd95_kidney": 5.0, "hd95_tumor": float("nan") if s == "site-2" else 9.0} for s in sites},
+        "privacy": None,
+    }
+    if mode != "npfl":
+        run["privacy"] = {"delta": 1e-5, "target_epsilon": eps, "sites": {
+            s: {"releases": ROUNDS, "epsilon_rdp": eps_spent * (1 + i * 0.1), "epsilon_prv": eps_spent * 0.9,
+                "per_round": [{"round": r, "epsilon_rdp": eps_spent * (r + 1) / ROUNDS, "epsilon_prv": None}
+                              for r in range(ROUNDS)]}
+            for i, s in enumerate(sites)}}
+    return run
+
+
+def _write(out: Path, runs):
+    for run in runs:
+        d = out / "runs" / run["run_id"]
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps(run))
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    runs = []
+    for seed in (0, 1):
+        runs.append(_fake_run("npfl", seed, None, 0.80, [0.1, 0.5, 0.7, 0.78]))
+        # eps 1e4: DP-FL at 50 % of NP-FL, never reaches 90 %; ADP-FL at 92.5 %
+        runs.append(_fake_run("dpfl", seed, 1e4, 0.40, [0.1, 0.2, 0.3, 0.35], eps_spent=9e3))
+        runs.append(_fake_run("adpfl", seed, 1e4, 0.74, [0.1, 0.4, 0.6, 0.73], eps_spent=8e3))
+        # eps 1e5: both fine; DP-FL reaches 0.73 (> 90 %) at round 2
+        runs.append(_fake_run("dpfl", seed, 1e5, 0.78 + 0.02 * seed, [0.1, 0.5, 0.73, 0.75], eps_spent=9e4))
+        runs.append(_fake_run("adpfl", seed, 1e5, 0.79, [0.1, 0.5, 0.7, 0.79], eps_spent=9e4))
+    _write(tmp_path, runs)
+    return tmp_path
+
+
+def test_run_helpers():
+    run = _fake_run("npfl", 0, None, 0.8, [0.1, 0.5, 0.7, 0.78])
+    assert dice_curve(run) == {0: 0.1, 1: 0.5, 2: 0.7, 3: 0.78, ROUNDS: 0.8}
+    assert rounds_to_reach(dice_curve(run), 0.72) == 3
+    assert rounds_to_reach(dice_curve(run), 0.95) is None
+    assert math.isnan(epsilon_spent(run))
+    assert epsilon_spent(_fake_run("dpfl", 0, 1e4, 0.4, [0.1], eps_spent=100.0)) == pytest.approx(110.0)
+
+
+def test_summarize_table_and_statements(synthetic):
+    s = summarize(load_runs(synthetic))
+    assert s["regions"] == ["kidney", "tumor"]
+    rows = {r["method"]: r for r in s["rows"]}
+    assert list(rows) == ["NP-FL", "DP-FL eps=10000", "DP-FL eps=100000", "ADP-FL eps=10000", "ADP-FL eps=100000"]
+    assert rows["NP-FL"]["dice_mean"] == (pytest.approx(0.8), pytest.approx(0.0))
+    assert rows["NP-FL"]["dice_kidney"][0] == pytest.approx(0.85)
+    assert rows["NP-FL"]["hd95_tumor"][0] == pytest.approx(9.0)  # NaN sites skipped
+    assert rows["NP-FL"]["epsilon_rdp"] is None
+    m, sd = rows["DP-FL eps=100000"]["dice_mean"]
+    assert m == pytest.approx(0.79) and sd == pytest.approx(0.02 / math.sqrt(2))
+    assert rows["DP-FL eps=10000"]["rounds_to_90"] == [None, None]
+    assert rows["DP-FL eps=100000"]["rounds_to_90"] == [2, 2]
+    assert rows["ADP-FL eps=10000"]["rounds_to_90"] == [3, 3]  # 0.73 >= 0.72 at round 3
+    assert rows["NP-FL"]["rounds_to_90"] == [3, 3]
+    assert rows["DP-FL eps=10000"]["epsilon_rdp"][0] == pytest.approx(9900.0)  # max over sites
+    assert rows["DP-FL eps=10000"]["epsilon_prv"][0] == pytest.approx(8100.0)
+    assert rows["ADP-FL eps=10000"]["dice_fraction_of_npfl"] == pytest.approx(0.925)
+    st = " ".join(s["statements"])
+    assert "epsilon=10000, DP-FL keeps 50.0%" in st and "ADP-FL keeps 92.5%" in st
+    assert "epsilon=100000" not in st
+
+
+def test_write_report_files(synthetic):
+    paths = write_report(synthetic)
+    md = Path(paths["markdown"]).read_text()
+    assert "| NP-FL |" in md and "not reached" in md and "ADP-FL keeps 92.5%" in md
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and "dice_tumor_mean" in rows[0] and "epsilon_rdp_max_site_mean" in rows[0]
+    assert {Path(p).name for p in paths["plots"]} == {"convergence.png", "frontier.png", "epsilon_by_round.png"}
+    for p in paths["plots"]:
+        assert Path(p).stat().st_size > 1000 and Path(p).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_cli(synthetic):
+    from adpfl.cli import main
+
+    assert main(["report", "--out", str(synthetic)]) == 0
+    assert (synthetic / "report.md").is_file()
+
+
+def test_plan_and_overrides():
+    plan = plan_runs([0, 1], [1e4, 1e5])
+    assert len(plan) == 2 * (1 + 2 * 2)
+    assert [p["run_id"] for p in plan[:3]] == ["npfl_seed0", "dpfl_eps10000_seed0", "adpfl_eps10000_seed0"]
+    ov = run_overrides(plan[1], 3, {"num_train": 6}, 1e-5)
+    assert ov == {"num_rounds": 3, "executor": {"num_train": 6, "data_seed": 0},
+                  "privacy": {"target_epsilon": 1e4, "delta": 1e-5}}
+    assert "privacy" not in run_overrides(plan[0], 3, {}, 1e-5)
+    assert parse_kv(["amp=false", "learning_rate=0.01", "device=cpu"]) == {"amp": False, "learning_rate": 0.01,
+                                                                        "device": "cpu"}
+
+
+@pytest.mark.integration
+def test_compare_tiny_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "cmp"
+    adpfl = os.path.join(os.path.dirname(sys.executable), "adpfl")
+    cmd = [adpfl, "compare", "--task", "skin2d", "--epsilons", "1e5", "--seeds", "0", "--rounds", "1",
+           "--sites", "2", "--tiny", "--out", str(out), "--poll", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[1/3] npfl_seed0" in proc.stdout and "[3/3] adpfl_eps100000_seed0" in proc.stdout
+    runs = load_runs(out)
+    assert sorted(r["run_id"] for r in runs) == ["adpfl_eps100000_seed0", "dpfl_eps100000_seed0", "npfl_seed0"]
+    for r in runs:
+        assert set(r["final"]) == {"site-1", "site-2"}
+        assert set(r["curves"]) == {"site-1", "site-2"} and "0" in r["curves"]["site-1"]["dice_mean"]
+        assert r["settings"]["executor"]["data_seed"] == 0 and r["settings"]["num_rounds"] == 1
+        if r["mode"] != "npfl":
+            assert r["settings"]["privacy"]["target_epsilon"] == 1e5 and r["settings"]["privacy"]["delta"] == 1e-5
+            assert 0 < epsilon_spent(r) <= 1e5
+    for name in ("report.md", "summary.csv", "plots/convergence.png", "plots/frontier.png",
+                 "plots/epsilon_by_round.png"):
+        assert (out / name).is_file(), name
+    stamps = {p: p.stat().st_mtime for p in out.glob("runs/*/run.json")}
+    time.sleep(0.05)
+    proc2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
+    assert "3 already done, 0 to run" in proc2.stdout
+    assert "[1/3]" not in proc2.stdout
+    assert {p: p.stat().st_mtime for p in out.glob("runs/*/run.json")} == stamps
