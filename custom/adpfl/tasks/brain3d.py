@@ -15,74 +15,26 @@ tumour/brain in a 2:1 ratio, with mirroring and small intensity jitter.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
 from monai import transforms as mt
 
+from adpfl.tasks import volume3d
 from adpfl.tasks.base import SegTask
 
-#: axis-code letters of the world frame (NIfTI affines are RAS+), passed explicitly
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-
-
-def _load_and_normalize(task: SegTask, size):
-    return [
-        # a list of 4 files is loaded as one image with a leading channel axis
-        mt.LoadImaged(keys=["image", "label"], image_only=True),
-        mt.EnsureChannelFirstd(keys=["image", "label"]),
-        mt.Orientationd(keys=["image", "label"], axcodes="RAS", labels=_RAS_LABELS),
+def _load_and_normalize(size):
+    # a list of 4 files is loaded as one image with a leading channel axis
+    return volume3d.load_oriented() + [
         mt.CropForegroundd(keys=["image", "label"], source_key="image", margin=2, allow_smaller=True),
-        mt.Resized(
-            keys=["image", "label"],
-            spatial_size=size,
-            mode=("trilinear", "nearest"),
-            anti_aliasing=(True, False),
-            dtype=(np.float32, np.float32),
-        ),
+        volume3d.resize(size),
         mt.NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
     ]
 
 
-def _patch(task: SegTask, size):
-    """The training patch: the task's patch size, no larger than the image."""
-    if task.patch_size is None:
-        return tuple(size)
-    return tuple(min(int(p), int(s)) for p, s in zip(task.patch_size, size))
-
-
-def _finish():
-    return [
-        mt.EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
-        mt.EnsureTyped(keys="label", dtype=torch.uint8, track_meta=False),
-    ]
-
-
 def _train(task: SegTask, size):
-    return mt.Compose(
-        _load_and_normalize(task, size)
-        + [
-            mt.RandCropByPosNegLabeld(
-                keys=["image", "label"],
-                label_key="label",
-                spatial_size=_patch(task, size),
-                pos=2.0,
-                neg=1.0,
-                num_samples=1,
-                image_key="image",
-                image_threshold=0.0,
-            ),
-            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
-            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),
-            mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            mt.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-        ]
-        + _finish()
-    )
+    return volume3d.train_chain(task, size, _load_and_normalize(size), intensity_shift=0.1)
 
 
 def _val(task: SegTask, size):
-    return mt.Compose(_load_and_normalize(task, size) + _finish())
+    return volume3d.val_chain(_load_and_normalize(size))
 
 
 TASK = SegTask(

@@ -1,0 +1,77 @@
+"""Transform pieces shared by the 3D tasks (kidney3d, brain3d): orientation, resampling,
+random foreground/background patches with mirroring and intensity jitter, typed output.
+Each task module adds only its own loading/normalisation steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai import transforms as mt
+
+from adpfl.tasks.base import SegTask
+
+#: axis-code letters of the world frame (NIfTI affines are RAS+), passed explicitly
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def load_oriented():
+    """Load image(s) and label channel-first in RAS (a list of files becomes channels)."""
+    return [
+        mt.LoadImaged(keys=["image", "label"], image_only=True),
+        mt.EnsureChannelFirstd(keys=["image", "label"]),
+        mt.Orientationd(keys=["image", "label"], axcodes="RAS", labels=RAS_LABELS),
+    ]
+
+
+def resize(size):
+    return mt.Resized(
+        keys=["image", "label"],
+        spatial_size=size,
+        mode=("trilinear", "nearest"),
+        anti_aliasing=(True, False),
+        dtype=(np.float32, np.float32),
+    )
+
+
+def patch_size(task: SegTask, size):
+    """The training patch: the task's patch size, no larger than the image."""
+    if task.patch_size is None:
+        return tuple(size)
+    return tuple(min(int(p), int(s)) for p, s in zip(task.patch_size, size))
+
+
+def finish():
+    return [
+        mt.EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+        mt.EnsureTyped(keys="label", dtype=torch.uint8, track_meta=False),
+    ]
+
+
+def train_chain(task: SegTask, size, load_and_normalize, intensity_shift: float):
+    """Random patches centred on foreground/background 2:1, mirroring on all axes, small
+    intensity scale/shift jitter, after the task's own loading and normalisation."""
+    return mt.Compose(
+        load_and_normalize
+        + [
+            mt.RandCropByPosNegLabeld(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=patch_size(task, size),
+                pos=2.0,
+                neg=1.0,
+                num_samples=1,
+                image_key="image",
+                image_threshold=0.0,
+            ),
+            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
+            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),
+            mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            mt.RandShiftIntensityd(keys="image", offsets=intensity_shift, prob=0.5),
+        ]
+        + finish()
+    )
+
+
+def val_chain(load_and_normalize):
+    return mt.Compose(load_and_normalize + finish())
