@@ -34,8 +34,8 @@ def run_simulator(job_dir: Path, workspace: Path, data_root: Path, n_sites: int 
     return proc
 
 
-def tiny_job(tmp_path: Path, task: str, mode: str, num_rounds: int = 2, executor=None, privacy=None) -> Path:
-    overrides = {"num_rounds": num_rounds, "executor": dict(TINY_EXECUTOR, **(executor or {}))}
+def tiny_job(tmp_path: Path, task: str, mode: str, num_rounds: int = 2, executor=None, privacy=None, **more) -> Path:
+    overrides = {"num_rounds": num_rounds, "executor": dict(TINY_EXECUTOR, **(executor or {})), **more}
     if privacy:
         overrides["privacy"] = privacy
     return Path(export_job(task, mode, str(tmp_path / "jobs"), **overrides))

@@ -57,9 +57,33 @@ def test_adpfl_run_writes_privacy_report_and_curves(tmp_path):
         assert len(site_ledger["entries"]) == 2
         assert site_ledger["entries"][-1]["epsilon_rdp"] == pytest.approx(info["epsilon_rdp"], rel=1e-6)
     assert report["stopped_early"] is False
+    assert report["rejected_contributions"] == []
     scalars = read_scalars(rd / "tb_events")
     assert "privacy/site-1/epsilon_rdp" in scalars, sorted(scalars)
     assert "privacy/site-2/noise_multiplier" in scalars
+    # keep_fraction 0.5: only kept coordinates travelled, and the server densified them
+    text = logs(ws)
+    assert text.count("densified") >= 6, text[-3000:]  # 3 sites x 2 rounds
+    assert "rejected the sparse contribution" not in text
+    model = torch.load(rd / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in model.values())
+
+
+@pytest.mark.parametrize("task", ["kidney3d", "brain3d"])
+def test_3d_adpfl_job_runs_one_round(tmp_path, task):
+    job = tiny_job(
+        tmp_path, task, "adpfl", num_rounds=1, min_clients=2,
+        executor={"num_train": 2, "num_val": 1, "image_size": 32, "batch_size": 1, "hd95": False},
+    )
+    ws = tmp_path / "ws"
+    proc = run_simulator(job, ws, tmp_path / "data", n_sites=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    final = load_json(run_dir(ws) / "cross_site_val" / "cross_val_results.json")
+    assert set(final) == {"site-1", "site-2"}
+    regions = {"kidney3d": "dice_kidney_tumor_cyst", "brain3d": "dice_WT"}[task]
+    assert regions in final["site-1"]["SRV_FL_global_model.pt"]
+    report = load_json(run_dir(ws) / "privacy_report.json")
+    assert {s: i["releases"] for s, i in report["sites"].items()} == {"site-1": 1, "site-2": 1}
 
 
 def test_budget_smaller_than_plan_stops_early(tmp_path):
