@@ -118,6 +118,16 @@ def print_summary(summary: dict) -> None:
         print(f"model:        {path}")
 
 
+def _simulator_env(threads: int) -> dict:
+    """The simulator runs ``threads`` site processes at once; give each its share of the CPU
+    cores (torch otherwise starts one thread per core in every process and they fight).
+    A value the user already set wins."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, threads)))
+    return env
+
+
 def cmd_run(args) -> int:
     from adpfl.flare.jobs import job_name
 
@@ -132,6 +142,7 @@ def cmd_run(args) -> int:
 
         overrides = {"num_rounds": args.rounds} if args.rounds else {}
         job = build_job(args.task, args.mode, **overrides)
+        os.environ.update(_simulator_env(args.threads))
         rc = job.simulator_run(str(workspace), n_clients=args.sites, threads=args.threads)
     else:
         if args.rounds:
@@ -142,7 +153,7 @@ def cmd_run(args) -> int:
         cmd = ["nvflare", "simulator", str(job_dir), "-w", str(workspace), "-n", str(args.sites), "-t", str(args.threads)]
         print("running:", " ".join(cmd), flush=True)
         nvflare = shutil.which("nvflare") or os.path.join(os.path.dirname(sys.executable), "nvflare")
-        rc = subprocess.call([nvflare] + cmd[1:])
+        rc = subprocess.call([nvflare] + cmd[1:], env=_simulator_env(args.threads))
     print(f"simulator exited with {rc} after {time.perf_counter() - t0:.0f}s")
     summary = summarize(workspace)
     print_summary(summary)
