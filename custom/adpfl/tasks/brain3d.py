@@ -29,12 +29,7 @@ def _load_and_normalize(size):
     ]
 
 
-def _train(task: SegTask, size):
-    return volume3d.train_chain(task, size, _load_and_normalize(size), intensity_shift=0.1)
-
-
-def _val(task: SegTask, size):
-    return volume3d.val_chain(_load_and_normalize(size))
+_train, _val = volume3d.transform_builders(_load_and_normalize, intensity_shift=0.1)
 
 
 TASK = SegTask(

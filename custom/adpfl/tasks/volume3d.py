@@ -75,3 +75,16 @@ def train_chain(task: SegTask, size, load_and_normalize, intensity_shift: float)
 
 def val_chain(load_and_normalize):
     return mt.Compose(load_and_normalize + finish())
+
+
+def transform_builders(load_and_normalize, intensity_shift: float):
+    """The (train, val) builders a 3D SegTask takes, from the task's own
+    ``load_and_normalize(size) -> list of transforms``."""
+
+    def train(task: SegTask, size):
+        return train_chain(task, size, load_and_normalize(size), intensity_shift)
+
+    def val(task: SegTask, size):
+        return val_chain(load_and_normalize(size))
+
+    return train, val
