@@ -95,3 +95,106 @@ def test_per_sample_grads_of_3d_unet_match_microbatches():
     num = sum(float((saved[n][1] - p.grad).norm() ** 2) for n, p in net.named_parameters())
     den = sum(float(p.grad.norm() ** 2) for p in net.parameters())
     assert math.sqrt(num / den) < 1e-4
+
+
+# ---------------------------------------------------------------- record-level ledger
+def test_calibration_with_prior_spend_meets_the_remaining_budget():
+    from adpfl.training.dpsgd import calibrate_with_prior, opacus_rdp_epsilon
+
+    z0 = calibrate_with_prior([], 8.0, 1e-5, 0.25, 40)
+    assert z0 == pytest.approx(get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=0.25,
+                                                    steps=40), rel=1e-6)
+    # half the plan spent at a larger z: the rest may use a smaller one, still within the target
+    prior = [(2 * z0, 0.25, 20)]
+    z1 = calibrate_with_prior(prior, 8.0, 1e-5, 0.25, 20)
+    total = opacus_rdp_epsilon(prior + [(z1, 0.25, 20)], 1e-5)
+    assert z1 < z0 and 8.0 - 0.01 <= total <= 8.0
+
+
+def test_calibration_refuses_when_prior_spend_reaches_the_target():
+    from adpfl.privacy.errors import BudgetExhausted
+    from adpfl.training.dpsgd import calibrate_with_prior
+
+    with pytest.raises(BudgetExhausted, match="already spent"):
+        calibrate_with_prior([(0.5, 0.5, 50)], 2.0, 1e-5, 0.5, 10)
+
+
+def test_record_ledger_persists_composes_and_names_a_corrupt_file(tmp_path):
+    from adpfl.privacy.errors import PrivacyConfigError, PrivacyError
+    from adpfl.training.dpsgd import RecordLedger, opacus_rdp_epsilon
+
+    path = str(tmp_path / "site-1" / "dpsgd_skin2d.json")
+    led = RecordLedger.load_or_create(path, delta=1e-5)
+    led.record(job_id="a", round=0, noise_multiplier=1.0, sample_rate=0.5, steps=2)
+    led.record(job_id="b", round=3, noise_multiplier=1.2, sample_rate=0.5, steps=2)
+    led.save()
+    again = RecordLedger.load_or_create(path, delta=1e-5)
+    assert again.history() == [(1.0, 0.5, 2), (1.2, 0.5, 2)]
+    assert again.epsilon() == pytest.approx(opacus_rdp_epsilon([(1.0, 0.5, 2), (1.2, 0.5, 2)], 1e-5))
+    with pytest.raises(PrivacyConfigError, match="delta"):
+        RecordLedger.load_or_create(path, delta=1e-6)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PrivacyError, match="bad.json"):
+        RecordLedger.load_or_create(str(tmp_path / "bad.json"), delta=1e-5)
+
+
+def test_trainer_continues_from_prior_history(site):
+    tr = _trainer(site, target_epsilon=8.0, planned_rounds=2)
+    prior = [(tr.noise_multiplier, tr.sample_rate, tr.steps_per_round)]
+    cfg = TrainConfig(local_epochs=1, batch_size=4, image_size=32, device="cpu", learning_rate=1e-3)
+    resumed = DPSGDTrainer(get_task("skin2d"), site, cfg,
+                           DPSGDConfig(target_epsilon=8.0, delta=1e-5, planned_rounds=1), prior_history=prior)
+    # one of the two planned rounds already spent: the same z finishes the plan
+    assert resumed.noise_multiplier == pytest.approx(tr.noise_multiplier, rel=2e-3)
+    assert resumed.epsilon() > 0
+    model = dpsgd_network(get_task("skin2d"))
+    out = resumed.train(model)
+    assert out["epsilon"] <= 8.0 * 1.01
+    assert resumed.history[0] == prior[0]
+
+
+# ---------------------------------------------------------------- server-side check
+def _record_meta(**over):
+    meta = {"unit": "record", "mechanism": "dpsgd", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5,
+            "max_grad_norm": 1.0, "steps_per_round": 2, "round": 0, "history": [[1.0, 0.5, 2]],
+            "epsilon_rdp": 1.0}
+    meta.update(over)
+    return meta
+
+
+def test_record_meta_is_recomputed_not_trusted():
+    from adpfl.flare.privacy_meta import check_record_meta
+    from adpfl.training.dpsgd import opacus_rdp_epsilon
+
+    out = check_record_meta(_record_meta(epsilon_rdp=0.001), 1e-5)
+    assert out["epsilon_recomputed"] == pytest.approx(opacus_rdp_epsilon([(1.0, 0.5, 2)], 1e-5))
+    assert out["epsilon_recomputed"] > 1.0
+
+
+@pytest.mark.parametrize("meta,match", [
+    (None, "no record-level"),
+    (_record_meta(history=[]), "history is empty"),
+    (_record_meta(history=[[0.0, 0.5, 2]]), "invalid"),
+    (_record_meta(delta=1e-3), "delta"),
+    (_record_meta(noise_multiplier=float("nan")), "noise_multiplier"),
+    ({k: v for k, v in _record_meta().items() if k != "history"}, "lacks"),
+])
+def test_record_meta_rejections(meta, match):
+    from adpfl.flare.privacy_meta import check_record_meta
+
+    with pytest.raises(ValueError, match=match):
+        check_record_meta(meta, 1e-5)
+
+
+def test_dpsgd_job_settings():
+    from adpfl.flare.jobs import _widget_args, job_settings
+
+    s = job_settings("skin2d", "dpsgd", num_rounds=3)
+    assert s["privacy"] is None  # no update-level filter
+    ex = s["executor"]
+    assert ex["dpsgd"] is True and ex["dpsgd_planned_rounds"] == 3 and ex["dpsgd_target_epsilon"] == 8.0
+    w = _widget_args(s["privacy"], ex)
+    assert w["update_level"] is False and w["record_level"] is True and w["record_target_epsilon"] == 8.0
+    # an update-level job's widget does not require record-level metadata
+    s2 = job_settings("skin2d", "adpfl")
+    assert "record_level" not in _widget_args(s2["privacy"], s2["executor"])

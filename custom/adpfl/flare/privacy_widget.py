@@ -25,12 +25,26 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
-from adpfl.flare.privacy_meta import PRIVACY_META_KEY, check_privacy_meta
+from adpfl.flare.privacy_meta import (
+    PRIVACY_META_KEY,
+    RECORD_PRIVACY_META_KEY,
+    check_privacy_meta,
+    check_record_meta,
+)
 from adpfl.privacy.accounting import PrivacyLedger
+from adpfl.training.dpsgd import opacus_rdp_epsilon
+
+#: relative slack on the record-level target (DP-SGD calibration stops within 1 % of it)
+RECORD_TOLERANCE = 0.01
 
 UNIT = (
     "site-level update DP: each site's whole model update per round is the protected unit "
     "(replace-one neighbours, L2 sensitivity = 2 * clip_norm, sample rate 1, one release per round)"
+)
+RECORD_UNIT = (
+    "record-level DP (DP-SGD at each site): one training image/patient of a site is the protected unit "
+    "(add/remove-one, Poisson sampling, per-sample clipping); a different unit from the update-level figure, "
+    "never added to it"
 )
 UNCOVERED = [
     "training/validation metrics each site reports (loss, Dice, HD95) are not privatized",
@@ -49,6 +63,10 @@ class PrivacyAccountingWidget(Widget):
         min_noise_multiplier: float = 0.0,
         report_name: str = "privacy_report.json",
         stop_on_budget: bool = True,
+        update_level: bool = True,
+        record_level: bool = False,
+        record_target_epsilon: float = 0.0,
+        record_delta: float = 1e-5,
     ):
         """Args:
         target_epsilon: the per-site budget (site-level update DP) the job plans for.
@@ -58,8 +76,20 @@ class PrivacyAccountingWidget(Widget):
         min_noise_multiplier: contributions claiming a smaller noise multiplier are rejected.
         report_name: file written into the job's run folder.
         stop_on_budget: end the run cleanly when a site's next release would exceed the budget.
+        update_level: the job's sites release through the update-level filter; contributions
+            without valid update-level metadata are rejected (False: DP-SGD-only jobs).
+        record_level: the job's sites train with DP-SGD; contributions without valid
+            record-level metadata, or whose record-level epsilon (recomputed here with Opacus
+            from the reported (z, q, steps) history) exceeds ``record_target_epsilon``, are rejected.
+        record_target_epsilon / record_delta: the record-level budget and its delta.
         """
         super().__init__()
+        if not (update_level or record_level):
+            raise ValueError("the privacy widget needs update_level or record_level (or both)")
+        if record_level and not (isinstance(record_target_epsilon, (int, float)) and record_target_epsilon > 0):
+            raise ValueError(f"record_target_epsilon must be > 0, got {record_target_epsilon!r}")
+        if record_level and not (isinstance(record_delta, (int, float)) and 0 < record_delta < 1):
+            raise ValueError(f"record_delta must be in (0, 1), got {record_delta!r}")
         if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0):
             raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}")
         if not (isinstance(delta, (int, float)) and 0 < delta < 1):
@@ -75,6 +105,11 @@ class PrivacyAccountingWidget(Widget):
         self.min_noise_multiplier = float(min_noise_multiplier)
         self.report_name = report_name
         self.stop_on_budget = stop_on_budget
+        self.update_level = bool(update_level)
+        self.record_level = bool(record_level)
+        self.record_target_epsilon = float(record_target_epsilon)
+        self.record_delta = float(record_delta)
+        self._record: Dict[str, dict] = {}
         self._lock = threading.RLock()
         self._ledgers: Dict[str, PrivacyLedger] = {}
         self._site_reported: Dict[str, dict] = {}
@@ -110,11 +145,26 @@ class PrivacyAccountingWidget(Widget):
             site = peer.get_identity_name() if peer else "unknown"
         try:
             dxo = from_shareable(result)
-            meta = check_privacy_meta(dxo.get_meta_prop(PRIVACY_META_KEY), self.delta, self.min_noise_multiplier)
-            if meta["mechanism"] != self.noise_type:
-                raise ValueError(f"released with {meta['mechanism']}, the job's noise_type is {self.noise_type}")
+            record = None
+            if self.record_level:
+                record = check_record_meta(dxo.get_meta_prop(RECORD_PRIVACY_META_KEY), self.record_delta)
+                limit = self.record_target_epsilon * (1 + RECORD_TOLERANCE)
+                if record["epsilon_recomputed"] > limit:
+                    raise ValueError(
+                        f"record-level epsilon {record['epsilon_recomputed']:.4g} (recomputed from its history) "
+                        f"exceeds the job's record_target_epsilon {self.record_target_epsilon}"
+                    )
+            meta = None
+            if self.update_level:
+                meta = check_privacy_meta(dxo.get_meta_prop(PRIVACY_META_KEY), self.delta, self.min_noise_multiplier)
+                if meta["mechanism"] != self.noise_type:
+                    raise ValueError(f"released with {meta['mechanism']}, the job's noise_type is {self.noise_type}")
         except Exception as e:
             self._reject(result, site, current_round, str(e), fl_ctx)
+            return
+        if record is not None:
+            self._on_record(site, record, fl_ctx)
+        if meta is None:
             return
         # the round the site released for (a late result of an earlier round arrives while
         # the server is already in the next one; it was released, so it is accounted)
@@ -150,6 +200,28 @@ class PrivacyAccountingWidget(Widget):
                     f"{site} reports epsilon_rdp={reported:.4g}, below this job's own accounting "
                     f"{entry['epsilon_rdp']:.4g}; the report keeps the server's figure",
                 )
+
+    def _on_record(self, site: str, record: dict, fl_ctx: FLContext) -> None:
+        claimed = record.get("epsilon_rdp")
+        with self._lock:
+            info = self._record.setdefault(site, {"rounds": []})
+            info["rounds"].append(int(record["round"]))
+            info.update(
+                epsilon_rdp=record["epsilon_recomputed"],
+                site_reported_epsilon_rdp=claimed,
+                noise_multiplier=float(record["noise_multiplier"]),
+                sample_rate=float(record["sample_rate"]),
+                max_grad_norm=float(record["max_grad_norm"]),
+                steps_per_round=int(record["steps_per_round"]),
+                steps=sum(int(h[2]) for h in record["history"]),
+                history=[list(h) for h in record["history"]],
+            )
+        if isinstance(claimed, (int, float)) and not math.isclose(claimed, record["epsilon_recomputed"], rel_tol=1e-6):
+            self.log_warning(
+                fl_ctx,
+                f"{site} reports record-level epsilon {claimed:.6g}, recomputed {record['epsilon_recomputed']:.6g}; "
+                "the report keeps the recomputed figure",
+            )
 
     def _reject(self, result, site, current_round, why: str, fl_ctx: FLContext) -> None:
         # flipping the return code makes the aggregator disregard the contribution
@@ -196,22 +268,45 @@ class PrivacyAccountingWidget(Widget):
                 prior = max(0.0, total - eps_rdp)
                 projected = prior + ledger.projected_epsilon(last["noise_multiplier"], "rdp", last["mechanism"])
                 if projected > self.target_epsilon:
-                    stop_sites.append((site, projected))
-            self.log_info(
-                fl_ctx,
-                f"privacy after round {current_round} (delta={self.delta}, target {self.target_epsilon}): "
-                + ("; ".join(summary) if summary else "no private releases"),
-            )
+                    stop_sites.append(("update", site, projected))
+            if self.update_level:
+                self.log_info(
+                    fl_ctx,
+                    f"privacy after round {current_round} (update-level, delta={self.delta}, target "
+                    f"{self.target_epsilon}): " + ("; ".join(summary) if summary else "no private releases"),
+                )
+            if self.record_level:
+                rec_summary = []
+                for site in sorted(self._record):
+                    info = self._record[site]
+                    self._tb(fl_ctx, f"privacy_record/{site}/epsilon_rdp", info["epsilon_rdp"], int(current_round))
+                    rec_summary.append(f"{site} eps={info['epsilon_rdp']:.4g} (z={info['noise_multiplier']:.3g}, "
+                                       f"q={info['sample_rate']:.3g})")
+                    hist = [tuple(h) for h in info["history"]]
+                    hist.append((info["noise_multiplier"], info["sample_rate"], info["steps_per_round"]))
+                    projected = opacus_rdp_epsilon(hist, self.record_delta)
+                    if projected > self.record_target_epsilon * (1 + RECORD_TOLERANCE):
+                        stop_sites.append(("record", site, projected))
+                self.log_info(
+                    fl_ctx,
+                    f"privacy after round {current_round} (record-level DP-SGD, delta={self.record_delta}, target "
+                    f"{self.record_target_epsilon}; not added to any update-level figure): "
+                    + ("; ".join(rec_summary) if rec_summary else "no DP-SGD results"),
+                )
             self._write_report()
             if stop_sites and self.stop_on_budget and not self._stopped_early:
                 planned_last = self.planned_rounds - 1 if self.planned_rounds else None
                 if planned_last is None or int(current_round) < planned_last:
-                    why = ", ".join(f"{s} would reach epsilon {p:.4g}" for s, p in stop_sites)
+                    parts = []
+                    for level, budget, delta in (("update", self.target_epsilon, self.delta),
+                                                 ("record", self.record_target_epsilon, self.record_delta)):
+                        hits = [(s, p) for lv, s, p in stop_sites if lv == level]
+                        if hits:
+                            name = "target_epsilon" if level == "update" else "record_target_epsilon"
+                            why = ", ".join(f"{s} would reach epsilon {p:.4g}" for s, p in hits)
+                            parts.append(f"next round exceeds {name}={budget} at delta={delta} ({why})")
                     self._stopped_early = True
-                    self._stop_reason = (
-                        f"stopped after round {current_round}: next round exceeds target_epsilon="
-                        f"{self.target_epsilon} at delta={self.delta} ({why})"
-                    )
+                    self._stop_reason = f"stopped after round {current_round}: " + "; ".join(parts)
                     self.log_warning(fl_ctx, self._stop_reason)
                     self._write_report()
                     signal = fl_ctx.get_run_abort_signal()
@@ -236,12 +331,25 @@ class PrivacyAccountingWidget(Widget):
                 "mask_covered": site not in self._mask_uncovered_sites,
                 "ledger": ledger.entries,
             }
+        record = None
+        if self.record_level:
+            record = {
+                "unit": RECORD_UNIT,
+                "delta": self.record_delta,
+                "target_epsilon": self.record_target_epsilon,
+                "accountant": "Opacus RDPAccountant over the (z, q, steps) history each site reports, "
+                "recomputed by the server (the site's own claim is kept beside it)",
+                "sites": {site: dict(info) for site, info in sorted(self._record.items())},
+            }
         return {
-            "unit": UNIT,
-            "delta": self.delta,
-            "target_epsilon": self.target_epsilon,
+            "unit": UNIT if self.update_level else None,
+            "update_level": self.update_level,
+            "record_level": record,
+            "units_note": "update-level and record-level epsilons protect different units and are never added",
+            "delta": self.delta if self.update_level else None,
+            "target_epsilon": self.target_epsilon if self.update_level else None,
             "planned_rounds": self.planned_rounds,
-            "noise_type": self.noise_type,
+            "noise_type": self.noise_type if self.update_level else None,
             "accountants": {
                 "epsilon_rdp": "Opacus RDPAccountant (enforced)",
                 "epsilon_prv": "Opacus PRVAccountant (null where z < 0.1: Opacus's PRV numerics fail there)",

@@ -38,7 +38,10 @@ a safeguard; ``act="relu"`` is an option that avoids the functorch path for acti
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -54,7 +57,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 
-from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError
+from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError, PrivacyError
 from adpfl.privacy.mechanisms import make_generator
 from adpfl.tasks.base import SegTask
 from adpfl.training.loop import LocalTrainer, TrainConfig
@@ -63,6 +66,8 @@ __all__ = [
     "DPSGDConfig",
     "DPSGDTrainer",
     "PRIVACY_UNIT",
+    "RecordLedger",
+    "calibrate_with_prior",
     "dpsgd_network",
     "make_private_trainer",
     "opacus_rdp_epsilon",
@@ -111,6 +116,129 @@ def opacus_rdp_epsilon(history, delta: float) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_with_prior(
+    prior_history, target_epsilon: float, delta: float, sample_rate: float, steps: int, tolerance: float = 0.01
+) -> float:
+    """Smallest noise multiplier ``z`` (within ``tolerance`` of the target) such that the
+    prior history plus ``steps`` DP-SGD steps at ``(z, sample_rate)`` stays within
+    ``target_epsilon`` at ``delta`` (Opacus RDP). Without prior history this is Opacus'
+    ``get_noise_multiplier``; with one, Opacus has no helper (it calibrates from zero spend),
+    so this bisects on Opacus' own accountant. Raises BudgetExhausted when the prior spend
+    alone already reaches the target."""
+    prior = [tuple(h) for h in prior_history or []]
+    if not prior:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(get_noise_multiplier(target_epsilon=float(target_epsilon), target_delta=float(delta),
+                                              sample_rate=float(sample_rate), steps=int(steps), accountant="rdp",
+                                              epsilon_tolerance=float(tolerance)))
+    spent = opacus_rdp_epsilon(prior, delta)
+    if spent >= target_epsilon:
+        raise BudgetExhausted(
+            f"record-level epsilon already spent on this data is {spent:.4f} >= target {target_epsilon} "
+            f"(delta={delta}); no DP-SGD training is possible"
+        )
+
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    prior_rdp = sum(rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders) for z, q, n in prior)
+
+    def eps(z: float) -> float:  # what RDPAccountant.get_epsilon computes for prior + new steps
+        new = rdp_analysis.compute_rdp(q=float(sample_rate), noise_multiplier=z, steps=int(steps), orders=orders)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(rdp_analysis.get_privacy_spent(orders=orders, rdp=prior_rdp + new, delta=delta)[0])
+
+    lo, hi = 0.0, 10.0  # invariant: eps(lo) > target (z -> 0: unbounded), eps(hi) <= target
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            raise PrivacyConfigError(f"no noise multiplier reaches record-level epsilon {target_epsilon}")
+    for _ in range(200):
+        if eps(hi) >= target_epsilon - tolerance or hi - lo < 1e-4 * hi:
+            break
+        mid = (lo + hi) / 2
+        if eps(mid) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return float(hi)
+
+
+RECORD_LEDGER_FORMAT = "adpfl-record-ledger"
+
+
+class RecordLedger:
+    """A site's persistent record-level (DP-SGD) ledger: one entry per DP-SGD training
+    round ``{job_id, round, noise_multiplier, sample_rate, steps, epsilon_rdp}``, kept
+    across jobs and restarts (every job that trains on the same records composes).
+
+    Every training counts, also a retried one (its noisy gradients were computed anew);
+    nothing is ever removed. Atomic writes; a corrupt file is an error naming it.
+    """
+
+    def __init__(self, delta: float, entries: Optional[List[dict]] = None, path: Optional[str] = None):
+        if not (0 < float(delta) < 1):
+            raise PrivacyConfigError(f"delta must be in (0, 1), got {delta}")
+        self.delta = float(delta)
+        self.entries: List[dict] = list(entries or [])
+        self.path = path
+
+    def history(self) -> list:
+        return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in self.entries]
+
+    def epsilon(self) -> float:
+        return opacus_rdp_epsilon(self.history(), self.delta)
+
+    def record(self, *, job_id: Optional[str], round: int, noise_multiplier: float, sample_rate: float,
+               steps: int) -> dict:
+        entry = {"job_id": job_id, "round": int(round), "noise_multiplier": float(noise_multiplier),
+                 "sample_rate": float(sample_rate), "steps": int(steps)}
+        hist = self.history() + [(entry["noise_multiplier"], entry["sample_rate"], entry["steps"])]
+        entry["epsilon_rdp"] = opacus_rdp_epsilon(hist, self.delta)
+        self.entries.append(entry)
+        return dict(entry)
+
+    def save(self, path: Optional[str] = None) -> None:
+        path = path or self.path
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".record-ledger-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump({"format": RECORD_LEDGER_FORMAT, "unit": PRIVACY_UNIT, "delta": self.delta,
+                           "accountant": "opacus rdp", "entries": self.entries}, fh, indent=2)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load_or_create(cls, path: str, delta: float) -> "RecordLedger":
+        if not os.path.exists(path):
+            return cls(delta, path=path)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+            if not isinstance(data, dict) or data.get("format") != RECORD_LEDGER_FORMAT:
+                raise ValueError(f"format field is not {RECORD_LEDGER_FORMAT!r}")
+            ledger = cls(data["delta"], path=path)
+            for i, e in enumerate(data.get("entries", [])):
+                z, q, n = float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
+                if not (z > 0 and math.isfinite(z) and 0 < q <= 1 and n >= 0):
+                    raise ValueError(f"entry {i} has invalid (z, q, steps) = ({z}, {q}, {n})")
+                ledger.entries.append(dict(e))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PrivacyError(f"record-level privacy ledger {path} is corrupt or invalid: {e}") from None
+        if abs(ledger.delta - float(delta)) > 0:
+            raise PrivacyConfigError(f"record-level ledger {path} uses delta={ledger.delta}, the job asks delta={delta}")
+        return ledger
 
 
 @dataclass
@@ -167,7 +295,11 @@ class DPSGDTrainer:
     caller's model stays a plain module (state-dict keys unchanged).
     """
 
-    def __init__(self, task: SegTask, datalist: Dict[str, List[dict]], config: TrainConfig, dp: DPSGDConfig):
+    def __init__(self, task: SegTask, datalist: Dict[str, List[dict]], config: TrainConfig, dp: DPSGDConfig,
+                 prior_history: Optional[list] = None):
+        """``prior_history``: Opacus history ``[(z, q, steps), ...]`` already spent on these
+        records (earlier jobs or rounds before a restart, from the site's RecordLedger);
+        the accountant starts from it and ``z`` is calibrated for the remaining budget."""
         self.dp = dp.validate()
         self.base = LocalTrainer(task, datalist, config)
         self.task, self.config, self.device = task, config, self.base.device
@@ -178,22 +310,16 @@ class DPSGDTrainer:
         if config.max_steps_per_round:
             per_round = min(per_round, int(config.max_steps_per_round))
         self.steps_per_round = per_round
+        prior = [tuple(h) for h in prior_history or []]
         if dp.noise_multiplier is not None:
             self.noise_multiplier = float(dp.noise_multiplier)
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.noise_multiplier = float(
-                    get_noise_multiplier(
-                        target_epsilon=float(dp.target_epsilon),
-                        target_delta=float(dp.delta),
-                        sample_rate=self.sample_rate,
-                        steps=int(dp.planned_rounds) * self.steps_per_round,
-                        accountant="rdp",
-                        epsilon_tolerance=float(dp.epsilon_tolerance),
-                    )
-                )
+            self.noise_multiplier = calibrate_with_prior(
+                prior, float(dp.target_epsilon), float(dp.delta), self.sample_rate,
+                int(dp.planned_rounds) * self.steps_per_round, float(dp.epsilon_tolerance),
+            )
         self.accountant = RDPAccountant()
+        self.accountant.history = list(prior)
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self._optimizer_model_id: Optional[int] = None
         self.rounds_trained = 0
