@@ -123,6 +123,14 @@ def test_report_cli(synthetic):
 def test_plan_and_overrides():
     plan = plan_runs([0, 1], [1e4, 1e5])
     assert len(plan) == 2 * (1 + 2 * 2)
+    with_dpsgd = plan_runs([0], [1e5], [8.0])
+    assert [p["run_id"] for p in with_dpsgd][-1] == "dpsgd_eps8_seed0"
+    ov = run_overrides(with_dpsgd[-1], 2, {"num_train": 6}, 1e-5)
+    assert ov["executor"] == {"num_train": 6, "data_seed": 0, "dpsgd_target_epsilon": 8.0, "dpsgd_delta": 1e-5}
+    assert "privacy" not in ov  # DP-SGD runs have no update-level filter
+    assert [p["mode"] for p in plan_runs([0], [1e5], [8.0], modes=("npfl", "dpsgd"))] == ["npfl", "dpsgd"]
+    with pytest.raises(ValueError, match="unknown"):
+        plan_runs([0], [1e5], modes=("fedavg",))
     assert [p["run_id"] for p in plan[:3]] == ["npfl_seed0", "dpfl_eps10000_seed0", "adpfl_eps10000_seed0"]
     ov = run_overrides(plan[1], 3, {"num_train": 6}, 1e-5)
     assert ov == {"num_rounds": 3, "executor": {"num_train": 6, "data_seed": 0},
@@ -136,24 +144,33 @@ def test_plan_and_overrides():
 def test_compare_tiny_end_to_end_and_resume(tmp_path):
     out = tmp_path / "cmp"
     adpfl = os.path.join(os.path.dirname(sys.executable), "adpfl")
-    cmd = [adpfl, "compare", "--task", "skin2d", "--epsilons", "1e5", "--seeds", "0", "--rounds", "1",
-           "--sites", "2", "--tiny", "--out", str(out), "--poll", "1"]
+    # DP-FL runs in the other simulator tests; here: NP-FL, ADP-FL and the DP-SGD job
+    cmd = [adpfl, "compare", "--task", "skin2d", "--epsilons", "1e5", "--dpsgd-epsilons", "8", "--seeds", "0",
+           "--modes", "npfl", "adpfl", "dpsgd", "--rounds", "1", "--sites", "2", "--tiny", "--out", str(out),
+           "--poll", "1", "--executor", "hd95=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[1/3] npfl_seed0" in proc.stdout and "[3/3] adpfl_eps100000_seed0" in proc.stdout
+    assert "[1/3] npfl_seed0" in proc.stdout and "[3/3] dpsgd_eps8_seed0" in proc.stdout
     runs = load_runs(out)
-    assert sorted(r["run_id"] for r in runs) == ["adpfl_eps100000_seed0", "dpfl_eps100000_seed0", "npfl_seed0"]
+    assert sorted(r["run_id"] for r in runs) == ["adpfl_eps100000_seed0", "dpsgd_eps8_seed0", "npfl_seed0"]
     for r in runs:
         assert set(r["final"]) == {"site-1", "site-2"}
         assert set(r["curves"]) == {"site-1", "site-2"} and "0" in r["curves"]["site-1"]["dice_mean"]
         assert r["settings"]["executor"]["data_seed"] == 0 and r["settings"]["num_rounds"] == 1
-        if r["mode"] != "npfl":
+        if r["mode"] in ("dpfl", "adpfl"):
             assert r["settings"]["privacy"]["target_epsilon"] == 1e5 and r["settings"]["privacy"]["delta"] == 1e-5
             assert 0 < epsilon_spent(r) <= 1e5
+        if r["mode"] == "dpsgd":
+            assert r["settings"]["privacy"] is None and r["privacy"]["unit"] == "record"
+            # one round of the one planned: the calibration spends (nearly) the whole record-level budget
+            assert 7.9 <= epsilon_spent(r) <= 8.0 * 1.01
     for name in ("report.md", "summary.csv", "plots/convergence.png", "plots/frontier.png",
                  "plots/epsilon_by_round.png"):
         assert (out / name).is_file(), name
+    _check_dpsgd_run(out / "runs" / "dpsgd_eps8_seed0" / "ws")
+    md = (out / "report.md").read_text()
+    assert "| DP-SGD (record-level) eps=8 |" in md and "record-level DP, one training image" in md
     stamps = {p: p.stat().st_mtime for p in out.glob("runs/*/run.json")}
     time.sleep(0.05)
     proc2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
@@ -161,3 +178,29 @@ def test_compare_tiny_end_to_end_and_resume(tmp_path):
     assert "3 already done, 0 to run" in proc2.stdout
     assert "[1/3]" not in proc2.stdout
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/run.json")} == stamps
+
+
+def _check_dpsgd_run(ws):
+    """The DP-SGD job's one simulator round: record-level accounting at the sites and the server."""
+    from flare_helpers import load_json, read_scalars, run_dir
+
+    rd = run_dir(ws)
+    report = load_json(rd / "privacy_report.json")
+    assert report["update_level"] is False and report["sites"] == {}  # no update-level filter in this job
+    rec = report["record_level"]
+    assert "record-level" in rec["unit"] and rec["target_epsilon"] == 8.0
+    assert set(rec["sites"]) == {"site-1", "site-2"}
+    for site, info in rec["sites"].items():
+        # one round of the one planned: the calibration spends (nearly) the whole budget
+        assert 7.9 <= info["epsilon_rdp"] <= 8.0 * 1.01
+        assert info["site_reported_epsilon_rdp"] == pytest.approx(info["epsilon_rdp"], rel=1e-9)
+        assert info["rounds"] == [0] and info["steps"] == info["steps_per_round"] == 2  # q = 3/6, int(1/q)
+        # the site's own record-level ledger (kept in the simulator workspace's local/, which
+        # survives a re-run of the simulator in the same workspace)
+        ledger = load_json(ws / "local" / "adpfl_privacy" / site / "dpsgd_skin2d.json")
+        assert ledger["entries"][-1]["epsilon_rdp"] == pytest.approx(info["epsilon_rdp"], rel=1e-9)
+    scalars = read_scalars(rd / "tb_events")
+    assert "privacy_record/site-1/epsilon_rdp" in scalars, sorted(scalars)
+    # the DP-SGD training loss is an un-noised statistic of the private records: never sent
+    assert not any(t.startswith("train/") for t in scalars), sorted(scalars)
+    assert "val_local/dice_mean" in scalars

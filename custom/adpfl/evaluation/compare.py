@@ -1,5 +1,7 @@
-"""``adpfl compare``: NP-FL vs DP-FL vs ADP-FL over privacy budgets and seeds, in real
-FLARE simulator runs, with resume, progress/ETA and a report (see ``report.py``).
+"""``adpfl compare``: NP-FL vs DP-FL vs ADP-FL over privacy budgets and seeds, plus
+record-level DP-SGD at its own budgets (``--dpsgd-epsilons``; a different privacy unit,
+reported in its own rows), in real FLARE simulator runs, with resume, progress/ETA and a
+report (see ``report.py``).
 
 Layout of the results folder (``--out``)::
 
@@ -39,13 +41,24 @@ def run_id(mode: str, seed: int, epsilon: Optional[float]) -> str:
     return f"npfl_seed{seed}" if mode == "npfl" else f"{mode}_eps{epsilon:g}_seed{seed}"
 
 
-def plan_runs(seeds, epsilons) -> List[dict]:
+ALL_MODES = ("npfl", "dpfl", "adpfl", "dpsgd")
+
+
+def plan_runs(seeds, epsilons, dpsgd_epsilons=(), modes=ALL_MODES) -> List[dict]:
+    unknown = set(modes) - set(ALL_MODES)
+    if unknown:
+        raise ValueError(f"--modes: unknown {sorted(unknown)}; known: {list(ALL_MODES)}")
     runs = []
     for seed in seeds:
-        runs.append({"mode": "npfl", "seed": int(seed), "epsilon": None})
+        if "npfl" in modes:
+            runs.append({"mode": "npfl", "seed": int(seed), "epsilon": None})
         for eps in epsilons:
             for mode in ("dpfl", "adpfl"):
-                runs.append({"mode": mode, "seed": int(seed), "epsilon": float(eps)})
+                if mode in modes:
+                    runs.append({"mode": mode, "seed": int(seed), "epsilon": float(eps)})
+        if "dpsgd" in modes:
+            for eps in dpsgd_epsilons or ():
+                runs.append({"mode": "dpsgd", "seed": int(seed), "epsilon": float(eps)})
     for r in runs:
         r["run_id"] = run_id(r["mode"], r["seed"], r["epsilon"])
     return runs
@@ -67,7 +80,9 @@ def parse_kv(items: Optional[List[str]]) -> dict:
 
 def run_overrides(spec: dict, rounds: int, executor: dict, delta: float) -> dict:
     ov = {"num_rounds": int(rounds), "executor": dict(executor, data_seed=spec["seed"])}
-    if spec["mode"] != "npfl":
+    if spec["mode"] == "dpsgd":  # record-level budget of each site's training records
+        ov["executor"].update(dpsgd_target_epsilon=spec["epsilon"], dpsgd_delta=delta)
+    elif spec["mode"] != "npfl":
         ov["privacy"] = {"target_epsilon": spec["epsilon"], "delta": delta}
     return ov
 
@@ -120,7 +135,9 @@ def collect_run(ws: Path, spec: dict) -> dict:
     regions = sorted({k[5:] for m in final.values() for k in m if k.startswith("dice_") and k != "dice_mean"})
     privacy = None
     pr = rd / "privacy_report.json"
-    if pr.is_file():
+    if pr.is_file() and spec.get("mode") == "dpsgd":
+        privacy = _record_privacy(json.loads(pr.read_text()))
+    elif pr.is_file():
         rep = json.loads(pr.read_text())
         privacy = {
             "delta": rep.get("delta"),
@@ -147,6 +164,29 @@ def collect_run(ws: Path, spec: dict) -> dict:
         "regions": regions,
         "privacy": privacy,
     }
+
+
+def _record_privacy(rep: dict) -> dict:
+    """The record-level (DP-SGD) part of a privacy report, in the shape of the update-level
+    one (cumulative epsilon per round recomputed from each site's (z, q, steps) history)."""
+    from adpfl.training.dpsgd import opacus_rdp_epsilon
+
+    rec = rep.get("record_level") or {}
+    delta = rec.get("delta")
+    sites = {}
+    for site, info in (rec.get("sites") or {}).items():
+        hist = [tuple(h) for h in info.get("history", [])]
+        rounds = info.get("rounds", [])
+        # the site's ledger may hold earlier jobs first: this run's rounds are the last entries
+        offset = len(hist) - len(rounds)
+        per_round = [{"round": r, "epsilon_rdp": opacus_rdp_epsilon(hist[: offset + i + 1], delta),
+                      "epsilon_prv": None, "noise_multiplier": hist[offset + i][0], "clip_norm": info.get("max_grad_norm")}
+                     for i, r in enumerate(rounds)]
+        sites[site] = {"releases": len(rounds), "epsilon_rdp": info.get("epsilon_rdp"), "epsilon_prv": None,
+                       "per_round": per_round}
+    return {"unit": "record", "delta": delta, "target_epsilon": rec.get("target_epsilon"),
+            "stopped_early": rep.get("stopped_early"), "stop_reason": rep.get("stop_reason"),
+            "rejected_contributions": rep.get("rejected_contributions"), "sites": sites}
 
 
 # ---------------------------------------------------------------------------- running
@@ -251,6 +291,7 @@ def cmd_compare(args) -> int:
     executor.update(parse_kv(args.executor))
     settings = {
         "task": args.task, "epsilons": [float(e) for e in args.epsilons], "seeds": [int(s) for s in args.seeds],
+        "dpsgd_epsilons": [float(e) for e in args.dpsgd_epsilons],
         "rounds": int(args.rounds), "sites": int(args.sites), "delta": float(args.delta), "executor": executor,
     }
     prev = out / "compare.json"
@@ -264,9 +305,10 @@ def cmd_compare(args) -> int:
                 )
         settings["epsilons"] = sorted(set(old.get("epsilons", [])) | set(settings["epsilons"]))
         settings["seeds"] = sorted(set(old.get("seeds", [])) | set(settings["seeds"]))
+        settings["dpsgd_epsilons"] = sorted(set(old.get("dpsgd_epsilons", [])) | set(settings["dpsgd_epsilons"]))
     prev.write_text(json.dumps(settings, indent=2))
 
-    runs = plan_runs(args.seeds, args.epsilons)
+    runs = plan_runs(args.seeds, args.epsilons, args.dpsgd_epsilons, args.modes)
     done_walls = []
     todo = []
     for spec in runs:
@@ -277,7 +319,8 @@ def cmd_compare(args) -> int:
             todo.append(spec)
     n = len(runs)
     print(f"adpfl compare: task {args.task}, {len(args.seeds)} seed(s) x (NP-FL + {len(args.epsilons)} epsilon(s) x "
-          f"DP-FL/ADP-FL) = {n} runs, {args.rounds} rounds, {args.sites} sites; {n - len(todo)} already done, "
+          f"DP-FL/ADP-FL + {len(args.dpsgd_epsilons)} DP-SGD record-level epsilon(s)) = {n} runs, {args.rounds} "
+          f"rounds, {args.sites} sites; {n - len(todo)} already done, "
           f"{len(todo)} to run -> {out}", flush=True)
     failed = []
     t_all = time.perf_counter()
@@ -317,6 +360,11 @@ def add_compare_parsers(sub) -> None:
     c = sub.add_parser("compare", help="NP-FL vs DP-FL vs ADP-FL over epsilons and seeds (simulator runs + report)")
     c.add_argument("--task", default="skin2d", choices=["skin2d", "kidney3d", "brain3d"])
     c.add_argument("--epsilons", type=float, nargs="+", default=[1e4, 1e5], help="target epsilons (per site)")
+    c.add_argument("--dpsgd-epsilons", type=float, nargs="*", default=[8.0],
+                   help="record-level targets of the DP-SGD runs (one training image; a different unit from "
+                        "--epsilons; none: no DP-SGD runs)")
+    c.add_argument("--modes", nargs="+", default=list(ALL_MODES), choices=list(ALL_MODES),
+                   help="methods to run (default: all four)")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     c.add_argument("--rounds", type=int, default=5)
     c.add_argument("--sites", type=int, default=3)

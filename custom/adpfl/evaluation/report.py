@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-MODE_LABEL = {"npfl": "NP-FL", "dpfl": "DP-FL", "adpfl": "ADP-FL"}
-MODE_ORDER = {"npfl": 0, "dpfl": 1, "adpfl": 2}
+MODE_LABEL = {"npfl": "NP-FL", "dpfl": "DP-FL", "adpfl": "ADP-FL", "dpsgd": "DP-SGD (record-level)"}
+MODE_ORDER = {"npfl": 0, "dpfl": 1, "adpfl": 2, "dpsgd": 3}
 REACH_FRACTION = 0.9
 
 
@@ -199,7 +199,8 @@ def markdown(summary: dict, title: str = "ADP-FL comparison") -> str:
            + ["Rounds to 90% NP-FL", "eps RDP (max site)", "eps PRV (max site)", "Dice / NP-FL"])
     lines = [f"# {title}", "", "Mean +- std over seeds; per seed, Dice/HD95 are means over sites of the final global "
              "model's validation; epsilon is the spend of the most-spent site (site-level update DP, at the run's "
-             "delta).", "", "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+             "delta; for DP-SGD rows: record-level DP, one training image, a different unit that is not "
+             "comparable with, and never added to, the update-level figures).", "", "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         cells = [r["method"], str(len(r["seeds"])), _pm(r["dice_mean"])]
         cells += [_pm(r[f"dice_{g}"]) for g in regions] + [_pm(r[f"hd95_{g}"], 2) for g in regions]

@@ -8,6 +8,13 @@ Tasks handled:
   ``TBAnalyticsReceiver`` on the server).
 - ``validate``: score received weights on the site's validation set (cross-site eval).
 
+Record-level DP-SGD (``dpsgd=True``): local training runs with Opacus
+(:class:`adpfl.training.dpsgd.DPSGDTrainer`), the site's record-level ledger
+(``<ledger_dir>/<site>/<dpsgd_ledger_name>.json``) composes every DP-SGD round ever trained on
+these records, and each result carries the record-level accounting under
+``RECORD_PRIVACY_META_KEY`` (public parameters only: z, q, steps, delta, epsilon). The
+training loss (computed on the private records without noise) is then not reported.
+
 Public information for the privacy filter (the change of the global model between the
 last two rounds, known to every site and the server) is handed to the result filter in
 the FL context under ``PUBLIC_INFO_PROP``; it never leaves the site.
@@ -32,7 +39,8 @@ from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.app_constant import AppConstants
 
-from adpfl.flare.site_config import resolve_data_root
+from adpfl.flare.privacy_meta import RECORD_PRIVACY_META_KEY
+from adpfl.flare.site_config import is_simulation, read_site_config, resolve_data_root, resolve_ledger_dir
 from adpfl.tasks.base import get_task
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training import LocalTrainer, TrainConfig
@@ -64,6 +72,14 @@ class SegmentationExecutor(Executor):
         device: str = "auto",
         num_workers: int = 0,
         hd95: bool = True,
+        dpsgd: bool = False,
+        dpsgd_target_epsilon: float = 8.0,
+        dpsgd_delta: float = 1e-5,
+        dpsgd_max_grad_norm: float = 1.0,
+        dpsgd_noise_multiplier: float = 0.0,
+        dpsgd_planned_rounds: int = 0,
+        dpsgd_ledger_name: str = "",
+        ledger_dir: str = "",
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
     ):
@@ -78,6 +94,16 @@ class SegmentationExecutor(Executor):
             local_epochs, batch_size, learning_rate, max_steps_per_round, amp, device,
             num_workers: local training settings.
             hd95: also compute HD95 on validation.
+            dpsgd: train with record-level DP-SGD (Opacus) instead of plain local training.
+            dpsgd_target_epsilon / dpsgd_delta: the record-level budget of this site's data
+                (cumulative over every DP-SGD job on it; the site's ``max_epsilon`` in
+                ``local/adpfl_site.json`` caps it).
+            dpsgd_max_grad_norm: per-sample L2 clip.
+            dpsgd_noise_multiplier: fixed z (0 = calibrated from the remaining budget over
+                ``dpsgd_planned_rounds`` rounds, the job's num_rounds).
+            dpsgd_ledger_name: record-level ledger file name (default ``dpsgd_<task>``).
+            ledger_dir: where the record-level ledger lives (default: the site workspace's
+                ``adpfl_privacy``; the site's config or ``ADPFL_LEDGER_DIR`` override it).
         """
         super().__init__()
         self.task = task
@@ -95,6 +121,14 @@ class SegmentationExecutor(Executor):
         self.device = device
         self.num_workers = num_workers
         self.hd95 = hd95
+        self.dpsgd = bool(dpsgd)
+        self.dpsgd_target_epsilon = dpsgd_target_epsilon
+        self.dpsgd_delta = dpsgd_delta
+        self.dpsgd_max_grad_norm = dpsgd_max_grad_norm
+        self.dpsgd_noise_multiplier = dpsgd_noise_multiplier
+        self.dpsgd_planned_rounds = dpsgd_planned_rounds
+        self.dpsgd_ledger_name = dpsgd_ledger_name or f"dpsgd_{task}"
+        self.ledger_dir = ledger_dir
         self.train_task_name = train_task_name
         self.validate_task_name = validate_task_name
         # validate the settings now: a bad job config fails at start-up, naming the setting
@@ -113,6 +147,24 @@ class SegmentationExecutor(Executor):
         self._task_spec.resolve_size(image_size or None)
         if num_train < 1 or num_val < 1:
             raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
+        self._dp_config = None
+        if self.dpsgd:
+            from adpfl.training.dpsgd import DPSGDConfig
+
+            if os.sep in self.dpsgd_ledger_name or self.dpsgd_ledger_name.startswith("."):
+                raise ValueError(f"dpsgd_ledger_name must be a plain file name, got {self.dpsgd_ledger_name!r}")
+            # validated now (a bad DP-SGD setting stops the job at start-up, naming the setting)
+            self._dp_config = DPSGDConfig(
+                max_grad_norm=float(dpsgd_max_grad_norm),
+                target_epsilon=float(dpsgd_target_epsilon),
+                delta=float(dpsgd_delta),
+                planned_rounds=int(dpsgd_planned_rounds) or None,
+                noise_multiplier=float(dpsgd_noise_multiplier) or None,
+            )
+            if not dpsgd_noise_multiplier and not dpsgd_planned_rounds:
+                raise ValueError("dpsgd needs dpsgd_planned_rounds (the job's num_rounds) or a dpsgd_noise_multiplier")
+            self._dp_config.validate()
+        self._record_ledger = None
         self._trainer: Optional[LocalTrainer] = None
         self._model: Optional[torch.nn.Module] = None
         self._prev_global: Optional[Dict[str, np.ndarray]] = None
@@ -153,8 +205,71 @@ class SegmentationExecutor(Executor):
             f"{site}: task {self.task}, data {os.path.join(root, site)}: "
             f"{len(datalist['training'])} training / {len(datalist['validation'])} validation cases",
         )
-        self._trainer = LocalTrainer(self._task_spec, datalist, self._train_config)
-        self._model = TaskNetwork(self.task).to(self._trainer.device)
+        model = TaskNetwork(self.task)
+        if self.dpsgd:
+            from opacus.validators import ModuleValidator
+
+            # the server's model must stay the task network (same keys), so it is checked,
+            # not rewritten: MONAI's UNet here uses InstanceNorm without affine weights (no
+            # BatchNorm), PReLU and transposed convolutions (Opacus' functorch path)
+            errors = ModuleValidator.validate(model, strict=False)
+            if errors:
+                raise ValueError(f"task {self.task}'s network is not Opacus-compatible for DP-SGD: {errors}")
+            self._trainer = self._make_dpsgd_trainer(fl_ctx, datalist)
+        else:
+            self._trainer = LocalTrainer(self._task_spec, datalist, self._train_config)
+        self._model = model.to(self._trainer.device)
+
+    def _make_dpsgd_trainer(self, fl_ctx: FLContext, datalist):
+        """DP-SGD trainer continuing the site's record-level ledger (calibrated for what is left)."""
+        import dataclasses
+
+        from adpfl.training.dpsgd import DPSGDTrainer, RecordLedger
+
+        site = fl_ctx.get_identity_name()
+        ws_root = self._workspace_root(fl_ctx)
+        dp = self._dp_config
+        cap = read_site_config(ws_root).get("max_epsilon")
+        if cap is not None and float(cap) < float(dp.target_epsilon):
+            # the site's own cap wins over a job asking for more
+            dp = dataclasses.replace(dp, target_epsilon=float(cap))
+        folder = os.path.join(resolve_ledger_dir(self.ledger_dir, ws_root, is_simulation(fl_ctx)), site)
+        path = os.path.join(folder, f"{self.dpsgd_ledger_name}.json")
+        ledger = RecordLedger.load_or_create(path, delta=dp.delta)
+        trainer = DPSGDTrainer(self._task_spec, datalist, self._train_config, dp, prior_history=ledger.history())
+        ledger.save(path)  # fail now, before any training, if the ledger cannot be written
+        self._record_ledger = ledger
+        self.log_info(
+            fl_ctx,
+            f"{site}: record-level DP-SGD, ledger {path} ({len(ledger.entries)} earlier rounds, epsilon "
+            f"{ledger.epsilon():.4g} of {dp.target_epsilon} at delta={dp.delta}); z={trainer.noise_multiplier:.4g}, "
+            f"q={trainer.sample_rate:.4g}, {trainer.steps_per_round} steps per round, clip {dp.max_grad_norm}",
+        )
+        return trainer
+
+    def _account_dpsgd(self, fl_ctx: FLContext, current_round: int) -> dict:
+        """Write every DP-SGD step the trainer took into the record-level ledger (also the
+        steps of a round that failed or was aborted: they were computed) and return the
+        public accounting for the result's metadata."""
+        ledger, trainer = self._record_ledger, self._trainer
+        done = sum(int(h[2]) for h in trainer.history) - sum(int(e["steps"]) for e in ledger.entries)
+        if done > 0:
+            ledger.record(job_id=fl_ctx.get_job_id(), round=current_round, noise_multiplier=trainer.noise_multiplier,
+                          sample_rate=trainer.sample_rate, steps=done)
+            ledger.save()
+        return {
+            "unit": "record",
+            "mechanism": "dpsgd",
+            "delta": float(trainer.dp.delta),
+            "noise_multiplier": float(trainer.noise_multiplier),
+            "sample_rate": float(trainer.sample_rate),
+            "max_grad_norm": float(trainer.dp.max_grad_norm),
+            "steps_per_round": int(trainer.steps_per_round),
+            "round": int(current_round),
+            "history": [[float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])] for e in ledger.entries],
+            "epsilon_rdp": float(ledger.epsilon()),
+            "target_epsilon": float(trainer.dp.target_epsilon),
+        }
 
     # -- tasks --------------------------------------------------------------------
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -213,17 +328,28 @@ class SegmentationExecutor(Executor):
             self._publish_public_info(fl_ctx, global_weights, current_round)
             global_metrics = self._trainer.evaluate(self._model, with_hd95=self.hd95)
             self._send_metrics(fl_ctx, "val_global", global_metrics, current_round)
-            stats = self._trainer.train(self._model, should_stop=lambda: abort_signal.triggered)
+            record_meta = None
+            try:
+                stats = self._trainer.train(self._model, should_stop=lambda: abort_signal.triggered)
+            finally:
+                if self.dpsgd:
+                    # every computed DP-SGD step is accounted, whatever happens next; an
+                    # unwritable ledger raises here and nothing is sent
+                    record_meta = self._account_dpsgd(fl_ctx, current_round)
             if stats["aborted"]:
                 return make_reply(ReturnCode.TASK_ABORTED)
             local_metrics = self._trainer.evaluate(self._model, with_hd95=self.hd95)
             self._send_metrics(fl_ctx, "val_local", local_metrics, current_round)
-            self._send_metrics(fl_ctx, "train", {"loss": stats["loss"]}, current_round)
+            if record_meta is None:
+                # the DP-SGD loss is an un-noised statistic of the private records: not sent
+                self._send_metrics(fl_ctx, "train", {"loss": stats["loss"]}, current_round)
             self.log_info(
                 fl_ctx,
                 f"round {current_round}: global dice {global_metrics['dice_mean']:.4f} -> local "
                 f"{local_metrics['dice_mean']:.4f}, loss {stats['loss']:.4f}, {stats['steps']} steps "
-                f"in {stats['seconds']:.1f}s",
+                f"in {stats['seconds']:.1f}s"
+                + (f"; record-level epsilon {record_meta['epsilon_rdp']:.4g} at delta={record_meta['delta']}"
+                   if record_meta else ""),
             )
             local_state = self._model.state_dict()
             diff = {}
@@ -257,6 +383,8 @@ class SegmentationExecutor(Executor):
                 MetaKey.INITIAL_METRICS: float(global_metrics["dice_mean"]),
             },
         )
+        if record_meta is not None:
+            out.set_meta_prop(RECORD_PRIVACY_META_KEY, record_meta)
         result = out.to_shareable()
         # the round travels with the result: the privacy filter accounts the release by it
         result.set_header(AppConstants.CURRENT_ROUND, int(current_round))

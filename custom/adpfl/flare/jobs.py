@@ -17,7 +17,7 @@ import tempfile
 from typing import Dict, Optional
 
 TASKS = ("skin2d", "kidney3d", "brain3d")
-MODES = ("npfl", "dpfl", "adpfl")
+MODES = ("npfl", "dpfl", "adpfl", "dpsgd")
 
 #: per-task federation, local-training and task-specific privacy settings
 #: (simulator defaults sized for a CPU machine; raise image_size/epochs on a GPU)
@@ -86,6 +86,21 @@ MODE_DEFAULTS: Dict[str, Optional[dict]] = {
         "noise_max_factor": 1.5,
         "noise_type": "gaussian",
     },
+    # no update-level filter: the executor trains with record-level DP-SGD (MODE_EXECUTOR)
+    "dpsgd": None,
+}
+
+#: executor settings per mode: record-level DP-SGD (Opacus) for "dpsgd". Unit: one training
+#: image/patient of a site, add/remove-one, Poisson sampling; the budget is the site's,
+#: cumulative over every DP-SGD job on its data (record-level ledger in the site workspace).
+MODE_EXECUTOR: Dict[str, dict] = {
+    "dpsgd": {
+        "dpsgd": True,
+        "dpsgd_target_epsilon": 8.0,
+        "dpsgd_delta": 1e-5,
+        "dpsgd_max_grad_norm": 1.0,
+        "dpsgd_noise_multiplier": 0.0,  # 0 = calibrated over the job's rounds
+    },
 }
 
 BYOC_NOTE = (
@@ -117,6 +132,9 @@ def job_settings(task: str, mode: str, **overrides) -> dict:
     if privacy is not None:
         privacy = dict(privacy, **task_privacy, planned_rounds=s["num_rounds"], ledger_name=task)
     s["privacy"] = privacy
+    s["executor"].update(copy.deepcopy(MODE_EXECUTOR.get(mode, {})))
+    if s["executor"].get("dpsgd"):
+        s["executor"]["dpsgd_planned_rounds"] = s["num_rounds"]
     s["task"], s["mode"] = task, mode
     # seconds the final evaluation waits for each site's answer (a dead site must not hold
     # the run open for FLARE's default of 6000 s)
@@ -135,6 +153,9 @@ def job_settings(task: str, mode: str, **overrides) -> dict:
             raise ValueError(f"unknown job setting {key!r}; known: {sorted(s)}")
     if s["privacy"] is not None and "num_rounds" in overrides and "planned_rounds" not in (overrides.get("privacy") or {}):
         s["privacy"]["planned_rounds"] = s["num_rounds"]
+    ex = s["executor"]
+    if ex.get("dpsgd") and "num_rounds" in overrides and "dpsgd_planned_rounds" not in (overrides.get("executor") or {}):
+        ex["dpsgd_planned_rounds"] = s["num_rounds"]
     return s
 
 
@@ -154,11 +175,14 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
     from nvflare.job_config.api import FedJob
 
     from adpfl.flare.executor import SegmentationExecutor
+    from adpfl.flare.progress import RunProgressWidget
     from adpfl.flare.validation_widget import ContributionValidator
     from adpfl.tasks.network import TaskNetwork
 
     s = job_settings(task, mode, **overrides)
-    private = s["privacy"] is not None
+    update_private = s["privacy"] is not None
+    record_private = bool(s["executor"].get("dpsgd"))
+    private = update_private or record_private
     job = FedJob(name=name or job_name(task, mode), min_clients=s["min_clients"])
     job.set_app_packages(["adpfl"])
 
@@ -173,6 +197,11 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
         id="aggregator",
     )
     job.to_server(_explicit(ContributionValidator()), id="contribution_validator")
+    # records the last persisted round (run_progress.json) so a stopped run can be resumed
+    job.to_server(
+        _explicit(RunProgressWidget(task=task, mode=mode, num_rounds=s["num_rounds"], start_round=0)),
+        id="run_progress",
+    )
     job.to_server(_explicit(IntimeModelSelector(key_metric="val_dice")), id="model_selector")
     job.to_server(_explicit(PTFileModelLocator(pt_persistor_id="persistor")), id="model_locator")
     job.to_server(_explicit(ValidationJsonGenerator()), id="json_generator")
@@ -182,7 +211,10 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
     if private:
         from adpfl.flare.privacy_widget import PrivacyAccountingWidget
 
-        job.to_server(_explicit(PrivacyAccountingWidget(**_widget_args(s["privacy"]))), id="privacy_accountant")
+        job.to_server(
+            _explicit(PrivacyAccountingWidget(**_widget_args(s["privacy"], s["executor"]))), id="privacy_accountant"
+        )
+    if update_private:
         from adpfl.flare.sparse import SparseDensifyFilter
 
         # task-result filters run before the controller: sparse releases are densified (and
@@ -217,7 +249,7 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
     # ---- clients
     job.to_clients(_explicit(SegmentationExecutor(**s["executor"])), tasks=["train", "validate"])
     job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."), id="event_to_fed")
-    if private:
+    if update_private:
         from adpfl.flare.privacy_filter import ADPFilter
 
         job.to_clients(_explicit(ADPFilter(**s["privacy"])), tasks=["train"], filter_type=_result_filter_type())
@@ -255,13 +287,22 @@ def _result_filter_type():
     return FilterType.TASK_RESULT
 
 
-def _widget_args(privacy: dict) -> dict:
+def _widget_args(privacy: Optional[dict], executor: dict) -> dict:
     """The server's mirror of the sites' policy, including the least noise a site may
     claim: the fixed z (DP-FL) or the adaptive schedule's floor, noise_min_factor times the
-    even-spend z of the plan (ADP-FL). Contributions claiming less are rejected."""
+    even-spend z of the plan (ADP-FL). Contributions claiming less are rejected. DP-SGD
+    sites are held to the record-level budget (their epsilon is recomputed by the widget)."""
     from adpfl.privacy.accounting import calibrate_noise_multiplier
 
-    args = {k: privacy[k] for k in ("target_epsilon", "delta", "planned_rounds", "noise_type") if k in privacy}
+    args = {}
+    if executor.get("dpsgd"):
+        args.update(record_level=True, record_target_epsilon=float(executor["dpsgd_target_epsilon"]),
+                    record_delta=float(executor["dpsgd_delta"]))
+    if privacy is None:
+        args["update_level"] = False
+        args["planned_rounds"] = int(executor.get("dpsgd_planned_rounds") or 0)
+        return args
+    args.update({k: privacy[k] for k in ("target_epsilon", "delta", "planned_rounds", "noise_type") if k in privacy})
     z = privacy.get("noise_multiplier") or 0.0
     if privacy.get("noise_type", "gaussian") == "gaussian":
         if not z:
