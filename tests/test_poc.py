@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 TASK = "skin2d"
 JOB_TIMEOUT = 240
-# one round per job, the site's budget planned over 4 rounds: the second job has budget left
+# one or two rounds per job, the site's budget planned over 4 rounds: later jobs have budget left
 JOB_SETTINGS = {"num_rounds": 1, "min_clients": 2, "executor": TINY_EXECUTOR, "privacy": {"planned_rounds": 4}}
 
 
@@ -40,8 +40,8 @@ def _stop_and_check(ws: Path, home: Path):
     assert not poc._live_pids(str(ws)), "POC processes survived stop"
 
 
-def _job(root: Path, name: str, custom: bool = True) -> Path:
-    path = Path(export_job(TASK, "adpfl", str(root / name), **JOB_SETTINGS))
+def _job(root: Path, name: str, custom: bool = True, num_rounds: int = 1) -> Path:
+    path = Path(export_job(TASK, "adpfl", str(root / name), **dict(JOB_SETTINGS, num_rounds=num_rounds)))
     if not custom:
         shutil.rmtree(path / "app" / "custom")
     return path
@@ -63,21 +63,52 @@ def _site_ledger(system, site: str) -> list:
 
 @pytest.fixture(scope="module")
 def first_job(poc_system):
-    job_id, status = _run_job(poc_system, _job(poc_system["root"], "jobs_a"))
-    assert status == "FINISHED:COMPLETED"
-    return job_id
+    """A 2-round job aborted after round 0, then resumed (a new job) from its last model."""
+    import time
+
+    ws = str(poc_system["ws"])
+    job = _job(poc_system["root"], "jobs_a", num_rounds=2)
+    stopped = poc.submit(ws, str(job))
+    progress = Path(poc_system["state"]["prod_dir"]) / "server" / stopped / "run_progress.json"
+    deadline = time.time() + JOB_TIMEOUT
+    while not progress.is_file():
+        assert time.time() < deadline, "round 0 of the job to stop never completed"
+        time.sleep(0.5)
+    poc.abort(ws, stopped)
+    assert poc.wait(ws, stopped, timeout=JOB_TIMEOUT)["status"].startswith("FINISHED:ABORTED")
+    resumed = poc.resume(ws, stopped, str(job))
+    assert poc.wait(ws, resumed, timeout=JOB_TIMEOUT)["status"] == "FINISHED:COMPLETED"
+    return {"stopped": stopped, "resumed": resumed}
+
+
+def test_stopped_job_resumed_from_its_last_round_continues_the_ledgers(poc_system, first_job):
+    stopped, resumed = first_job["stopped"], first_job["resumed"]
+    for site in ("site-1", "site-2"):
+        entries = _site_ledger(poc_system, site)
+        old = [e["round"] for e in entries if e["job_id"] == stopped]
+        new = [e["round"] for e in entries if e["job_id"] == resumed]
+        # round 0 (and round 1 if the site released it before the abort reached it) under the
+        # stopped job; the resumed job started at round 1
+        assert old[0] == 0 and new == [1], (old, new)
+        ids = [e["job_id"] for e in entries]
+        assert ids[: len(old)] == [stopped] * len(old)
+        # the ledger continued from the stopped job's spend (cumulative, nothing reset)
+        assert entries[len(old)]["epsilon_rdp"] > entries[len(old) - 1]["epsilon_rdp"] > 0
 
 
 def test_poc_job_result_holds_model_and_privacy_report(poc_system, first_job):
-    found = poc.download(str(poc_system["ws"]), first_job, str(poc_system["root"] / "results"))
+    resumed = first_job["resumed"]
+    found = poc.download(str(poc_system["ws"]), resumed, str(poc_system["root"] / "results"))
     model = torch.load(found["global_model"], weights_only=False)
     assert "model" in model and len(model["model"]) > 0
     report = json.loads(Path(found["privacy_report"]).read_text())
     assert set(report["sites"]) == {"site-1", "site-2"}
     for site, info in report["sites"].items():
-        assert info["releases"] == 1
-        assert [e["job_id"] for e in info["ledger"]] == [first_job]
+        assert info["releases"] == 1  # the resumed job ran round 1 only
+        assert [(e["job_id"], e["round"]) for e in info["ledger"]] == [(resumed, 1)]
         assert info["ledger"][0]["epsilon_rdp"] > 0
+        # the site's own total, which the server saw, includes the stopped job's spend
+        assert info["site_reported_total_epsilon_rdp"] > info["ledger"][0]["epsilon_rdp"]
     assert found["tensorboard"] and any(Path(found["tensorboard"]).rglob("events.out.tfevents.*"))
     cv = json.loads(Path(found["cross_site_val"]).read_text())
     assert set(cv) == {"site-1", "site-2"}
@@ -117,6 +148,7 @@ def test_job_without_custom_code_needs_the_site_allow_list(poc_system, locked_do
 def test_second_job_continues_the_site_ledger(poc_system, first_job, locked_down_jobs):
     refused, _ = locked_down_jobs["refused"]
     second, _ = locked_down_jobs["allowed"]
+    first_job = first_job["resumed"]
     for site in ("site-1", "site-2"):
         entries = _site_ledger(poc_system, site)
         ids = [e["job_id"] for e in entries]

@@ -8,11 +8,21 @@ from flare_helpers import load_json, logs, read_scalars, run_dir, run_simulator,
 pytestmark = pytest.mark.integration
 
 
-def test_npfl_run_trains_and_records_metrics(tmp_path):
+def test_npfl_run_trains_records_metrics_and_rejects_malformed_contributions(tmp_path):
     job = tiny_job(tmp_path, "skin2d", "npfl", num_rounds=2)
     ws = tmp_path / "ws"
-    proc = run_simulator(job, ws, tmp_path / "data")
+    # round 0: site-1 sends NaN, site-2 full weights instead of a difference, site-3 a valid
+    # update (wrong keys/shapes are covered by test_reliability's check_update tests, through
+    # the same server path); round 1: all three are valid
+    faults = "site-1:nan_update:0,site-2:weights_kind:0"
+    proc = run_simulator(job, ws, tmp_path / "data", extra_env={"ADPFL_TEST_FAULT": faults})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = logs(ws)
+    assert "rejected the contribution of site-1 in round 0: entry" in text and "NaN or Inf" in text
+    assert "rejected the contribution of site-2 in round 0: data kind WEIGHTS" in text
+    assert "rejected the contribution of site-3" not in text and "in round 1:" not in text
+    assert "Contribution from site-3 ACCEPTED by the aggregator at round 0" in text
+    assert "Contribution from site-1 ACCEPTED by the aggregator at round 1" in text
     rd = run_dir(ws)
     model = torch.load(rd / "app_server" / "FL_global_model.pt", weights_only=False)
     assert "model" in model and len(model["model"]) > 0
@@ -53,7 +63,7 @@ def test_adpfl_run_writes_privacy_report_and_curves(tmp_path):
         assert entries[1]["epsilon_rdp"] > entries[0]["epsilon_rdp"] > 0
         assert info["epsilon_rdp"] <= report["target_epsilon"]
         # the site's own ledger lives in its workspace and agrees with the server's figure
-        site_ledger = load_json(ws / site / "adpfl_privacy" / site / "skin2d.json")
+        site_ledger = load_json(ws / "local" / "adpfl_privacy" / site / "skin2d.json")
         assert len(site_ledger["entries"]) == 2
         assert site_ledger["entries"][-1]["epsilon_rdp"] == pytest.approx(info["epsilon_rdp"], rel=1e-6)
     assert report["stopped_early"] is False
@@ -105,3 +115,4 @@ def test_budget_smaller_than_plan_stops_early(tmp_path):
     assert "next round exceeds target_epsilon" in logs(ws)
     # the final model of the completed round was persisted
     assert (run_dir(ws) / "app_server" / "FL_global_model.pt").is_file()
+

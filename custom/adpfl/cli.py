@@ -99,7 +99,7 @@ def print_summary(summary: dict) -> None:
     else:
         print("final validation: none recorded (run failed or stopped before global evaluation)")
     priv = summary.get("privacy")
-    if priv:
+    if priv and priv.get("update_level", True):
         delta = priv.get("delta")
         print(f"privacy spent per site (site-level update DP, replace-one, delta={delta}):")
         for site, info in sorted((priv.get("sites") or {}).items()):
@@ -111,8 +111,16 @@ def print_summary(summary: dict) -> None:
                 f"  {site}: epsilon RDP={info.get('epsilon_rdp'):.4g}, PRV={prv_text}, exact={exact_text} "
                 f"after {info.get('releases')} releases (target {priv.get('target_epsilon')})"
             )
-        if priv.get("stopped_early"):
-            print(f"  run stopped early: {priv.get('stop_reason')}")
+    rec = (priv or {}).get("record_level")
+    if rec:
+        print(f"record-level privacy per site (DP-SGD, one training image/patient, delta={rec.get('delta')}; "
+              "a different unit, never added to an update-level figure):")
+        for site, info in sorted((rec.get("sites") or {}).items()):
+            print(f"  {site}: epsilon RDP={info.get('epsilon_rdp'):.4g} after {info.get('steps')} DP-SGD steps "
+                  f"(z={info.get('noise_multiplier'):.4g}, q={info.get('sample_rate'):.4g}; target "
+                  f"{rec.get('target_epsilon')})")
+    if priv and priv.get("stopped_early"):
+        print(f"  run stopped early: {priv.get('stop_reason')}")
     print(f"TensorBoard:  tensorboard --logdir {summary['tensorboard']}")
     for name, path in summary.get("models", {}).items():
         print(f"model:        {path}")
@@ -132,9 +140,22 @@ def cmd_run(args) -> int:
     from adpfl.flare.jobs import job_name
 
     workspace = Path(args.workspace).resolve()
+    if args.resume and (args.clean or args.job_api or args.rounds):
+        raise CliError("--resume continues the stopped run in the workspace; it takes no --clean/--job-api/--rounds")
     if args.clean and workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True, exist_ok=True)
+    resume = None
+    if args.resume:
+        from adpfl.flare.resume import ResumeError, prepare_simulator_resume
+
+        try:
+            resume = prepare_simulator_resume(str(workspace), args.jobs_dir, args.task, args.mode)
+        except ResumeError as e:
+            raise CliError(str(e)) from None
+        print(f"resuming job {resume['resumed_job_id']} at round {resume['start_round']} of {resume['num_rounds']} "
+              f"from {resume['checkpoint']} (each site's privacy ledger continues from its spend)", flush=True)
+    args.task, args.mode = args.task or "skin2d", args.mode or "adpfl"
     name = job_name(args.task, args.mode)
     t0 = time.perf_counter()
     if args.job_api:
@@ -147,7 +168,7 @@ def cmd_run(args) -> int:
     else:
         if args.rounds:
             raise CliError("--rounds needs --job-api (checked-in job folders carry their own num_rounds)")
-        job_dir = Path(args.jobs_dir) / name
+        job_dir = Path(resume["job"]) if resume else Path(args.jobs_dir) / name
         if not (job_dir / "meta.json").is_file():
             raise CliError(f"job folder {job_dir} not found (expected meta.json); run `adpfl jobs export`")
         cmd = ["nvflare", "simulator", str(job_dir), "-w", str(workspace), "-n", str(args.sites), "-t", str(args.threads)]
@@ -194,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     dsub.add_parser("validate", help="check a site's datalist and files")
 
     r = sub.add_parser("run", help="run a job in the FLARE simulator and print its summary")
-    r.add_argument("--task", default="skin2d")
-    r.add_argument("--mode", default="adpfl", choices=["npfl", "dpfl", "adpfl"])
+    r.add_argument("--task", default=None, help="skin2d (default), kidney3d or brain3d")
+    r.add_argument("--mode", default=None, choices=["npfl", "dpfl", "adpfl", "dpsgd"], help="default adpfl")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --workspace from its last persisted round")
     r.add_argument("-w", "--workspace", default="workspace/run")
     r.add_argument("-n", "--sites", type=int, default=3)
     r.add_argument("-t", "--threads", type=int, default=3)

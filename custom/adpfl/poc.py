@@ -466,6 +466,58 @@ def download(workspace: str, job_id: str, dest: str, log: Callable[[str], None] 
     return found
 
 
+def abort(workspace: str, job_id: str, log: Callable[[str], None] = print) -> None:
+    """Abort a running job (its sites stop; what they released stays in their ledgers)."""
+    state = load_state(workspace)
+    sess = session(state)
+    try:
+        sess.abort_job(job_id)
+    finally:
+        _close(sess)
+    log(f"abort requested for job {job_id}")
+
+
+def resume(workspace: str, job_id: str, job_dir: str, log: Callable[[str], None] = print) -> str:
+    """Submit a job that continues the stopped (aborted, failed or cut off) job ``job_id``
+    from its last persisted round; ``job_dir`` is the job folder it was submitted from.
+
+    The stopped job's progress and global model come from the server's job folder (still
+    there when the server died) or else from its downloaded result. The model is copied to
+    ``<server kit>/local/adpfl_resume/`` (the server loads it from that absolute path), the
+    resume job is written next to it and submitted. Returns the new job id.
+    """
+    from adpfl.flare.resume import ResumeError, make_resume_job, read_progress
+
+    state = load_state(workspace)
+    server_dir = Path(state["prod_dir"]) / state["server"]
+    run_dir = server_dir / job_id
+    if not (run_dir / "run_progress.json").is_file():
+        dest = Path(workspace) / "resume" / job_id
+        if dest.exists():
+            shutil.rmtree(dest)
+        run_dir = Path(download(workspace, job_id, str(dest), log=lambda m: None)["result_dir"])
+    try:
+        found = sorted(run_dir.rglob("run_progress.json"))
+        if not found:
+            raise ResumeError(f"job {job_id} recorded no completed round (no run_progress.json in {run_dir})")
+        progress = read_progress(str(found[0]))
+        models = sorted(p for p in run_dir.rglob("FL_global_model.pt") if not p.name.startswith("best_"))
+        if not models:
+            raise ResumeError(f"job {job_id} left no FL_global_model.pt under {run_dir}")
+        k = int(progress["last_completed_round"])
+        keep = server_dir / "local" / "adpfl_resume"
+        keep.mkdir(parents=True, exist_ok=True)
+        checkpoint = keep / f"{job_id}_round{k}_FL_global_model.pt"
+        shutil.copyfile(models[0], checkpoint)
+        out = keep / "jobs" / f"{os.path.basename(os.path.normpath(job_dir))}_from_round{k + 1}"
+        info = make_resume_job(job_dir, str(out), progress, str(checkpoint))
+    except ResumeError as e:
+        raise PocError(str(e)) from None
+    log(f"job {job_id} stopped after round {k}: resuming at round {info['start_round']} of {info['num_rounds']} "
+        f"from {checkpoint}")
+    return submit(workspace, info["job"], log=log)
+
+
 def site_ledger(workspace: str, site: str, task: str) -> Path:
     """The site's own privacy ledger file (default location: the site's workspace)."""
     state = load_state(workspace)
@@ -677,6 +729,18 @@ def add_parser(sub) -> None:
     q.add_argument("job_id")
     q.add_argument("-o", "--output", default=None, help="destination folder (default <workspace>/results)")
     q.set_defaults(func=_cli(lambda a: download(a.workspace, a.job_id, a.output or os.path.join(a.workspace, "results"))))
+
+    q = psub.add_parser("abort", help="abort a running job")
+    common(q)
+    q.add_argument("job_id")
+    q.set_defaults(func=_cli(lambda a: abort(a.workspace, a.job_id, log=_stderr)))
+
+    q = psub.add_parser("resume", help="continue a stopped job from its last persisted round (new job); "
+                                       "prints the new job id")
+    common(q)
+    q.add_argument("job_id", help="the stopped job")
+    q.add_argument("job_dir", help="the job folder it was submitted from")
+    q.set_defaults(func=_cli(lambda a: print(resume(a.workspace, a.job_id, a.job_dir, log=_stderr))))
 
     q = psub.add_parser("stop", help="stop the POC system (and kill whatever of it is left)")
     common(q)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from typing import Optional
 
 import numpy as np
@@ -25,8 +26,8 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
 from adpfl.flare.executor import PUBLIC_INFO_PROP
-from adpfl.flare.privacy_meta import PRIVACY_META_KEY
-from adpfl.flare.site_config import read_site_config, resolve_ledger_dir
+from adpfl.flare.privacy_meta import PRIVACY_META_KEY, RECORD_PRIVACY_META_KEY
+from adpfl.flare.site_config import is_simulation, read_site_config, resolve_ledger_dir
 from adpfl.privacy.accounting import PrivacyLedger
 from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError
 from adpfl.privacy.pipeline import PrivacyConfig, PrivacyPipeline
@@ -174,21 +175,43 @@ class ADPFilter(DXOFilter):
             # the site's own cap wins over a job asking for more
             target = min(float(target), float(site_cap))
         config = self._make_config(target).validate()
-        folder = os.path.join(resolve_ledger_dir(self.ledger_dir, ws_root), site)
+        folder = os.path.join(resolve_ledger_dir(self.ledger_dir, ws_root, is_simulation(fl_ctx)), site)
         os.makedirs(folder, exist_ok=True)
         self._ledger_path = os.path.join(folder, f"{self.ledger_name}.json")
         ledger = PrivacyLedger.load_or_create(self._ledger_path, delta=config.delta, target_epsilon=target)
         self._pipeline = PrivacyPipeline(config, ledger, ledger_path=self._ledger_path)
-        self._state_path = os.path.join(folder, f"{self.ledger_name}.state.{fl_ctx.get_job_id()}.json")
-        if os.path.exists(self._state_path):
-            with open(self._state_path) as f:
-                self._pipeline.load_state_dict(json.load(f))
+        # the key releases are accounted under: FLARE's job id, except in the simulator, whose
+        # job id is always "simulate_job" (every simulator run in a workspace would collide)
+        job_id = fl_ctx.get_job_id()
+        self._run_key = f"{job_id}@{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}" if is_simulation(fl_ctx) else job_id
+        self._state_path = os.path.join(folder, f"{self.ledger_name}.state.json")
+        self._state_checked = False
         spent = ledger.epsilon() if ledger.entries else 0.0
         self.log_info(
             fl_ctx,
             f"{site}: privacy ledger {self._ledger_path} ({len(ledger.entries)} earlier releases, epsilon "
             f"{spent:.4g} of {target} at delta={config.delta}); {self._pipeline.describe()}",
         )
+
+    def _load_state(self, current_round: int, fl_ctx: FLContext) -> None:
+        """Continue the adaptive clip/noise state (post-processing of earlier releases) when
+        this process continues a run: the same run restarted, or a resumed run (first
+        round > 0). A run starting at round 0 starts fresh."""
+        self._state_checked = True
+        if not os.path.exists(self._state_path):
+            return
+        with open(self._state_path) as f:
+            saved = json.load(f)
+        same_run = saved.get("run_key") == self._run_key
+        if not (same_run or current_round > 0):
+            return
+        if (saved.get("state") or {}).get("mode") != self.mode:
+            self.log_info(fl_ctx, f"{self._state_path} holds the state of a {saved.get('state', {}).get('mode')} run; "
+                                  "starting this run's adaptive state fresh")
+            return
+        self._pipeline.load_state_dict(saved["state"])
+        self.log_info(fl_ctx, f"continuing the adaptive privacy state of run {saved.get('run_key')} "
+                              f"(last released round {saved.get('round')}) from {self._state_path}")
 
     def _device(self) -> torch.device:
         if self.device == "auto":
@@ -206,11 +229,13 @@ class ADPFilter(DXOFilter):
         if not dxo.data:
             raise ValueError("the update to release is empty")
         self._setup(fl_ctx)
-        job_id = fl_ctx.get_job_id()
+        job_id = self._run_key
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND)
         if current_round is None:
             raise ValueError("the task carries no current_round header; cannot account the release")
         current_round = int(current_round)
+        if not self._state_checked:
+            self._load_state(current_round, fl_ctx)
         if self._cache is not None and self._cache[:2] == (job_id, current_round):
             # the same round asked again (retry): resend the same noisy release, spend nothing more
             self.log_warning(fl_ctx, f"round {current_round} was already released; resending the same release")
@@ -235,13 +260,17 @@ class ADPFilter(DXOFilter):
             job_id=job_id,
         )
         with open(self._state_path + ".tmp", "w") as f:
-            json.dump(self._pipeline.state_dict(), f, default=_json_default)
+            json.dump({"run_key": job_id, "round": current_round, "state": self._pipeline.state_dict()}, f,
+                      default=_json_default)
         os.replace(self._state_path + ".tmp", self._state_path)
         out_meta = {
             # equal weights in private jobs: the true local step count stays at the site
             MetaKey.NUM_STEPS_CURRENT_ROUND: 1,
             PRIVACY_META_KEY: {k: _plain(v) for k, v in meta.items()},
         }
+        record = dxo.get_meta_prop(RECORD_PRIVACY_META_KEY)
+        if record is not None:  # DP-SGD's record-level accounting (public parameters) travels on
+            out_meta[RECORD_PRIVACY_META_KEY] = record
         initial = dxo.get_meta_prop(MetaKey.INITIAL_METRICS)
         if initial is not None:
             out_meta[MetaKey.INITIAL_METRICS] = float(initial)

@@ -8,7 +8,11 @@ Order of precedence for each setting (first found wins):
    the task's data is ``$ADPFL_DATA_ROOT/<task>``) and ``ADPFL_LEDGER_DIR``,
 3. the job's own argument (``data_root`` of the executor: the task's folder),
 4. built-in defaults: data under ``~/.cache/adpfl/data/<task>``, the ledger under
-   ``<site workspace>/adpfl_privacy``.
+   ``<site workspace>/adpfl_privacy`` -- except in ``nvflare simulator``, which deletes its
+   whole workspace (site folders included) at every start but keeps the workspace's top-level
+   ``local/`` folder: there the ledgers live in ``<simulator workspace>/local/adpfl_privacy``,
+   so re-running or resuming a simulation in the same workspace continues every site's
+   ledger instead of silently resetting it.
 
 A real site (startup kit) therefore points the bundle at its data without editing jobs.
 """
@@ -54,11 +58,21 @@ def resolve_data_root(task: str, job_value: str, workspace_root: Optional[str]) 
     return os.path.join(os.path.expanduser("~"), ".cache", "adpfl", "data", task)
 
 
-def resolve_ledger_dir(job_value: str, workspace_root: Optional[str]) -> str:
+def resolve_ledger_dir(job_value: str, workspace_root: Optional[str], simulate: bool = False) -> str:
     cfg = read_site_config(workspace_root)
     for value in (cfg.get("ledger_dir"), os.environ.get("ADPFL_LEDGER_DIR"), job_value):
         if value:
             return os.path.abspath(os.path.expanduser(value))
     if not workspace_root:
         raise ValueError("no ledger_dir configured and no site workspace known")
+    if simulate:
+        # the simulator's site workspace is <simulator workspace>/<site>, wiped at every start
+        return os.path.join(os.path.dirname(os.path.abspath(workspace_root)), "local", "adpfl_privacy")
     return os.path.join(workspace_root, "adpfl_privacy")
+
+
+def is_simulation(fl_ctx) -> bool:
+    """Whether this FLARE context belongs to an ``nvflare simulator`` run."""
+    from nvflare.apis.fl_constant import FLContextKey
+
+    return bool(fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False))
