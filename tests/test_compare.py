@@ -144,16 +144,17 @@ def test_plan_and_overrides():
 def test_compare_tiny_end_to_end_and_resume(tmp_path):
     out = tmp_path / "cmp"
     adpfl = os.path.join(os.path.dirname(sys.executable), "adpfl")
-    # DP-FL runs in the other simulator tests; here: NP-FL, ADP-FL and the DP-SGD job
+    # DP-FL and ADP-FL run in the other simulator tests (test_simulator.py collects an ADP-FL
+    # run with collect_run); here: NP-FL and the DP-SGD job
     cmd = [adpfl, "compare", "--task", "skin2d", "--epsilons", "1e5", "--dpsgd-epsilons", "8", "--seeds", "0",
-           "--modes", "npfl", "adpfl", "dpsgd", "--rounds", "1", "--sites", "2", "--tiny", "--out", str(out),
+           "--modes", "npfl", "dpsgd", "--rounds", "1", "--sites", "2", "--tiny", "--out", str(out),
            "--poll", "1", "--executor", "hd95=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[1/3] npfl_seed0" in proc.stdout and "[3/3] dpsgd_eps8_seed0" in proc.stdout
+    assert "[1/2] npfl_seed0" in proc.stdout and "[2/2] dpsgd_eps8_seed0" in proc.stdout
     runs = load_runs(out)
-    assert sorted(r["run_id"] for r in runs) == ["adpfl_eps100000_seed0", "dpsgd_eps8_seed0", "npfl_seed0"]
+    assert sorted(r["run_id"] for r in runs) == ["dpsgd_eps8_seed0", "npfl_seed0"]
     for r in runs:
         assert set(r["final"]) == {"site-1", "site-2"}
         assert set(r["curves"]) == {"site-1", "site-2"} and "0" in r["curves"]["site-1"]["dice_mean"]
@@ -175,8 +176,8 @@ def test_compare_tiny_end_to_end_and_resume(tmp_path):
     time.sleep(0.05)
     proc2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
-    assert "3 already done, 0 to run" in proc2.stdout
-    assert "[1/3]" not in proc2.stdout
+    assert "2 already done, 0 to run" in proc2.stdout
+    assert "[1/2]" not in proc2.stdout
     assert {p: p.stat().st_mtime for p in out.glob("runs/*/run.json")} == stamps
 
 

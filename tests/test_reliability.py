@@ -37,7 +37,7 @@ def test_check_update_rejects(update, match):
 def test_site_fault_sends_nothing_unprotected_and_dropout_does_not_stop_training(tmp_path):
     # a private job, min_clients 2 of 3. Round 0: a NaN in site-1's update makes its privacy
     # pipeline raise, so the server gets only an error from it. Round 1: site-3's process dies.
-    job = export_job("skin2d", "dpfl", str(tmp_path / "jobs2"), num_rounds=2, min_clients=2, validation_timeout=10,
+    job = export_job("skin2d", "dpfl", str(tmp_path / "jobs2"), num_rounds=2, min_clients=2, validation_timeout=5,
                      executor=dict(TINY_EXECUTOR, hd95=False))
     ws = tmp_path / "ws"
     faults = "site-1:nan_update:0,site-3:crash:1"
@@ -113,6 +113,44 @@ def test_stopped_simulator_run_resumes_from_last_round_with_ledgers_continuing(t
     final = load_json(run_dir(ws) / "cross_site_val" / "cross_val_results.json")
     assert "SRV_FL_global_model.pt" in final["site-1"]
 
-    # the run is complete now: resuming again is refused with a clear message
-    res = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "already completed all its rounds" in res.stderr
+    # the run is complete now: resuming again is refused with a clear message (the CLI turns
+    # this ResumeError into one line and exit code 2)
+    from adpfl.flare.resume import ResumeError, prepare_simulator_resume
+
+    with pytest.raises(ResumeError, match="already completed all its rounds"):
+        prepare_simulator_resume(str(ws), str(tmp_path / "jobs"))
+
+
+def test_resume_without_a_stopped_run_is_a_one_line_error(tmp_path, capsys):
+    from adpfl.cli import main
+
+    assert main(["run", "--resume", "-w", str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume: no simulator run under" in err and "Traceback" not in err
+    assert main(["run", "--resume", "--clean", "-w", str(tmp_path / "ws")]) == 2
+    assert "takes no --clean" in capsys.readouterr().err
+
+
+def test_resume_job_edits_rounds_checkpoint_and_dpsgd_plan(tmp_path):
+    import json
+
+    from adpfl.flare.resume import ResumeError, make_resume_job
+
+    job = tiny_job(tmp_path, "skin2d", "dpsgd", num_rounds=4)
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"x")
+    progress = {"last_completed_round": 1, "num_rounds": 4, "model": str(ckpt), "job_id": "j1"}
+    info = make_resume_job(str(job), str(tmp_path / "resumed"), progress, str(ckpt))
+    assert (info["start_round"], info["rounds_left"]) == (2, 2)
+    server = json.loads(next((tmp_path / "resumed").rglob("config_fed_server.json")).read_text())
+    client = json.loads(next((tmp_path / "resumed").rglob("config_fed_client.json")).read_text())
+    sag = next(w for w in server["workflows"] if w["path"].endswith("ScatterAndGather"))
+    assert (sag["args"]["start_round"], sag["args"]["num_rounds"]) == (2, 2)
+    persistor = next(c for c in server["components"] if c["path"].endswith("PTFileModelPersistor"))
+    assert persistor["args"]["source_ckpt_file_full_name"] == str(ckpt)
+    ex = client["executors"][0]["executor"]["args"]
+    assert ex["dpsgd_planned_rounds"] == 2  # the site's record ledger already holds rounds 0-1
+    with pytest.raises(ResumeError, match="plans 4 rounds, the stopped run planned 6"):
+        make_resume_job(str(job), str(tmp_path / "r2"), dict(progress, num_rounds=6), str(ckpt))
+    with pytest.raises(ResumeError, match="does not exist"):
+        make_resume_job(str(job), str(tmp_path / "r3"), progress, str(tmp_path / "missing.pt"))

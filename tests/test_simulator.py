@@ -77,6 +77,14 @@ def test_adpfl_run_writes_privacy_report_and_curves(tmp_path):
     assert "rejected the sparse contribution" not in text
     model = torch.load(rd / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in model.values())
+    # the comparison harness reads this run as it reads its own
+    from adpfl.evaluation.compare import collect_run
+    from adpfl.evaluation.report import epsilon_spent
+
+    run = collect_run(ws, {"mode": "adpfl"})
+    assert set(run["final"]) == {"site-1", "site-2", "site-3"} and run["regions"] == ["lesion"]
+    assert [e["round"] for e in run["privacy"]["sites"]["site-1"]["per_round"]] == [0, 1]
+    assert epsilon_spent(run) == pytest.approx(max(i["epsilon_rdp"] for i in report["sites"].values()))
 
 
 @pytest.mark.parametrize("task", ["kidney3d", "brain3d"])
@@ -100,11 +108,11 @@ def test_budget_smaller_than_plan_stops_early(tmp_path):
     # fixed z=1 costs about epsilon 4.8 for the first round and 7.1 after two (RDP, delta 1e-5):
     # a budget of 6 allows one round of the three planned
     job = tiny_job(
-        tmp_path, "skin2d", "dpfl", num_rounds=3,
+        tmp_path, "skin2d", "dpfl", num_rounds=3, min_clients=2,
         privacy={"noise_multiplier": 1.0, "target_epsilon": 6.0, "clip_norm": 1.0},
     )
     ws = tmp_path / "ws"
-    proc = run_simulator(job, ws, tmp_path / "data")
+    proc = run_simulator(job, ws, tmp_path / "data", n_sites=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = load_json(run_dir(ws) / "privacy_report.json")
     assert report["stopped_early"] is True
