@@ -49,6 +49,25 @@ LEDGER_FORMAT = "adpfl-privacy-ledger"
 LEDGER_VERSION = 1
 
 
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically: a temporary file in the same folder,
+    fsync, then os.replace (a crash leaves the old file or the new one, never half of one)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ledger-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 @contextmanager
 def _quiet():
     """Silence Opacus' harmless warnings at sample rate 1: PRV's log(0), and RDP's
@@ -413,21 +432,8 @@ class PrivacyLedger:
         return ledger
 
     def save(self, path: str | os.PathLike) -> None:
-        """Atomic write: temporary file in the same folder, fsync, then os.replace."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ledger-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Atomic write (see :func:`write_json_atomic`)."""
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PrivacyLedger":
@@ -469,4 +475,5 @@ __all__ = [
     "epsilon_prv",
     "epsilon_rdp",
     "group_history",
+    "write_json_atomic",
 ]

@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -57,6 +56,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 
+from adpfl.privacy.accounting import write_json_atomic
 from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError, PrivacyError
 from adpfl.privacy.mechanisms import make_generator
 from adpfl.tasks.base import SegTask
@@ -203,21 +203,9 @@ class RecordLedger:
         return dict(entry)
 
     def save(self, path: Optional[str] = None) -> None:
-        path = path or self.path
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".record-ledger-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({"format": RECORD_LEDGER_FORMAT, "unit": PRIVACY_UNIT, "delta": self.delta,
-                           "accountant": "opacus rdp", "entries": self.entries}, fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json_atomic(path or self.path, {"format": RECORD_LEDGER_FORMAT, "unit": PRIVACY_UNIT,
+                                              "delta": self.delta, "accountant": "opacus rdp",
+                                              "entries": self.entries})
 
     @classmethod
     def load_or_create(cls, path: str, delta: float) -> "RecordLedger":
