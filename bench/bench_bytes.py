@@ -10,7 +10,6 @@ Checks sparse <= 1.3 * p * dense.
 """
 
 import argparse
-import platform
 
 import numpy as np
 import torch
@@ -21,12 +20,7 @@ from adpfl.flare.sparse import SPARSE_KEY, decode_sparse, payload_nbytes, serial
 from adpfl.privacy import PrivacyConfig, PrivacyLedger, PrivacyPipeline
 from adpfl.tasks.network import TaskNetwork
 
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    import os
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+from _machine import machine  # bench/ is on sys.path when a script runs
 
 
 def main() -> None:

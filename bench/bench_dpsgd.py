@@ -13,7 +13,6 @@ size, so its throughput counts the samples it actually drew.
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,11 +26,7 @@ from adpfl.tasks.network import TaskNetwork
 from adpfl.training import LocalTrainer, TrainConfig
 from adpfl.training.dpsgd import DPSGDConfig, DPSGDTrainer
 
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
-            f"(torch threads {torch.get_num_threads()}), {gpu}, torch {torch.__version__}")
+from _machine import machine  # bench/ is on sys.path when a script runs
 
 
 def run(trainer, model, rounds: int, device) -> dict:

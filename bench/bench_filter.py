@@ -16,7 +16,6 @@ bookkeeping is reported once separately since it does not grow with the update s
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -25,17 +24,13 @@ import torch
 from adpfl.flare.sparse import encode_release
 from adpfl.privacy import PrivacyConfig, PrivacyLedger, PrivacyPipeline
 
+from _machine import machine  # bench/ is on sys.path when a script runs
+
 SETTINGS = {
     "dpfl": dict(mode="dpfl", keep_fraction=1.0, clip_norm=2.0, clip_lr=0.0, noise_multiplier=None),
     "adpfl": dict(mode="adpfl", keep_fraction=0.5, mask_policy="topk_public", clip_norm=2.0, clip_lr=0.2,
                   clip_indicator_noise=1.0, clip_percentile=0.5, noise_min_factor=0.5, noise_max_factor=1.5),
 }
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
-            f"(torch threads {torch.get_num_threads()}), {gpu}, torch {torch.__version__}")
 
 
 def _sync(device):

@@ -17,7 +17,6 @@ overhead ratio = median round wall time / local compute per round (1.0 = no FL o
 
 import argparse
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -32,12 +31,9 @@ import torch
 from adpfl.evaluation.compare import TINY_EXECUTOR
 from adpfl.flare.jobs import export_job
 
+from _machine import machine  # bench/ is on sys.path when a script runs
+
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Round (\d+) (started|finished)\.")
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
 def round_times(log: Path) -> dict:

@@ -12,7 +12,6 @@ ratio is median trainer samples/s over median plain samples/s (target >= 0.95 on
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,11 +25,7 @@ from adpfl.tasks.base import get_task
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training import LocalTrainer, TrainConfig
 
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
-            f"(torch threads {torch.get_num_threads()}), {gpu}, torch {torch.__version__}")
+from _machine import machine  # bench/ is on sys.path when a script runs
 
 
 def _sync(device):
