@@ -39,11 +39,7 @@ TASK = SegTask(
     label_names={0: "background", 1: "NETC", 2: "SNFH", 3: "ET"},
     regions={"ET": (3,), "NETC": (1,), "SNFH": (2,), "TC": (1, 3), "WT": (1, 2, 3)},
     key_region="WT",
-    default_size=(64, 64, 64),
-    unet_channels=(16, 32, 64, 128),
-    unet_strides=(2, 2, 2),
-    num_res_units=2,
-    patch_size=(48, 48, 48),
+    **volume3d.UNET_3D,
     make_train_transforms=_train,
     make_val_transforms=_val,
 )

@@ -39,11 +39,7 @@ TASK = SegTask(
     label_names={0: "background", 1: "kidney", 2: "tumor", 3: "cyst"},
     regions={"kidney_tumor_cyst": (1, 2, 3), "tumor_cyst": (2, 3), "tumor": (2,)},
     key_region="kidney_tumor_cyst",
-    default_size=(64, 64, 64),
-    unet_channels=(16, 32, 64, 128),
-    unet_strides=(2, 2, 2),
-    num_res_units=2,
-    patch_size=(48, 48, 48),
+    **volume3d.UNET_3D,
     make_train_transforms=_train,
     make_val_transforms=_val,
 )

@@ -13,6 +13,16 @@ from adpfl.tasks.base import SegTask
 #: axis-code letters of the world frame (NIfTI affines are RAS+), passed explicitly
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
+#: network and sampling settings both 3D tasks share (SegTask fields): 64^3 volumes by
+#: default, a 4-level MONAI UNet, 48^3 training patches
+UNET_3D = {
+    "default_size": (64, 64, 64),
+    "unet_channels": (16, 32, 64, 128),
+    "unet_strides": (2, 2, 2),
+    "num_res_units": 2,
+    "patch_size": (48, 48, 48),
+}
+
 
 def load_oriented():
     """Load image(s) and label channel-first in RAS (a list of files becomes channels)."""
