@@ -107,10 +107,22 @@ def dpsgd_network(task: SegTask, act: Optional[str] = None) -> torch.nn.Module:
     return net
 
 
+def grouped_history(history) -> list:
+    """``[(z, q, steps)]`` with the steps of equal ``(z, q)`` added up. RDP composes by
+    summation and Opacus computes ``steps`` identical steps as ``steps`` times one step's
+    RDP, so the grouped history has the same epsilon -- and costs one RDP evaluation per
+    distinct ``(z, q)`` instead of one per round (about 0.14 s each at q < 1)."""
+    steps = {}
+    for z, q, n in history:
+        key = (float(z), float(q))
+        steps[key] = steps.get(key, 0) + int(n)
+    return [(z, q, n) for (z, q), n in steps.items()]
+
+
 def opacus_rdp_epsilon(history, delta: float) -> float:
     """Epsilon of an Opacus history ``[(z, q, steps), ...]`` with a fresh RDPAccountant."""
     acc = RDPAccountant()
-    acc.history = [tuple(h) for h in history]
+    acc.history = grouped_history(history)
     if not acc.history:
         return 0.0
     with warnings.catch_warnings():
@@ -144,7 +156,8 @@ def calibrate_with_prior(
     from opacus.accountants.analysis import rdp as rdp_analysis
 
     orders = RDPAccountant.DEFAULT_ALPHAS
-    prior_rdp = sum(rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders) for z, q, n in prior)
+    prior_rdp = sum(rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders)
+                    for z, q, n in grouped_history(prior))
 
     def eps(z: float) -> float:  # what RDPAccountant.get_epsilon computes for prior + new steps
         new = rdp_analysis.compute_rdp(q=float(sample_rate), noise_multiplier=z, steps=int(steps), orders=orders)
