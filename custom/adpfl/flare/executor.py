@@ -266,7 +266,7 @@ class SegmentationExecutor(Executor):
             "max_grad_norm": float(trainer.dp.max_grad_norm),
             "steps_per_round": int(trainer.steps_per_round),
             "round": int(current_round),
-            "history": [[float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])] for e in ledger.entries],
+            "history": [list(h) for h in ledger.history()],
             "epsilon_rdp": float(ledger.epsilon()),
             "target_epsilon": float(trainer.dp.target_epsilon),
         }
