@@ -104,12 +104,3 @@ def rel_or_abs(path: str | os.PathLike, start: str | os.PathLike) -> str:
     except ValueError:  # different drives on Windows
         return Path(path).as_posix()
     return Path(rel).as_posix()
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -43,7 +43,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .common import BRAIN_MODALITIES, check_task, rel_or_abs, site_index, write_json_atomic
+from adpfl._io import write_json_atomic
+
+from .common import BRAIN_MODALITIES, check_task, rel_or_abs, site_index
 from .errors import DataError, DataWarning
 
 _ISIC_IMG = re.compile(r"^(ISIC_\d+)\.(jpe?g|png)$", re.IGNORECASE)

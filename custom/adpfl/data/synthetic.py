@@ -36,13 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (
-    BRAIN_MODALITIES,
-    check_task,
-    normalize_size,
-    site_index,
-    write_json_atomic,
-)
+from adpfl._io import write_json_atomic
+
+from .common import BRAIN_MODALITIES, check_task, normalize_size, site_index
 from .errors import DataError
 from .synthetic_brain import brain_domain_shift, make_brain_case
 from .synthetic_kidney import kidney_domain_shift, make_kidney_case

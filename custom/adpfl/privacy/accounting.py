@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
+
+from adpfl._io import write_json_atomic
 
 from .errors import BudgetExhausted, PrivacyConfigError, PrivacyError
 
@@ -47,25 +48,6 @@ MAX_NOISE_MULTIPLIER = 1e3
 PRV_MIN_NOISE_MULTIPLIER = 0.1
 LEDGER_FORMAT = "adpfl-privacy-ledger"
 LEDGER_VERSION = 1
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically: a temporary file in the same folder,
-    fsync, then os.replace (a crash leaves the old file or the new one, never half of one)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ledger-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @contextmanager
@@ -475,5 +457,4 @@ __all__ = [
     "epsilon_prv",
     "epsilon_rdp",
     "group_history",
-    "write_json_atomic",
 ]

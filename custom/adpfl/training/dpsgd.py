@@ -56,7 +56,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 
-from adpfl.privacy.accounting import write_json_atomic
+from adpfl._io import write_json_atomic
 from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError, PrivacyError
 from adpfl.privacy.mechanisms import make_generator
 from adpfl.tasks.base import SegTask
