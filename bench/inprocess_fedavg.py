@@ -38,8 +38,9 @@ def main() -> None:
 
     from adpfl.data.datalist import load_site_datalist
     from adpfl.data.synthetic import ensure_site_data
-    from adpfl.privacy.accounting import PrivacyLedger
-    from adpfl.privacy.pipeline import PrivacyConfig, PrivacyPipeline
+    from adpfl.privacy.ledger import PrivacyLedger
+    from adpfl.privacy.config import PrivacyConfig
+    from adpfl.privacy.pipeline import PrivacyPipeline
     from adpfl.tasks.base import get_task
     from adpfl.tasks.network import TaskNetwork
     from adpfl.training import LocalTrainer, TrainConfig

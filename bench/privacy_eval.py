@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from adpfl.data.synthetic_skin import make_skin_case, skin_domain_shift
     from adpfl.evaluation.attack import AttackConfig, attack_release, small_attack_net
     from adpfl.evaluation.audit import audit_gaussian_release
-    from adpfl.privacy.pipeline import PrivacyConfig
+    from adpfl.privacy.config import PrivacyConfig
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import torch
 
 from adpfl.data.synthetic_skin import make_skin_case, skin_domain_shift
 from adpfl.evaluation.attack import AttackConfig, attack_release, image_metrics, small_attack_net
-from adpfl.privacy.pipeline import PrivacyConfig
+from adpfl.privacy.config import PrivacyConfig
 
 torch.set_num_threads(1)
 

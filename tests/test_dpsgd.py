@@ -5,10 +5,11 @@ import warnings
 
 import pytest
 import torch
-
 from adpfl.data import ensure_site_data, load_site_datalist
+from adpfl.privacy.config import DPSGDConfig
+from adpfl.privacy.record import PRIVACY_UNIT
 from adpfl.tasks.base import get_task
-from adpfl.training.dpsgd import PRIVACY_UNIT, DPSGDConfig, DPSGDTrainer, dpsgd_network
+from adpfl.training.dpsgd import DPSGDTrainer, dpsgd_network
 from adpfl.training.loop import TrainConfig
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -100,7 +101,7 @@ def test_per_sample_grads_of_3d_unet_match_microbatches():
 
 # ---------------------------------------------------------------- record-level ledger
 def test_calibration_with_prior_spend_meets_the_remaining_budget():
-    from adpfl.training.dpsgd import calibrate_with_prior, opacus_rdp_epsilon
+    from adpfl.privacy.record import calibrate_with_prior, opacus_rdp_epsilon
 
     z0 = calibrate_with_prior([], 8.0, 1e-5, 0.25, 40)
     assert z0 == pytest.approx(get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=0.25,
@@ -114,7 +115,7 @@ def test_calibration_with_prior_spend_meets_the_remaining_budget():
 
 def test_calibration_refuses_when_prior_spend_reaches_the_target():
     from adpfl.privacy.errors import BudgetExhausted
-    from adpfl.training.dpsgd import calibrate_with_prior
+    from adpfl.privacy.record import calibrate_with_prior
 
     with pytest.raises(BudgetExhausted, match="already spent"):
         calibrate_with_prior([(0.5, 0.5, 50)], 2.0, 1e-5, 0.5, 10)
@@ -122,7 +123,7 @@ def test_calibration_refuses_when_prior_spend_reaches_the_target():
 
 def test_record_ledger_persists_composes_and_names_a_corrupt_file(tmp_path):
     from adpfl.privacy.errors import PrivacyConfigError, PrivacyError
-    from adpfl.training.dpsgd import RecordLedger, opacus_rdp_epsilon
+    from adpfl.privacy.record import RecordLedger, opacus_rdp_epsilon
 
     path = str(tmp_path / "site-1" / "dpsgd_skin2d.json")
     led = RecordLedger.load_or_create(path, delta=1e-5)
@@ -164,8 +165,8 @@ def _record_meta(**over):
 
 
 def test_record_meta_is_recomputed_not_trusted():
-    from adpfl.flare.privacy_meta import check_record_meta
-    from adpfl.training.dpsgd import opacus_rdp_epsilon
+    from adpfl.privacy.metadata import check_record_meta
+    from adpfl.privacy.record import opacus_rdp_epsilon
 
     out = check_record_meta(_record_meta(epsilon_rdp=0.001), 1e-5)
     assert out["epsilon_recomputed"] == pytest.approx(opacus_rdp_epsilon([(1.0, 0.5, 2)], 1e-5))
@@ -181,7 +182,7 @@ def test_record_meta_is_recomputed_not_trusted():
     ({k: v for k, v in _record_meta().items() if k != "history"}, "lacks"),
 ])
 def test_record_meta_rejections(meta, match):
-    from adpfl.flare.privacy_meta import check_record_meta
+    from adpfl.privacy.metadata import check_record_meta
 
     with pytest.raises(ValueError, match=match):
         check_record_meta(meta, 1e-5)

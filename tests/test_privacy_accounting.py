@@ -87,7 +87,7 @@ def test_ledger_save_load_roundtrip_and_corrupt(tmp_path):
 
 
 def test_exact_gaussian_conversion_matches_reference_and_prv():
-    from adpfl.privacy.accounting import epsilon_exact
+    from adpfl.privacy.analysis import epsilon_exact
 
     # privacy-model.md section 5: z=1 for 50 rounds, exact 54.38 (PRV 54.39, RDP 57.30)
     assert epsilon_exact([1.0] * 50, 1e-5) == pytest.approx(54.38, abs=0.01)
@@ -104,7 +104,7 @@ def test_exact_conversion_independent_check_single_release():
 
     from scipy.stats import norm
 
-    from adpfl.privacy.accounting import epsilon_exact
+    from adpfl.privacy.analysis import epsilon_exact
 
     z, delta = 1.5, 1e-5
     eps = epsilon_exact([z], delta)

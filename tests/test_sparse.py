@@ -9,7 +9,7 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 
-from adpfl.flare.privacy_meta import PRIVACY_META_KEY
+from adpfl.privacy.metadata import PRIVACY_META_KEY
 from adpfl.flare.sparse import (
     SPARSE_KEY,
     SparseDensifyFilter,

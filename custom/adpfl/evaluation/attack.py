@@ -27,9 +27,10 @@ import torch
 from monai.losses import DiceCELoss
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from adpfl.privacy.accounting import PrivacyLedger
+from adpfl.privacy.config import PrivacyConfig
+from adpfl.privacy.ledger import PrivacyLedger
 from adpfl.privacy.mechanisms import make_generator
-from adpfl.privacy.pipeline import PrivacyConfig, PrivacyPipeline
+from adpfl.privacy.pipeline import PrivacyPipeline
 
 __all__ = [
     "AttackConfig",
@@ -237,7 +238,7 @@ def observed_gradient(
     factor = min(1.0, c / (float(norm) + 1e-6))
     gen = make_generator("cpu", seed)
     out = [g * factor + torch.randn(g.shape, generator=gen, dtype=g.dtype) * (z * c) for g in grads]
-    from adpfl.training.dpsgd import opacus_rdp_epsilon
+    from adpfl.privacy.record import opacus_rdp_epsilon
 
     info.update(
         epsilon=opacus_rdp_epsilon([(z, q, steps)], delta),

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy.stats import beta
 
-from adpfl.privacy.accounting import epsilon_rdp
+from adpfl.privacy.analysis import epsilon_rdp
 from adpfl.privacy.mechanisms import add_gaussian_noise, clip_l2, make_generator
 
 __all__ = [
@@ -197,8 +197,9 @@ def pipeline_projection_std(noise_multiplier: float, clip_norm: float = 1.0, rel
     mode, OS-entropy noise, a fresh ledger per release) and return the empirical std of
     the projection on the update's direction next to ``z * 2 * C`` (the formula the audit
     uses) and the pipeline's reported ``noise_std``."""
-    from adpfl.privacy.accounting import PrivacyLedger
-    from adpfl.privacy.pipeline import PrivacyConfig, PrivacyPipeline
+    from adpfl.privacy.config import PrivacyConfig
+    from adpfl.privacy.ledger import PrivacyLedger
+    from adpfl.privacy.pipeline import PrivacyPipeline
 
     e = torch.randn(dim, dtype=torch.float64)
     e = (e / torch.linalg.vector_norm(e)).float()

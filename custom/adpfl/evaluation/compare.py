@@ -169,7 +169,7 @@ def collect_run(ws: Path, spec: dict) -> dict:
 def _record_privacy(rep: dict) -> dict:
     """The record-level (DP-SGD) part of a privacy report, in the shape of the update-level
     one (cumulative epsilon per round recomputed from each site's (z, q, steps) history)."""
-    from adpfl.training.dpsgd import opacus_rdp_epsilon
+    from adpfl.privacy.record import opacus_rdp_epsilon
 
     rec = rep.get("record_level") or {}
     delta = rec.get("delta")

@@ -39,7 +39,7 @@ from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.app_constant import AppConstants
 
-from adpfl.flare.privacy_meta import RECORD_PRIVACY_META_KEY
+from adpfl.privacy.metadata import RECORD_PRIVACY_META_KEY
 from adpfl.flare.site_config import is_simulation, read_site_config, resolve_data_root, resolve_ledger_dir
 from adpfl.tasks.base import get_task
 from adpfl.tasks.network import TaskNetwork
@@ -149,7 +149,7 @@ class SegmentationExecutor(Executor):
             raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
         self._dp_config = None
         if self.dpsgd:
-            from adpfl.training.dpsgd import DPSGDConfig
+            from adpfl.privacy.config import DPSGDConfig
 
             if os.sep in self.dpsgd_ledger_name or self.dpsgd_ledger_name.startswith("."):
                 raise ValueError(f"dpsgd_ledger_name must be a plain file name, got {self.dpsgd_ledger_name!r}")
@@ -224,7 +224,8 @@ class SegmentationExecutor(Executor):
         """DP-SGD trainer continuing the site's record-level ledger (calibrated for what is left)."""
         import dataclasses
 
-        from adpfl.training.dpsgd import DPSGDTrainer, RecordLedger
+        from adpfl.privacy.record import RecordLedger
+        from adpfl.training.dpsgd import DPSGDTrainer
 
         site = fl_ctx.get_identity_name()
         ws_root = self._workspace_root(fl_ctx)

@@ -292,7 +292,7 @@ def _widget_args(privacy: Optional[dict], executor: dict) -> dict:
     claim: the fixed z (DP-FL) or the adaptive schedule's floor, noise_min_factor times the
     even-spend z of the plan (ADP-FL). Contributions claiming less are rejected. DP-SGD
     sites are held to the record-level budget (their epsilon is recomputed by the widget)."""
-    from adpfl.privacy.accounting import calibrate_noise_multiplier
+    from adpfl.privacy.analysis import calibrate_noise_multiplier
 
     args = {}
     if executor.get("dpsgd"):

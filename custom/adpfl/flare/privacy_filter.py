@@ -26,11 +26,12 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
 from adpfl.flare.executor import PUBLIC_INFO_PROP
-from adpfl.flare.privacy_meta import PRIVACY_META_KEY, RECORD_PRIVACY_META_KEY
 from adpfl.flare.site_config import is_simulation, read_site_config, resolve_ledger_dir
-from adpfl.privacy.accounting import PrivacyLedger
+from adpfl.privacy.config import PrivacyConfig
 from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError
-from adpfl.privacy.pipeline import PrivacyConfig, PrivacyPipeline
+from adpfl.privacy.ledger import PrivacyLedger
+from adpfl.privacy.metadata import PRIVACY_META_KEY, RECORD_PRIVACY_META_KEY
+from adpfl.privacy.pipeline import PrivacyPipeline
 
 
 class ADPFilter(DXOFilter):

@@ -25,14 +25,14 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
-from adpfl.flare.privacy_meta import (
+from adpfl.privacy.ledger import PrivacyLedger
+from adpfl.privacy.metadata import (
     PRIVACY_META_KEY,
     RECORD_PRIVACY_META_KEY,
     check_privacy_meta,
     check_record_meta,
 )
-from adpfl.privacy.accounting import PrivacyLedger
-from adpfl.training.dpsgd import opacus_rdp_epsilon
+from adpfl.privacy.record import opacus_rdp_epsilon
 
 #: relative slack on the record-level target (DP-SGD calibration stops within 1 % of it)
 RECORD_TOLERANCE = 0.01

@@ -323,7 +323,7 @@ class SparseDensifyFilter(Filter):
         return dxo.update_shareable(shareable)
 
     def _expected_count(self, dxo) -> Optional[int]:
-        from adpfl.flare.privacy_meta import PRIVACY_META_KEY
+        from adpfl.privacy.metadata import PRIVACY_META_KEY
 
         meta = dxo.get_meta_prop(PRIVACY_META_KEY)
         if isinstance(meta, Mapping) and "kept_coordinates" in meta:

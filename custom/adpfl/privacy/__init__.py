@@ -3,15 +3,11 @@
 See ``shared/design/privacy-model.md``. Main entry point: :class:`PrivacyPipeline`.
 """
 
-from .accounting import (
-    PrivacyLedger,
-    calibrate_noise_multiplier,
-    epsilon_gaussian,
-    epsilon_prv,
-    epsilon_rdp,
-)
 from .adaptive import AdaptiveClipper, effective_noise_multiplier, update_noise_multiplier_for
+from .analysis import calibrate_noise_multiplier, epsilon_gaussian, epsilon_prv, epsilon_rdp
+from .config import DPSGDConfig, PrivacyConfig
 from .errors import BudgetExhausted, PrivacyConfigError, PrivacyError
+from .ledger import PrivacyLedger
 from .mechanisms import (
     FlatSpec,
     add_gaussian_noise,
@@ -23,13 +19,15 @@ from .mechanisms import (
     sparsify_mask,
     unflatten_update,
 )
-from .pipeline import PrivacyConfig, PrivacyPipeline, SparseRelease
+from .pipeline import PrivacyPipeline, SparseRelease
+from .record import RecordLedger
 from .schedule import AdaptiveNoiseSchedule, FixedNoise
 
 __all__ = [
     "AdaptiveClipper",
     "AdaptiveNoiseSchedule",
     "BudgetExhausted",
+    "DPSGDConfig",
     "FixedNoise",
     "FlatSpec",
     "PrivacyConfig",
@@ -37,6 +35,7 @@ __all__ = [
     "PrivacyError",
     "PrivacyLedger",
     "PrivacyPipeline",
+    "RecordLedger",
     "SparseRelease",
     "add_gaussian_noise",
     "add_laplace_noise",
@@ -51,4 +50,5 @@ __all__ = [
     "make_generator",
     "sparsify_mask",
     "unflatten_update",
+    "update_noise_multiplier_for",
 ]

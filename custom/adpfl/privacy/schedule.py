@@ -38,8 +38,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from .accounting import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, PrivacyLedger, RdpSearch, epsilon_prv
+from .analysis import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, RdpSearch, epsilon_prv
 from .errors import BudgetExhausted, PrivacyConfigError
+from .ledger import PrivacyLedger
 
 _BUDGET_MARGIN = 1e-9  # relative; keeps float round-off of the accountant on the safe side
 

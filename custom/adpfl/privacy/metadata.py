@@ -1,4 +1,4 @@
-"""The privacy metadata a site attaches to each released update (no FLARE import).
+"""The privacy metadata a site attaches to each released update (moved from flare/privacy_meta.py).
 
 One place defines the key and the fields, so the site filter and the server widget agree.
 Raw update norms never appear here: ``clip_norm`` is the public sensitivity bound.
@@ -71,7 +71,7 @@ def check_record_meta(meta: Any, delta: float) -> Dict[str, Any]:
     """Validate a DP-SGD result's record-level metadata; returns it with
     ``epsilon_recomputed`` (Opacus RDP over the reported history, the figure the server
     uses instead of the site's claim) or raises ValueError (why)."""
-    from adpfl.training.dpsgd import opacus_rdp_epsilon
+    from .record import opacus_rdp_epsilon
 
     if not isinstance(meta, dict):
         raise ValueError("no record-level (DP-SGD) privacy metadata attached")

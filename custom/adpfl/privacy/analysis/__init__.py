@@ -1,0 +1,32 @@
+"""Privacy analysis: epsilon of composed releases (RDP / PRV / exact) and calibration.
+
+Pure functions over Opacus' accountants (never nvflare); see docs/privacy-model.md.
+"""
+
+from .calibrate import calibrate_noise_multiplier
+from .epsilon import (
+    ACCOUNTANTS,
+    MAX_NOISE_MULTIPLIER,
+    MECHANISMS,
+    PRV_MIN_NOISE_MULTIPLIER,
+    RdpSearch,
+    epsilon_exact,
+    epsilon_gaussian,
+    epsilon_prv,
+    epsilon_rdp,
+    group_history,
+)
+
+__all__ = [
+    "ACCOUNTANTS",
+    "MAX_NOISE_MULTIPLIER",
+    "MECHANISMS",
+    "PRV_MIN_NOISE_MULTIPLIER",
+    "RdpSearch",
+    "calibrate_noise_multiplier",
+    "epsilon_exact",
+    "epsilon_gaussian",
+    "epsilon_prv",
+    "epsilon_rdp",
+    "group_history",
+]
