@@ -10,7 +10,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
-from adpfl.flare.executor import PUBLIC_INFO_PROP
+from adpfl.privacy.public_signals import PUBLIC_INFO_PROP
 from adpfl.flare.privacy_filter import ADPFilter
 from adpfl.flare.sparse import decode_sparse
 from adpfl.privacy.metadata import PRIVACY_META_KEY, check_privacy_meta

@@ -40,12 +40,11 @@ from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic
 from nvflare.app_common.app_constant import AppConstants
 
 from adpfl.privacy.metadata import RECORD_PRIVACY_META_KEY
+from adpfl.privacy.public_signals import PUBLIC_INFO_PROP, public_signals
 from adpfl.flare.site_config import is_simulation, read_site_config, resolve_data_root, resolve_ledger_dir
 from adpfl.tasks.base import get_task
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training import LocalTrainer, TrainConfig
-
-PUBLIC_INFO_PROP = "adpfl.public_info"
 
 #: test-only fault injection, read from the site process's environment (never from a job
 #: config): "<site>:<fault>[:<round>]" (comma-separated for several sites) with fault in
@@ -406,22 +405,7 @@ class SegmentationExecutor(Executor):
         return None
 
     def _publish_public_info(self, fl_ctx: FLContext, global_weights: Dict[str, np.ndarray], current_round: int):
-        """Hand public information to this site's result filter (it never leaves the site).
-
-        ``public_scores``: magnitudes of the last global-model change (|w_t - w_{t-1}|), or of
-        the global weights themselves in the first round; both are known to every site and
-        the server, so a top-k mask chosen from them costs no privacy.
-        ``global_change``: ||w_t - w_{t-1}|| / ||w_t||, the training-progress signal of the
-        adaptive noise schedule (None in the first round).
-        """
-        info = {"round": int(current_round), "global_change": None, "public_scores": None}
-        if self._prev_global is not None and set(self._prev_global) == set(global_weights):
-            delta = {k: global_weights[k].astype(np.float32) - self._prev_global[k] for k in global_weights}
-            num = float(np.sqrt(sum(float(np.square(d).sum()) for d in delta.values())))
-            den = float(np.sqrt(sum(float(np.square(g.astype(np.float32)).sum()) for g in global_weights.values())))
-            info["global_change"] = num / max(den, 1e-12)
-            info["public_scores"] = {k: np.abs(d) for k, d in delta.items()}
-        else:
-            info["public_scores"] = {k: np.abs(v.astype(np.float32)) for k, v in global_weights.items()}
-        self._prev_global = {k: v.astype(np.float32).copy() for k, v in global_weights.items()}
+        """Hand the public signals (:mod:`adpfl.privacy.public_signals`) to this site's result
+        filter; they never leave the site."""
+        info, self._prev_global = public_signals(global_weights, self._prev_global, current_round)
         fl_ctx.set_prop(PUBLIC_INFO_PROP, info, private=True, sticky=False)

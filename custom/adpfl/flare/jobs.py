@@ -289,10 +289,9 @@ def _result_filter_type():
 
 def _widget_args(privacy: Optional[dict], executor: dict) -> dict:
     """The server's mirror of the sites' policy, including the least noise a site may
-    claim: the fixed z (DP-FL) or the adaptive schedule's floor, noise_min_factor times the
-    even-spend z of the plan (ADP-FL). Contributions claiming less are rejected. DP-SGD
-    sites are held to the record-level budget (their epsilon is recomputed by the widget)."""
-    from adpfl.privacy.analysis import calibrate_noise_multiplier
+    claim (:func:`adpfl.privacy.policy.noise_floor`). DP-SGD sites are held to the
+    record-level budget (their epsilon is recomputed by the widget)."""
+    from adpfl.privacy.policy import noise_floor
 
     args = {}
     if executor.get("dpsgd"):
@@ -303,14 +302,8 @@ def _widget_args(privacy: Optional[dict], executor: dict) -> dict:
         args["planned_rounds"] = int(executor.get("dpsgd_planned_rounds") or 0)
         return args
     args.update({k: privacy[k] for k in ("target_epsilon", "delta", "planned_rounds", "noise_type") if k in privacy})
-    z = privacy.get("noise_multiplier") or 0.0
     if privacy.get("noise_type", "gaussian") == "gaussian":
-        if not z:
-            z = calibrate_noise_multiplier(privacy["target_epsilon"], privacy["delta"], privacy["planned_rounds"])
-        if privacy["mode"] == "adpfl":
-            z *= privacy.get("noise_min_factor", 0.5)
-        # rounded down to 4 significant digits: the floor is a policy, not a bit pattern
-        args["min_noise_multiplier"] = float(f"{z * (1 - 1e-4):.4g}")
+        args["min_noise_multiplier"] = noise_floor(privacy)
     return args
 
 

@@ -25,7 +25,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
-from adpfl.flare.executor import PUBLIC_INFO_PROP
+from adpfl.privacy.public_signals import PUBLIC_INFO_PROP
 from adpfl.flare.site_config import is_simulation, read_site_config, resolve_ledger_dir
 from adpfl.privacy.config import PrivacyConfig
 from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError

@@ -32,25 +32,16 @@ from adpfl.privacy.metadata import (
     check_privacy_meta,
     check_record_meta,
 )
-from adpfl.privacy.record import opacus_rdp_epsilon
-
-#: relative slack on the record-level target (DP-SGD calibration stops within 1 % of it)
-RECORD_TOLERANCE = 0.01
-
-UNIT = (
-    "site-level update DP: each site's whole model update per round is the protected unit "
-    "(replace-one neighbours, L2 sensitivity = 2 * clip_norm, sample rate 1, one release per round)"
+from adpfl.privacy.policy import (
+    RECORD_UNIT,
+    UNCOVERED,
+    UNIT,
+    check_record_budget,
+    projected_record_epsilon,
+    projected_update_epsilon,
+    record_limit,
+    site_total_epsilon,
 )
-RECORD_UNIT = (
-    "record-level DP (DP-SGD at each site): one training image/patient of a site is the protected unit "
-    "(add/remove-one, Poisson sampling, per-sample clipping); a different unit from the update-level figure, "
-    "never added to it"
-)
-UNCOVERED = [
-    "training/validation metrics each site reports (loss, Dice, HD95) are not privatized",
-    "the global model's validation Dice on each site (model selection) is not privatized",
-    "participation (which sites answered in which round) is visible to the server",
-]
 
 
 class PrivacyAccountingWidget(Widget):
@@ -148,12 +139,7 @@ class PrivacyAccountingWidget(Widget):
             record = None
             if self.record_level:
                 record = check_record_meta(dxo.get_meta_prop(RECORD_PRIVACY_META_KEY), self.record_delta)
-                limit = self.record_target_epsilon * (1 + RECORD_TOLERANCE)
-                if record["epsilon_recomputed"] > limit:
-                    raise ValueError(
-                        f"record-level epsilon {record['epsilon_recomputed']:.4g} (recomputed from its history) "
-                        f"exceeds the job's record_target_epsilon {self.record_target_epsilon}"
-                    )
+                check_record_budget(record, self.record_target_epsilon)
             meta = None
             if self.update_level:
                 meta = check_privacy_meta(dxo.get_meta_prop(PRIVACY_META_KEY), self.delta, self.min_noise_multiplier)
@@ -231,14 +217,7 @@ class PrivacyAccountingWidget(Widget):
             self._rejected.append({"site": site, "round": current_round, "reason": why})
 
     def _site_total(self, site: str) -> float:
-        """Best known cumulative epsilon of a site: this job's (server-computed) spend plus
-        whatever the site reports it had spent before this job."""
-        ledger = self._ledgers[site]
-        own = ledger.epsilon("rdp")
-        reported = self._site_reported.get(site, {}).get("epsilon_rdp")
-        if isinstance(reported, (int, float)) and math.isfinite(reported):
-            return max(own, float(reported))
-        return own
+        return site_total_epsilon(self._ledgers[site], self._site_reported.get(site, {}).get("epsilon_rdp"))
 
     def _on_round_done(self, fl_ctx: FLContext) -> None:
         current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
@@ -265,8 +244,7 @@ class PrivacyAccountingWidget(Widget):
                 total = self._site_total(site)
                 summary.append(f"{site} eps={total:.4g} (z={last['noise_multiplier']:.3g}, C={last['clip_norm']:.3g})")
                 # would one more release at the last noise level exceed the budget?
-                prior = max(0.0, total - eps_rdp)
-                projected = prior + ledger.projected_epsilon(last["noise_multiplier"], "rdp", last["mechanism"])
+                projected = projected_update_epsilon(ledger, self._site_reported.get(site, {}).get("epsilon_rdp"))
                 if projected > self.target_epsilon:
                     stop_sites.append(("update", site, projected))
             if self.update_level:
@@ -282,10 +260,9 @@ class PrivacyAccountingWidget(Widget):
                     self._tb(fl_ctx, f"privacy_record/{site}/epsilon_rdp", info["epsilon_rdp"], int(current_round))
                     rec_summary.append(f"{site} eps={info['epsilon_rdp']:.4g} (z={info['noise_multiplier']:.3g}, "
                                        f"q={info['sample_rate']:.3g})")
-                    hist = [tuple(h) for h in info["history"]]
-                    hist.append((info["noise_multiplier"], info["sample_rate"], info["steps_per_round"]))
-                    projected = opacus_rdp_epsilon(hist, self.record_delta)
-                    if projected > self.record_target_epsilon * (1 + RECORD_TOLERANCE):
+                    projected = projected_record_epsilon(info["history"], info["noise_multiplier"],
+                                                         info["sample_rate"], info["steps_per_round"], self.record_delta)
+                    if projected > record_limit(self.record_target_epsilon):
                         stop_sites.append(("record", site, projected))
                 self.log_info(
                     fl_ctx,

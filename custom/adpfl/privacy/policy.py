@@ -1,0 +1,108 @@
+"""The server's privacy rules (moved from the FLARE widget and the job definition).
+
+Pure functions the server-side adapter (:class:`adpfl.flare.privacy_widget.PrivacyAccountingWidget`)
+applies; every site still enforces its own budget in its filter, and the server's
+rules only mirror, reject and stop early (see docs/privacy-model.md):
+
+* :func:`noise_floor`: the least noise multiplier a site's release may claim under
+  the job's settings (contributions claiming less are rejected);
+* :func:`site_total_epsilon` / :func:`projected_update_epsilon`: a site's best known
+  update-level spend, and the spend after one more release at its last noise level
+  (the early-stop projection);
+* :func:`check_record_budget` / :func:`projected_record_epsilon`: the record-level
+  (DP-SGD) budget check on a contribution, and its early-stop projection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+from .analysis import calibrate_noise_multiplier
+from .ledger import PrivacyLedger
+from .record import opacus_rdp_epsilon
+
+#: relative slack on the record-level target (DP-SGD calibration stops within 1 % of it)
+RECORD_TOLERANCE = 0.01
+
+UNIT = (
+    "site-level update DP: each site's whole model update per round is the protected unit "
+    "(replace-one neighbours, L2 sensitivity = 2 * clip_norm, sample rate 1, one release per round)"
+)
+RECORD_UNIT = (
+    "record-level DP (DP-SGD at each site): one training image/patient of a site is the protected unit "
+    "(add/remove-one, Poisson sampling, per-sample clipping); a different unit from the update-level figure, "
+    "never added to it"
+)
+UNCOVERED = [
+    "training/validation metrics each site reports (loss, Dice, HD95) are not privatized",
+    "the global model's validation Dice on each site (model selection) is not privatized",
+    "participation (which sites answered in which round) is visible to the server",
+]
+
+
+def noise_floor(settings: Mapping[str, Any]) -> float:
+    """The least noise multiplier a release may claim under a job's filter ``settings``:
+    the fixed z (DP-FL; calibrated from the target when not given) or the adaptive
+    schedule's floor, ``noise_min_factor`` times the even-spend z of the plan (ADP-FL).
+    Rounded down to 4 significant digits: the floor is a policy, not a bit pattern."""
+    z = settings.get("noise_multiplier") or 0.0
+    if not z:
+        z = calibrate_noise_multiplier(settings["target_epsilon"], settings["delta"], settings["planned_rounds"])
+    if settings["mode"] == "adpfl":
+        z *= settings.get("noise_min_factor", 0.5)
+    return float(f"{z * (1 - 1e-4):.4g}")
+
+
+def site_total_epsilon(ledger: PrivacyLedger, reported: Optional[float]) -> float:
+    """Best known cumulative epsilon of a site: this job's (server-computed) spend, or the
+    site's own reported total (it may include earlier jobs) when that is larger."""
+    own = ledger.epsilon("rdp")
+    if isinstance(reported, (int, float)) and math.isfinite(reported):
+        return max(own, float(reported))
+    return own
+
+
+def projected_update_epsilon(ledger: PrivacyLedger, reported: Optional[float]) -> float:
+    """The site's total after one more release at its last noise level (RDP)."""
+    last = ledger.entries[-1]
+    prior = max(0.0, site_total_epsilon(ledger, reported) - ledger.epsilon("rdp"))
+    return prior + ledger.projected_epsilon(last["noise_multiplier"], "rdp", last["mechanism"])
+
+
+def record_limit(target_epsilon: float) -> float:
+    """The largest record-level epsilon accepted for ``target_epsilon`` (calibration slack)."""
+    return float(target_epsilon) * (1 + RECORD_TOLERANCE)
+
+
+def check_record_budget(record: Mapping[str, Any], target_epsilon: float) -> None:
+    """ValueError unless the recomputed record-level epsilon of a checked contribution
+    (:func:`adpfl.privacy.metadata.check_record_meta`) is within the budget."""
+    if record["epsilon_recomputed"] > record_limit(target_epsilon):
+        raise ValueError(
+            f"record-level epsilon {record['epsilon_recomputed']:.4g} (recomputed from its history) "
+            f"exceeds the job's record_target_epsilon {target_epsilon}"
+        )
+
+
+def projected_record_epsilon(
+    history: Sequence[Sequence[float]], noise_multiplier: float, sample_rate: float, steps_per_round: int, delta: float
+) -> float:
+    """Record-level epsilon after one more round of ``steps_per_round`` DP-SGD steps."""
+    hist = [tuple(h) for h in history]
+    hist.append((noise_multiplier, sample_rate, steps_per_round))
+    return opacus_rdp_epsilon(hist, delta)
+
+
+__all__ = [
+    "RECORD_TOLERANCE",
+    "RECORD_UNIT",
+    "UNCOVERED",
+    "UNIT",
+    "check_record_budget",
+    "noise_floor",
+    "projected_record_epsilon",
+    "projected_update_epsilon",
+    "record_limit",
+    "site_total_epsilon",
+]
