@@ -44,7 +44,7 @@ def main() -> None:
         for p in args.keep:
             mode = "adpfl"
             cfg = PrivacyConfig(mode=mode, keep_fraction=p, mask_policy=policy if p < 1 else "random", clip_norm=2.0,
-                                clip_lr=0.2, clip_indicator_noise=1.0, target_epsilon=1e5, delta=1e-5,
+                                clip_learning_rate=0.2, clip_indicator_noise=1.0, target_epsilon=1e5, delta=1e-5,
                                 planned_rounds=5, track_prv=False)
             sp, meta = PrivacyPipeline(cfg, PrivacyLedger(delta=1e-5)).release_sparse(
                 update, 0, public_scores=public if policy == "topk_public" else None)

@@ -27,8 +27,8 @@ from adpfl.privacy import PrivacyConfig, PrivacyLedger, PrivacyPipeline
 from _machine import machine  # bench/ is on sys.path when a script runs
 
 SETTINGS = {
-    "dpfl": dict(mode="dpfl", keep_fraction=1.0, clip_norm=2.0, clip_lr=0.0, noise_multiplier=None),
-    "adpfl": dict(mode="adpfl", keep_fraction=0.5, mask_policy="topk_public", clip_norm=2.0, clip_lr=0.2,
+    "dpfl": dict(mode="dpfl", keep_fraction=1.0, clip_norm=2.0, clip_learning_rate=0.0, noise_multiplier=None),
+    "adpfl": dict(mode="adpfl", keep_fraction=0.5, mask_policy="topk_public", clip_norm=2.0, clip_learning_rate=0.2,
                   clip_indicator_noise=1.0, clip_percentile=0.5, noise_min_factor=0.5, noise_max_factor=1.5),
 }
 

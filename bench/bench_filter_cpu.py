@@ -27,7 +27,7 @@ def make_update(n: int) -> dict:
 
 def bench(n: int, repeats: int, track_prv: bool, keep: float) -> list[float]:
     cfg = PrivacyConfig(mode="adpfl", keep_fraction=keep, mask_policy="random", clip_norm=1.0,
-                        clip_lr=0.2, clip_indicator_noise=30.0, target_epsilon=8.0, delta=1e-5,
+                        clip_learning_rate=0.2, clip_indicator_noise=30.0, target_epsilon=8.0, delta=1e-5,
                         planned_rounds=50, track_prv=track_prv)
     pipe = PrivacyPipeline(cfg, PrivacyLedger(delta=1e-5))
     update = make_update(n)

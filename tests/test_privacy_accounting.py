@@ -1,8 +1,6 @@
 import json
 
 import pytest
-from opacus.accountants import RDPAccountant
-
 from adpfl.privacy import (
     BudgetExhausted,
     PrivacyError,
@@ -11,6 +9,7 @@ from adpfl.privacy import (
     epsilon_prv,
     epsilon_rdp,
 )
+from opacus.accountants import RDPAccountant
 
 D = 1e-5
 
@@ -102,9 +101,8 @@ def test_exact_conversion_independent_check_single_release():
     """One Gaussian release at z: delta(eps) from the closed form, evaluated by hand."""
     import math
 
-    from scipy.stats import norm
-
     from adpfl.privacy.analysis import epsilon_exact
+    from scipy.stats import norm
 
     z, delta = 1.5, 1e-5
     eps = epsilon_exact([z], delta)

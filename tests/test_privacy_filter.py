@@ -4,17 +4,16 @@ import json
 
 import numpy as np
 import pytest
+from adpfl.flare.privacy_filter import ADPFilter
+from adpfl.flare.sparse import decode_sparse
+from adpfl.privacy.errors import PrivacyConfigError
+from adpfl.privacy.metadata import PRIVACY_META_KEY, check_privacy_meta
+from adpfl.privacy.public_signals import PUBLIC_INFO_PROP
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, make_reply
 from nvflare.app_common.app_constant import AppConstants
-
-from adpfl.privacy.public_signals import PUBLIC_INFO_PROP
-from adpfl.flare.privacy_filter import ADPFilter
-from adpfl.flare.sparse import decode_sparse
-from adpfl.privacy.metadata import PRIVACY_META_KEY, check_privacy_meta
-from adpfl.privacy.errors import PrivacyConfigError
 
 
 def _ctx(site="site-1", job="job-1", public=None):
@@ -159,5 +158,5 @@ def test_settings_are_validated_at_construction(tmp_path):
         ADPFilter(mode="adpfl", target_epsilon=10, planned_rounds=5, keep_fraction=1.5)
     with pytest.raises(PrivacyConfigError, match="unreachable"):
         ADPFilter(mode="adpfl", target_epsilon=1e-6, planned_rounds=50, clip_indicator_noise=1e4)
-    with pytest.raises(PrivacyConfigError, match="test_seed"):
+    with pytest.raises(TypeError, match="test_seed"):  # fixed noise is no job setting
         ADPFilter(mode="dpfl", noise_multiplier=1.0, target_epsilon=10, planned_rounds=2, test_seed=3)

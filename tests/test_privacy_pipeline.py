@@ -1,9 +1,7 @@
 import json
-import math
 
 import pytest
 import torch
-
 from adpfl.privacy import (
     BudgetExhausted,
     PrivacyConfig,
@@ -13,12 +11,13 @@ from adpfl.privacy import (
     PrivacyPipeline,
     epsilon_rdp,
 )
+from adpfl.privacy.mechanisms import seeded_generators
 
 D = 1e-5
 
 
 def adpfl(**kw):
-    base = dict(mode="adpfl", keep_fraction=0.1, clip_norm=1.0, clip_lr=0.2, clip_indicator_noise=30.0,
+    base = dict(mode="adpfl", keep_fraction=0.1, clip_norm=1.0, clip_learning_rate=0.2, clip_indicator_noise=30.0,
                 target_epsilon=8.0, delta=D, planned_rounds=20, track_prv=False)
     base.update(kw)
     return PrivacyConfig(**base)
@@ -67,34 +66,37 @@ def test_adpfl_release_shape_sparsity_and_metadata():
     json.dumps(meta)  # plain values only
 
 
-def test_clip_applies_to_kept_coordinates(monkeypatch):
-    monkeypatch.setenv("ADPFL_ALLOW_TEST_SEED", "1")
+def test_clip_applies_to_kept_coordinates():
     # tiny noise: check the clipped signal through the release
-    cfg = dpfl(noise_multiplier=1e-6, clip_norm=2.0, test_seed=1)
+    cfg = dpfl(noise_multiplier=1e-6, clip_norm=2.0)
     upd = update(scale=5.0)
-    out, _ = PrivacyPipeline(cfg, PrivacyLedger(delta=D)).release(upd, 0)
+    out, _ = PrivacyPipeline(cfg, PrivacyLedger(delta=D), generator_factory=seeded_generators(1)).release(upd, 0)
     flat = torch.cat([out[k].reshape(-1) for k in out])
     assert float(flat.norm()) <= 2.0 + 1e-3
     small = {k: v / 1e4 for k, v in update().items()}
-    out, _ = PrivacyPipeline(cfg, PrivacyLedger(delta=D)).release(small, 0)
+    out, _ = PrivacyPipeline(cfg, PrivacyLedger(delta=D), generator_factory=seeded_generators(1)).release(small, 0)
     for k in small:
         assert torch.allclose(out[k], small[k], atol=1e-4)
 
 
-def test_unseeded_releases_differ_seeded_reproducible(monkeypatch):
+def _seeded(cfg, seed=3):
+    return PrivacyPipeline(cfg, PrivacyLedger(delta=D), generator_factory=seeded_generators(seed))
+
+
+def test_unseeded_releases_differ_seeded_reproducible():
     upd = update(10_000)
     a, _ = PrivacyPipeline(adpfl(), PrivacyLedger(delta=D)).release(upd, 0)
     b, _ = PrivacyPipeline(adpfl(), PrivacyLedger(delta=D)).release(upd, 0)
     assert not torch.equal(a["conv.weight"], b["conv.weight"])
+    # fixed noise is no setting: the config refuses a seed
     with pytest.raises(PrivacyConfigError, match="test_seed"):
-        adpfl(test_seed=3).validate()
-    monkeypatch.setenv("ADPFL_ALLOW_TEST_SEED", "1")
-    p1, p2 = PrivacyPipeline(adpfl(test_seed=3), PrivacyLedger(delta=D)), PrivacyPipeline(adpfl(test_seed=3), PrivacyLedger(delta=D))
+        PrivacyConfig.from_dict({"mode": "dpfl", "noise_multiplier": 1.0, "test_seed": 3})
+    p1, p2 = _seeded(adpfl()), _seeded(adpfl())
     (c, mc), (d, _) = p1.release(upd, 0), p2.release(upd, 0)
     assert mc["seeded"] is True
     assert all(torch.equal(c[k], d[k]) for k in c)
     # the random mask does not depend on the update values
-    p3 = PrivacyPipeline(adpfl(test_seed=3), PrivacyLedger(delta=D))
+    p3 = _seeded(adpfl())
     p3.release(update(10_000, scale=1e3, seed=9), 0)
     assert torch.equal(p1.last_indices, p3.last_indices)
 
@@ -159,7 +161,7 @@ def test_refuses_repeat_nonfinite_and_integer():
 
 
 def test_adaptive_clip_moves_and_state_roundtrip():
-    pipe = PrivacyPipeline(adpfl(clip_indicator_noise=30.0, clip_lr=0.2), PrivacyLedger(delta=D))
+    pipe = PrivacyPipeline(adpfl(clip_indicator_noise=30.0, clip_learning_rate=0.2), PrivacyLedger(delta=D))
     c0 = pipe.clip_norm
     pipe.release(update(1000), 0)
     assert pipe.clip_norm != c0

@@ -5,11 +5,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.fl_constant import ReturnCode
-from nvflare.apis.fl_context import FLContext
-
-from adpfl.privacy.metadata import PRIVACY_META_KEY
 from adpfl.flare.sparse import (
     SPARSE_KEY,
     SparseDensifyFilter,
@@ -23,6 +18,11 @@ from adpfl.flare.sparse import (
     varint_encode,
 )
 from adpfl.privacy import PrivacyConfig, PrivacyLedger, PrivacyPipeline
+from adpfl.privacy.mechanisms import seeded_generators
+from adpfl.privacy.metadata import PRIVACY_META_KEY
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
 
 KEYS, SHAPES = ["a.weight", "b.bias", "c.weight"], [[40, 25], [7], [3, 4, 5]]
 NUMEL = 40 * 25 + 7 + 60
@@ -72,13 +72,12 @@ def test_varint_round_trip_and_truncation():
         varint_decode(enc[:-1])
 
 
-def test_release_sparse_matches_dense_release(monkeypatch):
-    monkeypatch.setenv("ADPFL_ALLOW_TEST_SEED", "1")
-    cfg = PrivacyConfig(mode="adpfl", keep_fraction=0.3, mask_policy="random", clip_norm=1.0, clip_lr=0.2,
-                        clip_indicator_noise=1.0, target_epsilon=1e5, delta=1e-5, planned_rounds=3, test_seed=3)
+def test_release_sparse_matches_dense_release():
+    cfg = PrivacyConfig(mode="adpfl", keep_fraction=0.3, mask_policy="random", clip_norm=1.0, clip_learning_rate=0.2,
+                        clip_indicator_noise=1.0, target_epsilon=1e5, delta=1e-5, planned_rounds=3)
     upd = {k: torch.randn(s) for k, s in zip(KEYS, SHAPES)}
-    sp, meta = PrivacyPipeline(cfg, PrivacyLedger(delta=1e-5)).release_sparse(upd, 0)
-    dense, _ = PrivacyPipeline(cfg, PrivacyLedger(delta=1e-5)).release(upd, 0)
+    sp, meta = PrivacyPipeline(cfg, PrivacyLedger(delta=1e-5), generator_factory=seeded_generators(3)).release_sparse(upd, 0)
+    dense, _ = PrivacyPipeline(cfg, PrivacyLedger(delta=1e-5), generator_factory=seeded_generators(3)).release(upd, 0)
     out = decode_sparse(encode_release(sp), expected_count=meta["kept_coordinates"])
     for k in KEYS:
         np.testing.assert_allclose(out[k], dense[k].numpy(), rtol=0, atol=0)

@@ -29,7 +29,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 
 from adpfl.privacy.config import PrivacyConfig
 from adpfl.privacy.ledger import PrivacyLedger
-from adpfl.privacy.mechanisms import make_generator
+from adpfl.privacy.mechanisms import make_generator, seeded_generators
 from adpfl.privacy.pipeline import PrivacyPipeline
 
 __all__ = [
@@ -212,7 +212,8 @@ def observed_gradient(
         return grads, masks, info
     if mode in ("dpfl", "adpfl"):
         cfg = privacy if isinstance(privacy, PrivacyConfig) else PrivacyConfig.from_dict(dict(privacy))
-        pipe = PrivacyPipeline(cfg, PrivacyLedger(delta=cfg.delta))
+        pipe = PrivacyPipeline(cfg, PrivacyLedger(delta=cfg.delta),
+                               generator_factory=None if seed is None else seeded_generators(seed))
         update = {n: -lr * g for (n, _), g in zip(named, grads)}
         released, meta = pipe.release(update, round_index=0)
         out = [-released[n].to(g.dtype) / lr for (n, _), g in zip(named, grads)]

@@ -69,7 +69,7 @@ MODE_DEFAULTS: Dict[str, Optional[dict]] = {
         "target_epsilon": 1.0e5,
         "delta": 1e-5,
         "keep_fraction": 1.0,
-        "noise_multiplier": 0.0,  # 0 = calibrated from target_epsilon over planned_rounds
+        "noise_multiplier": None,  # None = calibrated from target_epsilon over planned_rounds
         "clip_learning_rate": 0.0,
         "noise_type": "gaussian",
     },

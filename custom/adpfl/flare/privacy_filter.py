@@ -10,6 +10,7 @@ carries no model data at all, only an error code. The clean update never leaves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -25,71 +26,58 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
-from adpfl.privacy.public_signals import PUBLIC_INFO_PROP
 from adpfl.flare.site_config import is_simulation, read_site_config, resolve_ledger_dir
 from adpfl.privacy.config import PrivacyConfig
 from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError
 from adpfl.privacy.ledger import PrivacyLedger
 from adpfl.privacy.metadata import PRIVACY_META_KEY, RECORD_PRIVACY_META_KEY
 from adpfl.privacy.pipeline import PrivacyPipeline
+from adpfl.privacy.public_signals import PUBLIC_INFO_PROP
+
+_D = PrivacyConfig()  # the defaults of every privacy setting (one source: adpfl.privacy.config)
 
 
 class ADPFilter(DXOFilter):
     def __init__(
         self,
-        mode: str = "adpfl",
-        target_epsilon: float = 10.0,
-        delta: float = 1e-5,
-        planned_rounds: int = 0,
-        keep_fraction: float = 1.0,
-        mask_policy: str = "random",
-        clip_norm: float = 1.0,
-        clip_percentile: float = 0.5,
-        clip_learning_rate: float = 0.2,
-        clip_indicator_noise: float = 10.0,
-        clip_min: float = 1e-4,
-        clip_max: float = 1e4,
-        noise_multiplier: float = 0.0,
-        noise_type: str = "gaussian",
-        noise_min_factor: float = 0.5,
-        noise_max_factor: float = 1.5,
-        accountant: str = "rdp",
-        track_prv: bool = True,
+        mode: str = _D.mode,
+        target_epsilon: Optional[float] = _D.target_epsilon,
+        delta: float = _D.delta,
+        planned_rounds: Optional[int] = _D.planned_rounds,
+        keep_fraction: float = _D.keep_fraction,
+        mask_policy: str = _D.mask_policy,
+        clip_norm: float = _D.clip_norm,
+        clip_percentile: float = _D.clip_percentile,
+        clip_learning_rate: float = _D.clip_learning_rate,
+        clip_indicator_noise: float = _D.clip_indicator_noise,
+        clip_min: float = _D.clip_min,
+        clip_max: float = _D.clip_max,
+        noise_multiplier: Optional[float] = _D.noise_multiplier,
+        noise_type: str = _D.noise_type,
+        noise_min_factor: float = _D.noise_min_factor,
+        noise_max_factor: float = _D.noise_max_factor,
+        accountant: str = _D.accountant,
+        track_prv: bool = _D.track_prv,
         ledger_name: str = "privacy_ledger",
         ledger_dir: str = "",
         device: str = "auto",
-        test_seed: int = -1,
     ):
-        """The site's privacy policy for outgoing updates (see README, privacy settings table).
+        """The site's privacy policy for outgoing updates.
 
         Args:
-            mode: "dpfl" (fixed clip, fixed noise, no sparsification) or "adpfl"
-                (sparsify + adaptive clip + adaptive noise).
-            target_epsilon: the site's budget (site-level update DP) at ``delta``.
-            delta: the delta every epsilon is stated at.
-            planned_rounds: rounds the budget is planned over (the job's num_rounds).
-            keep_fraction: fraction of coordinates released per round (adpfl).
-            mask_policy: random (fresh randomness), topk_public (last global change),
-                topk_private (opt-out: mask chosen from the private update, flagged).
-            clip_norm: fixed clip (dpfl) or initial clip (adpfl) of the kept update, L2.
-            clip_percentile: target quantile of the site's update norms (adaptive clip).
-            clip_learning_rate: geometric step of the adaptive clip (0 = fixed clip).
-            clip_indicator_noise: std of the noisy clip indicator (accounted).
-            clip_min / clip_max: bounds of the adaptive clip.
-            noise_multiplier: fixed z for dpfl (0 = calibrate from target_epsilon).
-            noise_type: gaussian (default) or laplace (dpfl only, L1 clip).
-            noise_min_factor / noise_max_factor: range of the adaptive noise schedule
-                around its even-spend plan.
-            accountant: rdp (enforced; PRV is reported next to it) or prv.
-            track_prv: also compute the PRV epsilon for the ledger/report.
+            mode ... track_prv: the settings of :class:`adpfl.privacy.config.PrivacyConfig`,
+                under the same names, with its defaults, units and validation (see its field
+                metadata and the README's privacy settings table).
             ledger_name: the ledger's file name (one ledger per site and dataset).
             ledger_dir: where the ledger lives (default: the site's workspace; the site's
                 ``local/adpfl_site.json`` or ``ADPFL_LEDGER_DIR`` override it).
             device: where the pipeline runs ("auto": the GPU when there is one).
-            test_seed: >= 0 fixes the noise for tests; refused unless the site process has
-                ``ADPFL_ALLOW_TEST_SEED=1`` (a job config alone cannot enable it).
+
+        Raises:
+            PrivacyConfigError: a bad setting, naming it (the job stops at start-up).
         """
         super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF], data_kinds_to_filter=[DataKind.WEIGHT_DIFF])
+        # stored under the argument names: the constructor arguments are the job-config surface
         self.mode = mode
         self.target_epsilon = target_epsilon
         self.delta = delta
@@ -111,7 +99,6 @@ class ADPFilter(DXOFilter):
         self.ledger_name = ledger_name
         self.ledger_dir = ledger_dir
         self.device = device
-        self.test_seed = test_seed
         if not ledger_name or os.sep in ledger_name or ledger_name.startswith("."):
             raise PrivacyConfigError(f"ledger_name must be a plain file name, got {ledger_name!r}")
         if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
@@ -119,33 +106,16 @@ class ADPFilter(DXOFilter):
         # validated now: a bad privacy setting stops the job at start-up, naming the setting
         self._config = self._make_config(target_epsilon).validate()
         self._pipeline: Optional[PrivacyPipeline] = None
+        self._generator_factory = None  # production: OS entropy per release (tests inject one)
         self._ledger_path: Optional[str] = None
         self._state_path: Optional[str] = None
         self._cache = None  # (job_id, round, DXO) of the last release, resent on a retry
         self._lock = threading.Lock()
 
     def _make_config(self, target_epsilon) -> PrivacyConfig:
-        return PrivacyConfig(
-            mode=self.mode,
-            keep_fraction=self.keep_fraction,
-            mask_policy=self.mask_policy,
-            clip_norm=self.clip_norm,
-            clip_percentile=self.clip_percentile,
-            clip_lr=self.clip_learning_rate,
-            clip_indicator_noise=self.clip_indicator_noise,
-            clip_min=self.clip_min,
-            clip_max=self.clip_max,
-            noise_multiplier=self.noise_multiplier or None,
-            target_epsilon=target_epsilon,
-            delta=self.delta,
-            planned_rounds=self.planned_rounds or None,
-            noise_type=self.noise_type,
-            accountant=self.accountant,
-            noise_max_factor=self.noise_max_factor,
-            noise_min_factor=self.noise_min_factor,
-            track_prv=self.track_prv,
-            test_seed=None if self.test_seed is None or self.test_seed < 0 else int(self.test_seed),
-        )
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(PrivacyConfig)}
+        settings["target_epsilon"] = target_epsilon
+        return PrivacyConfig(**settings)
 
     # ------------------------------------------------------------------ FLARE entry
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
@@ -180,7 +150,9 @@ class ADPFilter(DXOFilter):
         os.makedirs(folder, exist_ok=True)
         self._ledger_path = os.path.join(folder, f"{self.ledger_name}.json")
         ledger = PrivacyLedger.load_or_create(self._ledger_path, delta=config.delta, target_epsilon=target)
-        self._pipeline = PrivacyPipeline(config, ledger, ledger_path=self._ledger_path)
+        self._pipeline = PrivacyPipeline(
+            config, ledger, ledger_path=self._ledger_path, generator_factory=self._generator_factory
+        )
         # the key releases are accounted under: FLARE's job id, except in the simulator, whose
         # job id is always "simulate_job" (every simulator run in a workspace would collide)
         job_id = fl_ctx.get_job_id()

@@ -25,6 +25,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
+from adpfl.privacy.config import NOISE_TYPES, DPSGDConfig, PrivacyConfig
 from adpfl.privacy.ledger import PrivacyLedger
 from adpfl.privacy.metadata import (
     PRIVACY_META_KEY,
@@ -43,21 +44,24 @@ from adpfl.privacy.policy import (
     site_total_epsilon,
 )
 
+_D = PrivacyConfig()  # update-level defaults (one source: adpfl.privacy.config)
+_R = DPSGDConfig()  # record-level defaults
+
 
 class PrivacyAccountingWidget(Widget):
     def __init__(
         self,
-        target_epsilon: float = 10.0,
-        delta: float = 1e-5,
-        planned_rounds: int = 0,
-        noise_type: str = "gaussian",
+        target_epsilon: Optional[float] = _D.target_epsilon,
+        delta: float = _D.delta,
+        planned_rounds: Optional[int] = _D.planned_rounds,
+        noise_type: str = _D.noise_type,
         min_noise_multiplier: float = 0.0,
         report_name: str = "privacy_report.json",
         stop_on_budget: bool = True,
         update_level: bool = True,
         record_level: bool = False,
-        record_target_epsilon: float = 0.0,
-        record_delta: float = 1e-5,
+        record_target_epsilon: Optional[float] = _R.target_epsilon,
+        record_delta: float = _R.delta,
     ):
         """Args:
         target_epsilon: the per-site budget (site-level update DP) the job plans for.
@@ -81,24 +85,24 @@ class PrivacyAccountingWidget(Widget):
             raise ValueError(f"record_target_epsilon must be > 0, got {record_target_epsilon!r}")
         if record_level and not (isinstance(record_delta, (int, float)) and 0 < record_delta < 1):
             raise ValueError(f"record_delta must be in (0, 1), got {record_delta!r}")
-        if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0):
+        if update_level and not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0):
             raise ValueError(f"target_epsilon must be > 0, got {target_epsilon!r}")
         if not (isinstance(delta, (int, float)) and 0 < delta < 1):
             raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-        if noise_type not in ("gaussian", "laplace"):
-            raise ValueError(f"noise_type must be gaussian or laplace, got {noise_type!r}")
+        if noise_type not in NOISE_TYPES:
+            raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")
         if min_noise_multiplier < 0:
             raise ValueError(f"min_noise_multiplier must be >= 0, got {min_noise_multiplier!r}")
-        self.target_epsilon = float(target_epsilon)
+        self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         self.delta = float(delta)
-        self.planned_rounds = int(planned_rounds)
+        self.planned_rounds = None if planned_rounds is None else int(planned_rounds)
         self.noise_type = noise_type
         self.min_noise_multiplier = float(min_noise_multiplier)
         self.report_name = report_name
         self.stop_on_budget = stop_on_budget
         self.update_level = bool(update_level)
         self.record_level = bool(record_level)
-        self.record_target_epsilon = float(record_target_epsilon)
+        self.record_target_epsilon = None if record_target_epsilon is None else float(record_target_epsilon)
         self.record_delta = float(record_delta)
         self._record: Dict[str, dict] = {}
         self._lock = threading.RLock()

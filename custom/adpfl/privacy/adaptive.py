@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .config import PrivacyConfig, default_of
 from .errors import PrivacyConfigError
 
 
@@ -58,7 +59,7 @@ def update_noise_multiplier_for(z_eff_target: float, sigma_b: float | None) -> f
         raise PrivacyConfigError(
             f"clip_indicator_noise={sigma_b} is too small to afford effective noise multiplier "
             f"{z_eff_target:.4g}: it must exceed it (the indicator alone would cost more); "
-            f"use clip_indicator_noise >= {3 * z_eff_target:.3g} or turn adaptive clipping off (clip_lr=0)"
+            f"use clip_indicator_noise >= {3 * z_eff_target:.3g} or turn adaptive clipping off (clip_learning_rate=0)"
         )
     inv = 1.0 / z_eff_target**2 - 1.0 / sigma_b**2
     return float(1.0 / math.sqrt(inv))
@@ -72,17 +73,18 @@ class AdaptiveClipper:
         target_quantile: ``gamma`` in (0, 1) (0.5 = median of update norms).
         learning_rate: ``eta`` >= 0 of the geometric update (0 = fixed clip).
         indicator_noise_std: ``sigma_b`` > 0, std of the indicator noise.
-        min_clip_norm / max_clip_norm: clamps of ``C`` (defaults 1e-6 / 1e6).
+        min_clip_norm / max_clip_norm: clamps of ``C``.
+    Defaults are those of :class:`adpfl.privacy.config.PrivacyConfig` (``clip_*`` settings).
     """
 
     def __init__(
         self,
         initial_clip_norm: float,
-        target_quantile: float = 0.5,
-        learning_rate: float = 0.2,
-        indicator_noise_std: float = 1.0,
-        min_clip_norm: float = 1e-6,
-        max_clip_norm: float = 1e6,
+        target_quantile: float = default_of(PrivacyConfig, "clip_percentile"),
+        learning_rate: float = default_of(PrivacyConfig, "clip_learning_rate"),
+        indicator_noise_std: float = default_of(PrivacyConfig, "clip_indicator_noise"),
+        min_clip_norm: float = default_of(PrivacyConfig, "clip_min"),
+        max_clip_norm: float = default_of(PrivacyConfig, "clip_max"),
     ):
         if not (0 < min_clip_norm <= initial_clip_norm <= max_clip_norm):
             raise PrivacyConfigError(
@@ -91,7 +93,7 @@ class AdaptiveClipper:
         if not (0.0 < target_quantile < 1.0):
             raise PrivacyConfigError(f"clip_percentile (target quantile) must be in (0, 1), got {target_quantile}")
         if not (learning_rate >= 0 and math.isfinite(learning_rate)):
-            raise PrivacyConfigError(f"clip_lr must be finite and >= 0, got {learning_rate}")
+            raise PrivacyConfigError(f"clip_learning_rate must be finite and >= 0, got {learning_rate}")
         if not (indicator_noise_std > 0 and math.isfinite(indicator_noise_std)):
             raise PrivacyConfigError(f"clip_indicator_noise must be positive and finite, got {indicator_noise_std}")
         self.clip_norm = float(initial_clip_norm)

@@ -1,22 +1,45 @@
-"""Settings of the privacy layer: :class:`PrivacyConfig` (update-level release, moved from
-privacy/pipeline.py) and :class:`DPSGDConfig` (record-level DP-SGD, moved from
-training/dpsgd.py). See docs/privacy-model.md.
+"""Settings of the privacy layer, defined once: names, defaults, units and validation.
+
+* :class:`PrivacyConfig`: the update-level release (the site's result filter). Unit of
+  privacy: the site's whole model update of one round (site-level update DP).
+* :class:`DPSGDConfig`: record-level DP-SGD in local training. Unit: one training record.
+
+Each field carries ``metadata={"help": ..., "unit": ...}``; the FLARE components take their
+constructor defaults from these dataclasses (:func:`default_of`), and documentation is
+generated from the metadata, so a name or default exists in one place only. ``None``
+means "not set" (for example ``noise_multiplier=None``: calibrate from ``target_epsilon``).
+See docs/privacy-model.md.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
 
-from .analysis import ACCOUNTANTS, calibrate_noise_multiplier, epsilon_gaussian
+from .analysis import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, calibrate_noise_multiplier, epsilon_gaussian
 from .errors import PrivacyConfigError
 from .mechanisms import MASK_POLICIES
 
-MODES = ("dpfl", "adpfl")
+#: how the site's update is released (not the job modes npfl/dpfl/adpfl/dpsgd of flare/jobs.py)
+RELEASE_MODES = ("dpfl", "adpfl")
 NOISE_TYPES = ("gaussian", "laplace")
-TEST_SEED_ENV = "ADPFL_ALLOW_TEST_SEED"
+DPSGD_OPTIMIZERS = ("adam", "sgd")
+
+
+def setting(default: Any, help: str, unit: str = "") -> Any:
+    """A dataclass field with its documentation (``help``) and ``unit`` in the metadata."""
+    return field(default=default, metadata={"help": help, "unit": unit})
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of setting ``name`` of config dataclass ``cls`` (KeyError if unknown)."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is MISSING:
+                raise KeyError(f"{cls.__name__}.{name} has no default")
+            return f.default
+    raise KeyError(f"{cls.__name__} has no setting {name!r}")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -26,32 +49,42 @@ def _positive(name: str, value: Any) -> None:
 
 @dataclass
 class PrivacyConfig:
-    """Settings of the privacy pipeline (see module docstring for the modes).
+    """Settings of the update-level privacy pipeline (:class:`adpfl.privacy.pipeline.PrivacyPipeline`).
 
-    ``test_seed`` fixes the noise generator and is for tests only: it is refused unless
-    the environment variable ``ADPFL_ALLOW_TEST_SEED=1`` is set, so a job config cannot
-    set it by accident; seeded releases carry ``seeded=True`` in their metadata.
+    ``mode="dpfl"``: no sparsification, fixed clip, fixed noise multiplier (given, or
+    calibrated from ``target_epsilon`` over ``planned_rounds``). ``mode="adpfl"``: sparsify,
+    adaptive clip (``clip_learning_rate=0`` keeps it fixed) and adaptive noise under
+    ``target_epsilon``. :meth:`validate` raises :class:`PrivacyConfigError` naming the setting.
     """
 
-    mode: str = "adpfl"
-    keep_fraction: float = 1.0
-    mask_policy: str = "random"
-    clip_norm: float = 1.0
-    clip_percentile: float = 0.5
-    clip_lr: float = 0.2
-    clip_indicator_noise: float = 10.0
-    clip_min: float = 1e-4
-    clip_max: float = 1e4
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    delta: float = 1e-5
-    planned_rounds: int | None = None
-    noise_type: str = "gaussian"
-    accountant: str = "rdp"
-    noise_max_factor: float = 1.5
-    noise_min_factor: float = 0.5
-    track_prv: bool = True
-    test_seed: int | None = None
+    mode: str = setting("adpfl", "dpfl (fixed clip, fixed noise, no sparsification) or adpfl "
+                        "(sparsify + adaptive clip + adaptive noise)")
+    keep_fraction: float = setting(1.0, "fraction of coordinates released per round (adpfl)", "fraction in (0, 1]")
+    mask_policy: str = setting("random", "random (fresh randomness), topk_public (last global change) or "
+                               "topk_private (opt-out: mask chosen from the private update, flagged)")
+    clip_norm: float = setting(1.0, "fixed clip (dpfl) or initial clip (adpfl) of the kept update",
+                               "L2 norm; sensitivity is 2 * clip_norm")
+    clip_percentile: float = setting(0.5, "target quantile of the site's update norms (adaptive clip)",
+                                     "quantile in (0, 1)")
+    clip_learning_rate: float = setting(0.2, "geometric step of the adaptive clip (0 = fixed clip)")
+    clip_indicator_noise: float = setting(1.0, "std of the noise on the adaptive clip's indicator (accounted)",
+                                          "noise multiplier of a sensitivity-1 bit")
+    clip_min: float = setting(1e-4, "lower bound of the adaptive clip", "L2 norm")
+    clip_max: float = setting(1e4, "upper bound of the adaptive clip", "L2 norm")
+    noise_multiplier: Optional[float] = setting(None, "fixed noise multiplier for dpfl (None = calibrate from "
+                                                "target_epsilon over planned_rounds)", "noise std / (2 * clip_norm)")
+    target_epsilon: Optional[float] = setting(None, "the site's budget at delta (None = no budget; adpfl and a "
+                                              "calibrated dpfl need it)", "epsilon, site-level update DP")
+    delta: float = setting(1e-5, "the delta every epsilon is stated at", "probability, per site")
+    planned_rounds: Optional[int] = setting(None, "rounds the budget is planned over (the job's num_rounds)",
+                                            "rounds")
+    noise_type: str = setting("gaussian", "gaussian, or laplace (dpfl only, L1 clip, pure epsilon-DP)")
+    accountant: str = setting("rdp", "accountant that enforces the budget: rdp (PRV is reported beside it) or prv")
+    noise_max_factor: float = setting(1.5, "adaptive noise: largest multiplier as a factor of the even-spend plan",
+                                      "factor >= 1")
+    noise_min_factor: float = setting(0.5, "adaptive noise: smallest multiplier as a factor of the even-spend plan",
+                                      "factor in (0, 1]")
+    track_prv: bool = setting(True, "also compute the PRV epsilon for the ledger and the report")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PrivacyConfig":
@@ -66,12 +99,12 @@ class PrivacyConfig:
 
     @property
     def adaptive_clip(self) -> bool:
-        return self.mode == "adpfl" and self.clip_lr > 0
+        return self.mode == "adpfl" and self.clip_learning_rate > 0
 
     def validate(self) -> "PrivacyConfig":
         """Check every setting; PrivacyConfigError names the offending one. Returns self."""
-        if self.mode not in MODES:
-            raise PrivacyConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in RELEASE_MODES:
+            raise PrivacyConfigError(f"mode must be one of {RELEASE_MODES}, got {self.mode!r}")
         if self.noise_type not in NOISE_TYPES:
             raise PrivacyConfigError(f"noise_type must be one of {NOISE_TYPES}, got {self.noise_type!r}")
         if self.accountant not in ACCOUNTANTS:
@@ -86,8 +119,8 @@ class PrivacyConfig:
             raise PrivacyConfigError(f"delta must be in (0, 1), got {self.delta}")
         if not (0.0 < self.clip_percentile < 1.0):
             raise PrivacyConfigError(f"clip_percentile must be in (0, 1), got {self.clip_percentile}")
-        if not (self.clip_lr >= 0 and math.isfinite(self.clip_lr)):
-            raise PrivacyConfigError(f"clip_lr must be finite and >= 0, got {self.clip_lr}")
+        if not (self.clip_learning_rate >= 0 and math.isfinite(self.clip_learning_rate)):
+            raise PrivacyConfigError(f"clip_learning_rate must be finite and >= 0, got {self.clip_learning_rate}")
         _positive("clip_min", self.clip_min)
         _positive("clip_max", self.clip_max)
         if not (self.clip_min <= self.clip_norm <= self.clip_max):
@@ -106,13 +139,6 @@ class PrivacyConfig:
             raise PrivacyConfigError(f"noise_min_factor must be in (0, 1], got {self.noise_min_factor}")
         if not (self.noise_max_factor >= 1.0 and math.isfinite(self.noise_max_factor)):
             raise PrivacyConfigError(f"noise_max_factor must be >= 1, got {self.noise_max_factor}")
-        if self.test_seed is not None:
-            if os.environ.get(TEST_SEED_ENV) != "1":
-                raise PrivacyConfigError(
-                    f"test_seed is for tests only (fixed noise is not private); it is refused unless {TEST_SEED_ENV}=1"
-                )
-            if isinstance(self.test_seed, bool) or int(self.test_seed) != self.test_seed:
-                raise PrivacyConfigError(f"test_seed must be an integer, got {self.test_seed!r}")
 
         if self.mode == "dpfl":
             if self.keep_fraction != 1.0:
@@ -134,15 +160,13 @@ class PrivacyConfig:
             if self.noise_multiplier is not None:
                 raise PrivacyConfigError("noise_multiplier is fixed-noise (dpfl) only; mode='adpfl' chooses it adaptively")
             self._check_reachable()
-            if self.clip_lr > 0:
+            if self.clip_learning_rate > 0:
                 _positive("clip_indicator_noise", self.clip_indicator_noise)
         return self
 
     def _check_reachable(self) -> None:
         if self.noise_type == "laplace":
             return  # any epsilon is reachable: z = rounds / epsilon
-        from .analysis import MAX_NOISE_MULTIPLIER
-
         floor = epsilon_gaussian([MAX_NOISE_MULTIPLIER] * int(self.planned_rounds), self.delta, self.accountant)
         if floor >= self.target_epsilon:
             raise PrivacyConfigError(
@@ -169,21 +193,23 @@ class DPSGDConfig:
     ``int(1/q)`` Poisson steps, or ``max_steps_per_round`` steps when capped).
     """
 
-    max_grad_norm: float = 1.0
-    target_epsilon: Optional[float] = None
-    delta: float = 1e-5
-    planned_rounds: Optional[int] = None
-    noise_multiplier: Optional[float] = None
-    epsilon_tolerance: float = 0.01
-    optimizer: str = "adam"  # "adam" | "sgd"
+    max_grad_norm: float = setting(1.0, "per-sample gradient clip", "L2 norm of one record's gradient")
+    target_epsilon: Optional[float] = setting(None, "the site's record-level budget at delta (None: needs "
+                                              "noise_multiplier)", "epsilon, record-level DP")
+    delta: float = setting(1e-5, "the delta the record-level epsilon is stated at", "probability")
+    planned_rounds: Optional[int] = setting(None, "rounds the record-level budget is planned over", "rounds")
+    noise_multiplier: Optional[float] = setting(None, "fixed DP-SGD noise multiplier (None = calibrate from "
+                                                "target_epsilon)", "noise std / max_grad_norm")
+    epsilon_tolerance: float = setting(0.01, "calibration stops within this of the target", "epsilon")
+    optimizer: str = setting("adam", "optimizer over the noisy gradients: adam or sgd")
 
     def validate(self) -> "DPSGDConfig":
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise PrivacyConfigError(f"max_grad_norm must be positive and finite, got {self.max_grad_norm}")
         if not (0 < self.delta < 1):
             raise PrivacyConfigError(f"delta must be in (0, 1), got {self.delta}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise PrivacyConfigError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.optimizer not in DPSGD_OPTIMIZERS:
+            raise PrivacyConfigError(f"optimizer must be one of {DPSGD_OPTIMIZERS}, got {self.optimizer!r}")
         if self.noise_multiplier is None:
             if self.target_epsilon is None or self.planned_rounds is None:
                 raise PrivacyConfigError("DP-SGD needs noise_multiplier, or target_epsilon and planned_rounds")
@@ -199,4 +225,4 @@ class DPSGDConfig:
         return asdict(self)
 
 
-__all__ = ["DPSGDConfig", "MODES", "NOISE_TYPES", "PrivacyConfig", "TEST_SEED_ENV"]
+__all__ = ["DPSGD_OPTIMIZERS", "DPSGDConfig", "NOISE_TYPES", "PrivacyConfig", "RELEASE_MODES", "default_of", "setting"]

@@ -15,11 +15,14 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
 MASK_POLICIES = ("random", "topk_public", "topk_private")
+
+#: ``(device, round_index) -> torch.Generator``: where a release's randomness comes from
+GeneratorFactory = Callable[[torch.device, int], torch.Generator]
 
 
 # --------------------------------------------------------------------- randomness
@@ -33,6 +36,19 @@ def make_generator(device: torch.device | str, seed: int | None = None) -> torch
     gen = torch.Generator(device=device)
     gen.manual_seed(secrets.randbits(63) if seed is None else int(seed))
     return gen
+
+
+def seeded_generators(seed: int) -> GeneratorFactory:
+    """A generator factory with fixed noise, one stream per round, for tests and
+    reproducible experiments only (fixed noise is not private). Inject it into
+    :class:`adpfl.privacy.pipeline.PrivacyPipeline`; no job setting reaches it."""
+    if isinstance(seed, bool) or int(seed) != seed:
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+    def factory(device: torch.device, round_index: int) -> torch.Generator:
+        return make_generator(device, (int(seed) * 1_000_003 + int(round_index)) % (2**63))
+
+    return factory
 
 
 # --------------------------------------------------------------- flatten/unflatten
@@ -286,6 +302,7 @@ def add_laplace_noise(flat: torch.Tensor, scale: float, generator: torch.Generat
 __all__ = [
     "MASK_POLICIES",
     "FlatSpec",
+    "GeneratorFactory",
     "add_gaussian_noise",
     "add_laplace_noise",
     "clip_l1",
@@ -296,6 +313,7 @@ __all__ = [
     "make_generator",
     "mask_is_covered",
     "release_dtype",
+    "seeded_generators",
     "sparsify_mask",
     "unflatten_update",
 ]

@@ -5,7 +5,7 @@ Modes (same code, different settings):
 * ``"dpfl"``: no sparsification, fixed clip ``C``, fixed multiplier ``z`` (given, or
   calibrated from ``target_epsilon`` over ``planned_rounds``).
 * ``"adpfl"``: sparsify (``keep_fraction``, ``mask_policy``), adaptive clip (Andrew et
-  al.; ``clip_lr=0`` keeps it fixed) and adaptive noise (:class:`AdaptiveNoiseSchedule`).
+  al.; ``clip_learning_rate=0`` keeps it fixed) and adaptive noise (:class:`AdaptiveNoiseSchedule`).
 
 Conventions: replace-one sensitivity ``2 * C_t``; noise std ``sigma_t = z_u * 2 * C_t``
 on every kept coordinate (``z_u`` is the update's own multiplier; the ledger accounts
@@ -37,6 +37,9 @@ from .errors import BudgetExhausted, PrivacyConfigError, PrivacyError
 from .ledger import PrivacyLedger
 from .mechanisms import (
     FlatSpec,
+    GeneratorFactory,
+    add_gaussian_noise,
+    add_laplace_noise,
     clip_l1,
     clip_l2,
     first_nonfinite_key,
@@ -68,8 +71,25 @@ class SparseRelease:
 class PrivacyPipeline:
     """Sparsify -> clip -> noise with accounting in ``ledger`` (see module docstring)."""
 
-    def __init__(self, config: PrivacyConfig, ledger: PrivacyLedger, ledger_path: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        config: PrivacyConfig,
+        ledger: PrivacyLedger,
+        ledger_path: str | os.PathLike | None = None,
+        generator_factory: GeneratorFactory | None = None,
+    ):
+        """Args:
+            config: the settings (validated here).
+            ledger: the site's update-level ledger; every release is recorded in it.
+            ledger_path: where the ledger is saved after each release (None: not saved).
+            generator_factory: ``(device, round_index) -> torch.Generator`` for the mask and
+                noise of a release. None (production): a fresh generator seeded from the OS
+                entropy per release. Tests and experiments inject fixed noise here (e.g.
+                :func:`adpfl.privacy.mechanisms.seeded_generators`); such releases carry
+                ``seeded=True`` in their metadata. There is no job setting for it.
+        """
         self.config = config.validate()
+        self.generator_factory = generator_factory
         self.ledger = ledger
         self.ledger_path = None if ledger_path is None else os.fspath(ledger_path)
         if abs(ledger.delta - config.delta) > 0:
@@ -95,7 +115,7 @@ class PrivacyPipeline:
             self.clipper = AdaptiveClipper(
                 initial_clip_norm=config.clip_norm,
                 target_quantile=config.clip_percentile,
-                learning_rate=config.clip_lr,
+                learning_rate=config.clip_learning_rate,
                 indicator_noise_std=config.clip_indicator_noise,
                 min_clip_norm=config.clip_min,
                 max_clip_norm=config.clip_max,
@@ -104,7 +124,7 @@ class PrivacyPipeline:
                 raise PrivacyConfigError(
                     f"clip_indicator_noise={config.clip_indicator_noise} must exceed the largest effective noise "
                     f"multiplier the schedule may use ({self.schedule.z_max:.4g}); recommended >= "
-                    f"{3 * self.schedule.z_max:.3g}, or clip_lr=0 for a fixed clip"
+                    f"{3 * self.schedule.z_max:.3g}, or clip_learning_rate=0 for a fixed clip"
                 )
         self._fixed_clip = float(config.clip_norm)
         self.last_indices: torch.Tensor | None = None
@@ -185,9 +205,8 @@ class PrivacyPipeline:
         if bad is not None:
             raise PrivacyError(f"update entry {bad!r} contains NaN or Inf; refusing to release")
         numel = spec.numel
-        seeded = cfg.test_seed is not None
-        seed = None if not seeded else (int(cfg.test_seed) * 1_000_003 + round_index) % (2**63)
-        gen = make_generator(flat.device, seed)
+        seeded = self.generator_factory is not None
+        gen = self.generator_factory(flat.device, round_index) if seeded else make_generator(flat.device)
         # 3. mask (drawn first, from fresh randomness or public scores only)
         keep_fraction = float(cfg.keep_fraction) if cfg.mode == "adpfl" else 1.0
         policy = cfg.mask_policy if keep_fraction < 1.0 else "none"
@@ -211,17 +230,13 @@ class PrivacyPipeline:
             kept = flat
         covered = mask_is_covered(policy)
         # 4. clip and 5. noise
+        std = z_update * 2.0 * clip_norm  # Gaussian std, or Laplace scale b
         if self.mechanism == "gaussian":
             clipped, pre_norm = clip_l2(kept, clip_norm)
-            std = z_update * 2.0 * clip_norm
-            noise = torch.randn(clipped.shape, generator=gen, device=clipped.device, dtype=clipped.dtype)
-            values = clipped + noise.mul_(std)
+            values = add_gaussian_noise(clipped, std, gen)
         else:
             clipped, pre_norm = clip_l1(kept, clip_norm)
-            std = z_update * 2.0 * clip_norm  # Laplace scale b
-            e1 = torch.empty(clipped.shape, device=clipped.device, dtype=clipped.dtype).exponential_(generator=gen)
-            e2 = torch.empty(clipped.shape, device=clipped.device, dtype=clipped.dtype).exponential_(generator=gen)
-            values = clipped + e1.sub_(e2).mul_(std)
+            values = add_laplace_noise(clipped, std, gen)
         del clipped, kept
         # 6. ledger (persisted before anything is returned)
         entry = self.ledger.record(

@@ -39,6 +39,7 @@ import math
 from typing import Any, Callable
 
 from .analysis import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, RdpSearch, epsilon_prv
+from .config import PrivacyConfig, default_of
 from .errors import BudgetExhausted, PrivacyConfigError
 from .ledger import PrivacyLedger
 
@@ -96,8 +97,8 @@ class AdaptiveNoiseSchedule:
         delta: float,
         planned_rounds: int,
         accountant: str = "rdp",
-        min_factor: float = 0.5,
-        max_factor: float = 1.5,
+        min_factor: float = default_of(PrivacyConfig, "noise_min_factor"),
+        max_factor: float = default_of(PrivacyConfig, "noise_max_factor"),
         z_max: float | None = None,
         rtol: float = 1e-4,
     ):
