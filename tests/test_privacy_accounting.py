@@ -3,6 +3,7 @@ import json
 import pytest
 from adpfl.privacy import (
     BudgetExhausted,
+    PrivacyConfigError,
     PrivacyError,
     PrivacyLedger,
     calibrate_noise_multiplier,
@@ -109,3 +110,22 @@ def test_exact_conversion_independent_check_single_release():
     mu = 1.0 / z
     d = norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
     assert d == pytest.approx(delta, rel=1e-4)
+
+
+def test_calibrate_never_lands_on_the_unsafe_side():
+    from adpfl.privacy.analysis import calibrate
+
+    history = [10.0] * 5  # epsilon 0.9 already spent
+    for target in (3.0, 30.0, 300.0):
+        for rtol, stop in ((1e-4, 0.0), (0.5, 0.0), (1e-4, 1.0)):
+            z = calibrate(lambda z: epsilon_rdp(history + [z] * 10, 1e-5), target, rtol=rtol, stop_within=stop)
+            assert epsilon_rdp(history + [z] * 10, 1e-5) <= target  # whatever the tolerance
+            if stop == 0.0 and rtol == 1e-4:  # and tight: a bit less noise would overshoot
+                assert epsilon_rdp(history + [z * (1 - 2e-4)] * 10, 1e-5) > target
+    with pytest.raises(PrivacyConfigError, match="unreachable"):
+        calibrate(lambda z: 1.0 / z, 1e-9, upper=1e3)
+    # a start point below or above the answer gives the same bracket end
+    f = lambda z: 10.0 / z  # noqa: E731
+    assert calibrate(f, 2.0, start=0.01) == pytest.approx(5.0, rel=1e-4)
+    assert calibrate(f, 2.0, start=900.0) == pytest.approx(5.0, rel=1e-4)
+    assert f(calibrate(f, 2.0, start=0.01)) <= 2.0

@@ -16,6 +16,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from adpfl._io import write_json_atomic
 
+from .analysis import calibrate
 from .errors import BudgetExhausted, PrivacyConfigError, PrivacyError
 
 PRIVACY_UNIT = "record-level DP: one training image/patient"
@@ -50,8 +51,8 @@ def calibrate_with_prior(
     prior history plus ``steps`` DP-SGD steps at ``(z, sample_rate)`` stays within
     ``target_epsilon`` at ``delta`` (Opacus RDP). Without prior history this is Opacus'
     ``get_noise_multiplier``; with one, Opacus has no helper (it calibrates from zero spend),
-    so this bisects on Opacus' own accountant. Raises BudgetExhausted when the prior spend
-    alone already reaches the target."""
+    so this runs :func:`adpfl.privacy.analysis.calibrate` on Opacus' own RDP analysis.
+    Raises BudgetExhausted when the prior spend alone already reaches the target."""
     prior = [tuple(h) for h in prior_history or []]
     if not prior:
         with warnings.catch_warnings():
@@ -78,20 +79,10 @@ def calibrate_with_prior(
             warnings.simplefilter("ignore")
             return float(rdp_analysis.get_privacy_spent(orders=orders, rdp=prior_rdp + new, delta=delta)[0])
 
-    lo, hi = 0.0, 10.0  # invariant: eps(lo) > target (z -> 0: unbounded), eps(hi) <= target
-    while eps(hi) > target_epsilon:
-        lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise PrivacyConfigError(f"no noise multiplier reaches record-level epsilon {target_epsilon}")
-    for _ in range(200):
-        if eps(hi) >= target_epsilon - tolerance or hi - lo < 1e-4 * hi:
-            break
-        mid = (lo + hi) / 2
-        if eps(mid) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return float(hi)
+    try:
+        return calibrate(eps, float(target_epsilon), upper=1e6, start=10.0, stop_within=float(tolerance))
+    except PrivacyConfigError:
+        raise PrivacyConfigError(f"no noise multiplier reaches record-level epsilon {target_epsilon}") from None
 
 
 RECORD_LEDGER_FORMAT = "adpfl-record-ledger"

@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from .analysis import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, RdpSearch, epsilon_prv
+from .analysis import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, RdpSearch, calibrate, epsilon_prv
 from .config import PrivacyConfig, default_of
 from .errors import BudgetExhausted, PrivacyConfigError
 from .ledger import PrivacyLedger
@@ -48,22 +48,7 @@ _BUDGET_MARGIN = 1e-9  # relative; keeps float round-off of the accountant on th
 
 def _smallest_feasible(fn: Callable[[float], float], budget: float, hi: float, rtol: float) -> float:
     """Smallest z (to relative tolerance) with fn(z) <= budget, fn decreasing, fn(hi) <= budget."""
-    lo = hi
-    floor = 1e-6  # update-level DP on large models is used down to z ~ 1e-3 (epsilon ~ 1e6 per round)
-    while True:
-        lo = lo / 2.0
-        if lo < floor:
-            return hi if fn(floor) > budget else floor
-        if fn(lo) > budget:
-            break
-        hi = lo
-    while hi / lo > 1.0 + rtol:
-        mid = math.sqrt(lo * hi)
-        if fn(mid) <= budget:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return calibrate(fn, budget, upper=hi, rtol=rtol)
 
 
 class FixedNoise:

@@ -3,7 +3,7 @@
 Pure functions over Opacus' accountants (never nvflare); see docs/privacy-model.md.
 """
 
-from .calibrate import calibrate_noise_multiplier
+from .calibrate import calibrate, calibrate_noise_multiplier
 from .epsilon import (
     ACCOUNTANTS,
     MAX_NOISE_MULTIPLIER,
@@ -23,6 +23,7 @@ __all__ = [
     "MECHANISMS",
     "PRV_MIN_NOISE_MULTIPLIER",
     "RdpSearch",
+    "calibrate",
     "calibrate_noise_multiplier",
     "epsilon_exact",
     "epsilon_gaussian",

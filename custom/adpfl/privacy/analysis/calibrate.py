@@ -1,13 +1,95 @@
-"""Calibration of the noise multiplier to a target epsilon (moved from privacy/accounting.py)."""
+"""Calibration: the one search for "the least noise that stays within the budget".
+
+:func:`calibrate` is the single bisection of the privacy layer (it replaces four hand-written
+ones: the adaptive schedule's, the record-level calibration with prior spend, the exact
+conversion's and the constant-z search). It returns the smallest ``x`` with
+``fn(x) <= target`` for a non-increasing ``fn``, and it never lands on the unsafe side: the
+value returned always satisfies ``fn(x) <= target`` (it is the upper, feasible end of the
+final bracket), whatever the tolerance. Written by hand because Opacus' own
+``get_noise_multiplier`` calibrates from zero prior spend only; where that is the case
+(:func:`calibrate_noise_multiplier`), Opacus' routine is used.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 from opacus.accountants.utils import get_noise_multiplier
 
 from ..errors import PrivacyConfigError
 from .epsilon import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, _check_delta, _quiet, epsilon_gaussian
+
+
+def calibrate(
+    fn: Callable[[float], float],
+    target: float,
+    *,
+    upper: float = MAX_NOISE_MULTIPLIER,
+    lower: float = 1e-6,
+    start: Optional[float] = None,
+    rtol: float = 1e-4,
+    stop_within: float = 0.0,
+) -> float:
+    """Smallest ``x`` in ``[lower, upper]`` (to relative tolerance ``rtol``) with
+    ``fn(x) <= target``, for ``fn`` non-increasing in ``x`` (a noise multiplier -> the
+    epsilon it costs; an epsilon -> the delta it holds at).
+
+    Args:
+        fn: the non-increasing function (each value is computed once).
+        target: the bound ``fn`` must stay within.
+        upper / lower: the search range; ``x`` below ``lower`` is never returned (the
+            update-level filter is used down to z ~ 1e-3, so the default floor is 1e-6).
+        start: where the bracket search begins (default ``upper``): halving while
+            feasible, doubling (up to ``upper``) while not.
+        rtol: stop once the bracket ``[lo, hi]`` has ``hi / lo <= 1 + rtol``.
+        stop_within: stop early once ``fn(hi) >= target - stop_within`` (close enough).
+
+    Returns:
+        ``hi``: always with ``fn(hi) <= target``.
+
+    Raises:
+        PrivacyConfigError: ``fn(upper) > target`` (the target cannot be met in range).
+    """
+    if not (0 < lower <= upper and math.isfinite(upper)):
+        raise PrivacyConfigError(f"calibration range must satisfy 0 < lower <= upper < inf, got [{lower}, {upper}]")
+    cache: dict = {}
+
+    def f(x: float) -> float:
+        if x not in cache:
+            cache[x] = float(fn(x))
+        return cache[x]
+
+    def close(x: float) -> bool:
+        return stop_within > 0 and f(x) >= target - stop_within
+
+    if f(upper) > target:
+        raise PrivacyConfigError(f"target {target:.6g} is unreachable: even {upper:g} gives {f(upper):.6g}")
+    hi = upper if start is None else min(max(float(start), lower), upper)
+    if f(hi) > target:  # grow until feasible (upper is)
+        lo = hi
+        while f(hi) > target:
+            lo, hi = hi, min(2.0 * hi, upper)
+    else:  # shrink while feasible
+        while True:
+            if close(hi):
+                return hi
+            lo = hi / 2.0
+            if lo < lower:
+                if f(lower) <= target:
+                    return lower
+                lo = lower
+                break
+            if f(lo) > target:
+                break
+            hi = lo
+    while hi / lo > 1.0 + rtol and not close(hi):
+        mid = math.sqrt(lo * hi)
+        if f(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def calibrate_noise_multiplier(
@@ -54,4 +136,4 @@ def calibrate_noise_multiplier(
     return float(z)
 
 
-__all__ = ["calibrate_noise_multiplier"]
+__all__ = ["calibrate", "calibrate_noise_multiplier"]

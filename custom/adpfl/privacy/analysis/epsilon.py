@@ -129,18 +129,13 @@ def epsilon_exact(noise_multipliers: Sequence[float], delta: float) -> float:
 
     if log_delta_of(0.0) <= log_delta:
         return 0.0
-    lo, hi = 0.0, max(1.0, mu * mu)
+    from .calibrate import calibrate
+
+    hi = max(1.0, mu * mu)
     while log_delta_of(hi) > log_delta:
         hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if log_delta_of(mid) > log_delta:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-9 * max(1.0, hi):
-            break
-    return hi
+    # smallest eps whose delta(eps) is within delta: the safe (upper) end of the bracket
+    return calibrate(log_delta_of, log_delta, upper=hi, lower=hi * 1e-12, rtol=1e-9)
 
 
 def epsilon_gaussian(noise_multipliers: Sequence[float], delta: float, accountant: str = "rdp") -> float:
