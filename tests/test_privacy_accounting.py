@@ -89,7 +89,7 @@ def test_ledger_save_load_roundtrip_and_corrupt(tmp_path):
 def test_exact_gaussian_conversion_matches_reference_and_prv():
     from adpfl.privacy.analysis import epsilon_exact
 
-    # privacy-model.md section 5: z=1 for 50 rounds, exact 54.38 (PRV 54.39, RDP 57.30)
+    # reference figures: z=1 for 50 rounds, exact 54.38 (PRV 54.39, RDP 57.30)
     assert epsilon_exact([1.0] * 50, 1e-5) == pytest.approx(54.38, abs=0.01)
     assert epsilon_exact([2.0] * 20, 1e-5) == pytest.approx(11.49, abs=0.02)
     assert epsilon_exact([2.0] * 10 + [1.0] * 10, 1e-5) == pytest.approx(20.69, abs=0.02)

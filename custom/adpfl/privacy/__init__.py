@@ -1,6 +1,6 @@
 """Privacy core of adp-fl (pure PyTorch + Opacus accountants; never imports nvflare).
 
-See ``shared/design/privacy-model.md``. Main entry point: :class:`PrivacyPipeline`.
+See ``docs/privacy-model.md``. Main entry point: :class:`PrivacyPipeline`.
 """
 
 from .adaptive import AdaptiveClipper, effective_noise_multiplier, update_noise_multiplier_for

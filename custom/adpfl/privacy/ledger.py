@@ -1,6 +1,6 @@
 """The site's persistent update-level privacy ledger (moved from privacy/accounting.py).
 
-Conventions (see shared/design/privacy-model.md):
+Conventions (see docs/privacy-model.md):
 
 * Gaussian releases: one accountant step per round, sample rate 1.0, noise multiplier
   ``z = sigma / sensitivity`` with replace-one sensitivity ``2 * C``. The multiplier

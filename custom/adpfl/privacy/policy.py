@@ -38,6 +38,10 @@ UNCOVERED = [
     "training/validation metrics each site reports (loss, Dice, HD95) are not privatized",
     "the global model's validation Dice on each site (model selection) is not privatized",
     "participation (which sites answered in which round) is visible to the server",
+    "DP-SGD's reported sample rate q = batch_size / n_train reveals each site's number of training records",
+    "a site's reported cumulative epsilon reveals how much it trained in earlier jobs",
+    "round timing (when each site answers) is visible to the server",
+    "floating-point noise (float32 draws) is not an exact continuous Gaussian; the analysis assumes one",
 ]
 
 

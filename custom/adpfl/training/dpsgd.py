@@ -3,7 +3,7 @@
 Unit of privacy: **one training record** (one image / patient case of the site). This is
 a different unit from the update-level ADP filter (a site's whole round contribution);
 the two epsilons are reported side by side and never added (see
-``shared/design/privacy-model.md``).
+``docs/privacy-model.md``).
 
 Mechanism, per optimizer step (Abadi et al. 2016, as implemented by Opacus):
 
