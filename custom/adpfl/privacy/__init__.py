@@ -1,4 +1,4 @@
-"""Privacy core of adp-fl (pure PyTorch + Opacus accountants; never imports nvflare).
+"""Privacy core of adp-fl (pure PyTorch + Opacus accountants; never imports FLARE).
 
 See ``docs/privacy-model.md``. Main entry point: :class:`PrivacyPipeline`.
 """

@@ -117,12 +117,6 @@ class AdaptiveClipper:
         self.updates += 1
         return self.clip_norm
 
-    def effective_noise_multiplier(self, z_update: float) -> float:
-        return effective_noise_multiplier(z_update, self.indicator_noise_std)
-
-    def update_noise_multiplier_for(self, z_eff_target: float) -> float:
-        return update_noise_multiplier_for(z_eff_target, self.indicator_noise_std)
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "clip_norm": self.clip_norm,

@@ -14,8 +14,8 @@ See docs/privacy-model.md.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Mapping, Optional
 
 from .analysis import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, calibrate_noise_multiplier, epsilon_gaussian
 from .errors import PrivacyConfigError
@@ -93,9 +93,6 @@ class PrivacyConfig:
         if unknown:
             raise PrivacyConfigError(f"unknown privacy setting(s): {', '.join(unknown)}")
         return cls(**dict(data))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @property
     def adaptive_clip(self) -> bool:
@@ -220,9 +217,6 @@ class DPSGDConfig:
         if self.planned_rounds is not None and int(self.planned_rounds) < 1:
             raise PrivacyConfigError(f"planned_rounds must be >= 1, got {self.planned_rounds}")
         return self
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
 
 
 __all__ = ["DPSGD_OPTIMIZERS", "DPSGDConfig", "NOISE_TYPES", "PrivacyConfig", "RELEASE_MODES", "default_of", "setting"]

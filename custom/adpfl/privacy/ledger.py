@@ -89,12 +89,6 @@ class PrivacyLedger:
     def has_round(self, round_index: int, job_id: str | None = None) -> bool:
         return any(e["round"] == int(round_index) and e.get("job_id") == job_id for e in self.entries)
 
-    def rounds(self, job_id: str | None = None) -> list[int]:
-        return [e["round"] for e in self.entries if e.get("job_id") == job_id]
-
-    def remaining_epsilon(self) -> float | None:
-        return None if self.target_epsilon is None else self.target_epsilon - self.epsilon()
-
     # -- recording
     def record(
         self,

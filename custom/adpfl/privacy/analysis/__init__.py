@@ -1,6 +1,6 @@
 """Privacy analysis: epsilon of composed releases (RDP / PRV / exact) and calibration.
 
-Pure functions over Opacus' accountants (never nvflare); see docs/privacy-model.md.
+Pure functions over Opacus' accountants (no FLARE import); see docs/privacy-model.md.
 """
 
 from .calibrate import calibrate, calibrate_noise_multiplier
