@@ -168,9 +168,12 @@ def test_record_meta_is_recomputed_not_trusted():
     from adpfl.privacy.metadata import check_record_meta
     from adpfl.privacy.record import opacus_rdp_epsilon
 
-    out = check_record_meta(_record_meta(epsilon_rdp=0.001), 1e-5)
-    assert out["epsilon_recomputed"] == pytest.approx(opacus_rdp_epsilon([(1.0, 0.5, 2)], 1e-5))
-    assert out["epsilon_recomputed"] > 1.0
+    true_eps = opacus_rdp_epsilon([(1.0, 0.5, 2)], 1e-5)
+    out = check_record_meta(_record_meta(epsilon_rdp=true_eps), 1e-5)
+    assert out["epsilon_recomputed"] == pytest.approx(true_eps) and true_eps > 1.0
+    # a claim that contradicts the site's own history is refused, not averaged or trusted
+    with pytest.raises(ValueError, match="contradicts its own history"):
+        check_record_meta(_record_meta(epsilon_rdp=0.001), 1e-5)
 
 
 @pytest.mark.parametrize("meta,match", [
@@ -180,6 +183,9 @@ def test_record_meta_is_recomputed_not_trusted():
     (_record_meta(delta=1e-3), "delta"),
     (_record_meta(noise_multiplier=float("nan")), "noise_multiplier"),
     ({k: v for k, v in _record_meta().items() if k != "history"}, "lacks"),
+    (_record_meta(noise_scale=1.0), "unknown fields"),
+    (_record_meta(noise_multiplier=2.0), "contradicts the last history entry"),
+    (_record_meta(sample_rate=0.25), "contradicts the last history entry"),
 ])
 def test_record_meta_rejections(meta, match):
     from adpfl.privacy.metadata import check_record_meta

@@ -160,3 +160,37 @@ def test_settings_are_validated_at_construction(tmp_path):
         ADPFilter(mode="adpfl", target_epsilon=1e-6, planned_rounds=50, clip_indicator_noise=1e4)
     with pytest.raises(TypeError, match="test_seed"):  # fixed noise is no job setting
         ADPFilter(mode="dpfl", noise_multiplier=1.0, target_epsilon=10, planned_rounds=2, test_seed=3)
+
+
+def _real_meta(tmp_path, **kw):
+    out = _dpfl(tmp_path, **kw).process(_result(_update()), _ctx())
+    return dict(from_shareable(out).get_meta_prop(PRIVACY_META_KEY))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"noise_scale": 2.0}, "unknown for a gaussian release"),          # Laplace field in a Gaussian release
+    ({"epsilon_round": 1.0}, "unknown for a gaussian release"),
+    ({"pre_clip_scale": 1.0}, "unknown"),                              # a field the server does not know
+    ({"sensitivity": 1.0}, "contradicts 2 \\* clip_norm"),
+    ({"mask_covered": False}, "contradicts mask_policy"),
+    ({"mask_policy": "random"}, "contradicts keep_fraction"),           # a mask named but every coordinate kept
+    ({"update_noise_multiplier": 0.5}, "exceeds update_noise_multiplier"),
+    ({"round": -1}, "round"),
+    ({"accountant": "gdp"}, "unknown accountant"),
+    ({"seeded": "no"}, "seeded"),
+])
+def test_server_refuses_unknown_or_contradictory_metadata(tmp_path, change, match):
+    meta = _real_meta(tmp_path)
+    check_privacy_meta(dict(meta), delta=1e-5)  # the real release passes as it is
+    meta.update(change)
+    with pytest.raises(ValueError, match=match):
+        check_privacy_meta(meta, delta=1e-5)
+
+
+def test_laplace_release_needs_its_fields_and_consistent_scale(tmp_path):
+    meta = _real_meta(tmp_path, noise_type="laplace", target_epsilon=50.0)
+    assert check_privacy_meta(dict(meta), delta=1e-5)["mechanism"] == "laplace"
+    with pytest.raises(ValueError, match="lacks"):
+        check_privacy_meta({k: v for k, v in meta.items() if k != "epsilon_round"}, delta=1e-5)
+    with pytest.raises(ValueError, match="noise_scale"):
+        check_privacy_meta(dict(meta, noise_scale=meta["noise_scale"] / 4), delta=1e-5)

@@ -28,6 +28,26 @@ REQUIRED_FIELDS = (
     "epsilon_rdp",
 )
 FORBIDDEN_FIELDS = ("norm", "pre_clip_norm", "raw_norm", "update_norm", "indicator")
+#: fields an update-level release may carry besides the required ones (anything else is refused:
+#: an unknown field is either a leak or a release from code the server does not understand)
+OPTIONAL_FIELDS = (
+    "update_noise_multiplier",
+    "sensitivity",
+    "kept_coordinates",
+    "epsilon_prv",
+    "target_epsilon",
+    "accountant",
+    "job_id",
+    "seeded",
+    "sensitivity_convention",
+)
+#: fields only a Laplace release carries; in a Gaussian release they contradict the mechanism
+LAPLACE_FIELDS = ("noise_scale", "epsilon_round")
+RECORD_OPTIONAL_FIELDS = ("target_epsilon",)
+#: the mask policy a release names when it keeps every coordinate
+NO_MASK = "none"
+#: relative tolerance for fields that must agree (float round-off of one computation)
+_AGREE = 1e-6
 
 
 def check_privacy_meta(meta: Any, delta: float, min_noise_multiplier: float = 0.0) -> Dict[str, Any]:
@@ -42,6 +62,16 @@ def check_privacy_meta(meta: Any, delta: float, min_noise_multiplier: float = 0.
         raise ValueError(f"privacy metadata carries private values {leaked}")
     if meta["mechanism"] not in ("gaussian", "laplace"):
         raise ValueError(f"unknown mechanism {meta['mechanism']!r}")
+    allowed = set(REQUIRED_FIELDS) | set(OPTIONAL_FIELDS)
+    if meta["mechanism"] == "laplace":
+        allowed |= set(LAPLACE_FIELDS)
+        missing = [k for k in LAPLACE_FIELDS if k not in meta]
+        if missing:
+            raise ValueError(f"Laplace privacy metadata lacks {missing}")
+    unknown = sorted(k for k in meta if k not in allowed)
+    if unknown:
+        raise ValueError(f"privacy metadata has fields unknown for a {meta['mechanism']} release: {unknown}")
+    _check_update_consistency(meta)
     for k in ("noise_multiplier", "noise_std", "clip_norm", "keep_fraction", "delta"):
         v = meta[k]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
@@ -67,6 +97,53 @@ def check_privacy_meta(meta: Any, delta: float, min_noise_multiplier: float = 0.
     return meta
 
 
+def _positive_number(meta: Dict[str, Any], key: str, what: str = "privacy metadata") -> float:
+    v = meta[key]
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{what} field {key}={v!r} is not a positive finite number")
+    return float(v)
+
+
+def _check_update_consistency(meta: Dict[str, Any]) -> None:
+    """Fields that are functions of each other must agree (a release that contradicts itself
+    is refused rather than accounted by whichever field the server happens to read)."""
+    from .mechanisms import MASK_POLICIES, mask_is_covered
+
+    policies = (NO_MASK,) + tuple(MASK_POLICIES)
+    if meta["mask_policy"] not in policies:
+        raise ValueError(f"unknown mask_policy {meta['mask_policy']!r} (known: {policies})")
+    if meta["mask_covered"] is not mask_is_covered(meta["mask_policy"]):
+        raise ValueError(f"mask_covered={meta['mask_covered']!r} contradicts mask_policy={meta['mask_policy']!r}")
+    if (meta["mask_policy"] == NO_MASK) != (float(meta["keep_fraction"]) == 1.0):
+        raise ValueError(f"mask_policy={meta['mask_policy']!r} contradicts keep_fraction={meta['keep_fraction']}")
+    r = meta["round"]
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        raise ValueError(f"privacy metadata round={r!r} is not a round number")
+    clip = _positive_number(meta, "clip_norm")
+    if "sensitivity" in meta and not math.isclose(_positive_number(meta, "sensitivity"), 2.0 * clip, rel_tol=_AGREE):
+        raise ValueError(f"sensitivity={meta['sensitivity']} contradicts 2 * clip_norm = {2.0 * clip}")
+    if "update_noise_multiplier" in meta:
+        z_u = _positive_number(meta, "update_noise_multiplier")
+        # the effective multiplier composes the update's noise with the clip indicator's: never larger
+        if _positive_number(meta, "noise_multiplier") > z_u * (1 + _AGREE):
+            raise ValueError(f"noise_multiplier={meta['noise_multiplier']} exceeds update_noise_multiplier={z_u}")
+    if "kept_coordinates" in meta:
+        k = meta["kept_coordinates"]
+        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+            raise ValueError(f"kept_coordinates={k!r} is not a positive count")
+    if "accountant" in meta and meta["accountant"] not in ("rdp", "prv"):
+        raise ValueError(f"unknown accountant {meta['accountant']!r}")
+    if "seeded" in meta and not isinstance(meta["seeded"], bool):
+        raise ValueError(f"seeded={meta['seeded']!r} is not true/false")
+    if meta["mechanism"] == "laplace":
+        scale = _positive_number(meta, "noise_scale")
+        if not math.isclose(scale, float(meta["noise_multiplier"]) * 2.0 * clip, rel_tol=1e-4):
+            raise ValueError(f"noise_scale={scale:.6g} does not equal noise_multiplier * 2 * clip_norm")
+        if not math.isclose(_positive_number(meta, "epsilon_round"), 1.0 / float(meta["noise_multiplier"]),
+                            rel_tol=1e-4):
+            raise ValueError(f"epsilon_round={meta['epsilon_round']} contradicts 1 / noise_multiplier")
+
+
 def check_record_meta(meta: Any, delta: float) -> Dict[str, Any]:
     """Validate a DP-SGD result's record-level metadata; returns it with
     ``epsilon_recomputed`` (Opacus RDP over the reported history, the figure the server
@@ -80,6 +157,9 @@ def check_record_meta(meta: Any, delta: float) -> Dict[str, Any]:
         raise ValueError(f"record-level privacy metadata lacks {missing}")
     if meta["unit"] != "record" or meta["mechanism"] != "dpsgd":
         raise ValueError(f"record-level metadata names unit={meta['unit']!r}, mechanism={meta['mechanism']!r}")
+    unknown = sorted(k for k in meta if k not in set(RECORD_REQUIRED_FIELDS) | set(RECORD_OPTIONAL_FIELDS))
+    if unknown:
+        raise ValueError(f"record-level privacy metadata has unknown fields {unknown}")
     for k in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta"):
         v = meta[k]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
@@ -98,6 +178,21 @@ def check_record_meta(meta: Any, delta: float) -> Dict[str, Any]:
         if not (z > 0 and math.isfinite(z) and 0 < q <= 1 and n >= 0):
             raise ValueError(f"record-level history entry {i} has invalid (z, q, steps) = ({z}, {q}, {n})")
         clean.append((z, q, n))
+    last_z, last_q, _ = clean[-1]
+    if not (math.isclose(last_z, float(meta["noise_multiplier"]), rel_tol=_AGREE)
+            and math.isclose(last_q, float(meta["sample_rate"]), rel_tol=_AGREE)):
+        raise ValueError(
+            f"record-level metadata (z={meta['noise_multiplier']}, q={meta['sample_rate']}) contradicts the last "
+            f"history entry (z={last_z}, q={last_q})"
+        )
     out = dict(meta)
     out["epsilon_recomputed"] = opacus_rdp_epsilon(clean, float(delta))
+    claimed = meta["epsilon_rdp"]
+    if not isinstance(claimed, (int, float)) or isinstance(claimed, bool) or not math.isfinite(claimed):
+        raise ValueError(f"record-level epsilon_rdp={claimed!r} is not a finite number")
+    if not math.isclose(float(claimed), out["epsilon_recomputed"], rel_tol=_AGREE, abs_tol=1e-9):
+        raise ValueError(
+            f"record-level epsilon_rdp={claimed} contradicts its own history (Opacus RDP: "
+            f"{out['epsilon_recomputed']:.9g})"
+        )
     return out

@@ -35,6 +35,7 @@ from .adaptive import AdaptiveClipper, update_noise_multiplier_for
 from .config import PrivacyConfig
 from .errors import BudgetExhausted, PrivacyConfigError, PrivacyError
 from .ledger import PrivacyLedger
+from .metadata import NO_MASK
 from .mechanisms import (
     FlatSpec,
     GeneratorFactory,
@@ -209,7 +210,7 @@ class PrivacyPipeline:
         gen = self.generator_factory(flat.device, round_index) if seeded else make_generator(flat.device)
         # 3. mask (drawn first, from fresh randomness or public scores only)
         keep_fraction = float(cfg.keep_fraction) if cfg.mode == "adpfl" else 1.0
-        policy = cfg.mask_policy if keep_fraction < 1.0 else "none"
+        policy = cfg.mask_policy if keep_fraction < 1.0 else NO_MASK
         if keep_fraction < 1.0:
             scores = None
             if policy == "topk_public":
