@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flare_helpers import load_json, logs, read_scalars, run_dir, run_simulator, tiny_job
+from flare_helpers import inject_faults, load_json, logs, read_scalars, run_dir, run_simulator, tiny_job
 
 pytestmark = pytest.mark.integration
 
@@ -14,8 +14,8 @@ def test_npfl_run_trains_records_metrics_and_rejects_malformed_contributions(tmp
     # round 0: site-1 sends NaN, site-2 full weights instead of a difference, site-3 a valid
     # update (wrong keys/shapes are covered by test_reliability's check_update tests, through
     # the same server path); round 1: all three are valid
-    faults = "site-1:nan_update:0,site-2:weights_kind:0"
-    proc = run_simulator(job, ws, tmp_path / "data", extra_env={"ADPFL_TEST_FAULT": faults})
+    inject_faults(job, "site-1:nan_update:0,site-2:weights_kind:0")
+    proc = run_simulator(job, ws, tmp_path / "data")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = logs(ws)
     assert "rejected the contribution of site-1 in round 0: entry" in text and "NaN or Inf" in text

@@ -110,3 +110,23 @@ def test_executor_rejects_bad_settings_at_start_up_naming_them(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         SegmentationExecutor(**kwargs)
+
+
+def test_no_fault_injection_hook_in_shipped_code():
+    from pathlib import Path
+
+    import adpfl
+
+    for path in Path(adpfl.__file__).parent.rglob("*.py"):
+        text = path.read_text()
+        assert "ADPFL_TEST_FAULT" not in text and "os._exit" not in text, path
+
+
+def test_fault_executor_rejects_unknown_faults():
+    from fault_components import FaultInjectingExecutor
+
+    ex = FaultInjectingExecutor(faults="site-1:nan_update:0, site-3:crash", hd95=False)
+    assert ex._fault("site-1", 0) == "nan_update" and ex._fault("site-1", 1) is None
+    assert ex._fault("site-3", 7) == "crash" and ex._fault("site-2", 0) is None
+    with pytest.raises(ValueError, match="fault spec must be"):
+        FaultInjectingExecutor(faults="site-1:explode")
