@@ -70,25 +70,43 @@ class PrivacyConfig:
     set it by accident; seeded releases carry ``seeded=True`` in their metadata.
     """
 
-    mode: str = "adpfl"
-    keep_fraction: float = 1.0
-    mask_policy: str = "random"
-    clip_norm: float = 1.0
-    clip_percentile: float = 0.5
-    clip_lr: float = 0.2
-    clip_indicator_noise: float = 10.0
-    clip_min: float = 1e-4
-    clip_max: float = 1e4
-    noise_multiplier: float | None = None
-    target_epsilon: float | None = None
-    delta: float = 1e-5
-    planned_rounds: int | None = None
-    noise_type: str = "gaussian"
-    accountant: str = "rdp"
-    noise_max_factor: float = 1.5
-    noise_min_factor: float = 0.5
-    track_prv: bool = True
-    test_seed: int | None = None
+    mode: str = field(default="adpfl", metadata={
+        "help": "`dpfl` (fixed clip, fixed noise, no sparsification) or `adpfl` (sparsify, adaptive clip, "
+                "adaptive noise)"})
+    keep_fraction: float = field(default=1.0, metadata={
+        "help": "fraction of coordinates released per round (adpfl)", "unit": "fraction"})
+    mask_policy: str = field(default="random", metadata={
+        "help": "sparsification mask: `random` (fresh randomness), `topk_public` (magnitude of the last global "
+                "change, public), `topk_private` (opt-out, flagged \"mask not covered\")"})
+    clip_norm: float = field(default=1.0, metadata={
+        "help": "fixed clip (dpfl) / initial clip (adpfl) of the kept update", "unit": "L2 norm of a site's update"})
+    clip_percentile: float = field(default=0.5, metadata={
+        "help": "target quantile of the site's update norms (adaptive clip, Andrew et al. 2021)", "unit": "quantile"})
+    clip_lr: float = field(default=0.2, metadata={
+        "help": "geometric step of the adaptive clip (0: fixed clip)"})
+    clip_indicator_noise: float = field(default=10.0, metadata={
+        "help": "std of the adaptive clip's noisy indicator (accounted)", "unit": "std of a 0/1 indicator"})
+    clip_min: float = field(default=1e-4, metadata={"help": "lower bound of the adaptive clip", "unit": "L2 norm"})
+    clip_max: float = field(default=1e4, metadata={"help": "upper bound of the adaptive clip", "unit": "L2 norm"})
+    noise_multiplier: float | None = field(default=None, metadata={
+        "help": "DP-FL's fixed noise multiplier (None: calibrated from `target_epsilon` over `planned_rounds`)",
+        "unit": "z (noise std / sensitivity)"})
+    target_epsilon: float | None = field(default=None, metadata={
+        "help": "the site's budget; capped by the site's own `max_epsilon`",
+        "unit": "epsilon (site-level update, replace-one)"})
+    delta: float = field(default=1e-5, metadata={"help": "the delta every epsilon is stated at", "unit": "delta"})
+    planned_rounds: int | None = field(default=None, metadata={
+        "help": "rounds the budget is planned over (the job's `num_rounds`)", "unit": "rounds"})
+    noise_type: str = field(default="gaussian", metadata={
+        "help": "`gaussian`, or `laplace` (dpfl only, L1 clip, pure epsilon composed by summation)"})
+    accountant: str = field(default="rdp", metadata={"help": "the enforced accountant: `rdp` or `prv`"})
+    noise_max_factor: float = field(default=1.5, metadata={
+        "help": "upper end of the adaptive noise schedule around its even-spend plan", "unit": "factor on z"})
+    noise_min_factor: float = field(default=0.5, metadata={
+        "help": "lower end of the adaptive noise schedule around its even-spend plan", "unit": "factor on z"})
+    track_prv: bool = field(default=True, metadata={"help": "also compute the PRV epsilon for the ledger and report"})
+    test_seed: int | None = field(default=None, metadata={
+        "help": "fixed noise for tests; refused unless the site process has `ADPFL_ALLOW_TEST_SEED=1`"})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PrivacyConfig":

@@ -43,7 +43,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -251,13 +251,20 @@ class DPSGDConfig:
     ``int(1/q)`` Poisson steps, or ``max_steps_per_round`` steps when capped).
     """
 
-    max_grad_norm: float = 1.0
-    target_epsilon: Optional[float] = None
-    delta: float = 1e-5
-    planned_rounds: Optional[int] = None
-    noise_multiplier: Optional[float] = None
-    epsilon_tolerance: float = 0.01
-    optimizer: str = "adam"  # "adam" | "sgd"
+    max_grad_norm: float = field(default=1.0, metadata={
+        "help": "per-sample clip of DP-SGD", "unit": "L2 norm of one record's gradient"})
+    target_epsilon: Optional[float] = field(default=None, metadata={
+        "help": "the site's record-level budget, cumulative over every DP-SGD job on its data; "
+                "capped by the site's own `max_epsilon`", "unit": "epsilon (one record, add/remove-one, RDP)"})
+    delta: float = field(default=1e-5, metadata={"help": "the delta of the record-level budget", "unit": "delta"})
+    planned_rounds: Optional[int] = field(default=None, metadata={
+        "help": "rounds the remaining budget is planned over (the job's `num_rounds`)", "unit": "rounds"})
+    noise_multiplier: Optional[float] = field(default=None, metadata={
+        "help": "fixed DP-SGD noise multiplier (None: calibrated from what is left of the budget over "
+                "`planned_rounds`)", "unit": "z (noise std / clip)"})
+    epsilon_tolerance: float = field(default=0.01, metadata={
+        "help": "relative slack of the calibration below the target"})
+    optimizer: str = field(default="adam", metadata={"help": "`adam` or `sgd` under the DP optimizer"})
 
     def validate(self) -> "DPSGDConfig":
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
