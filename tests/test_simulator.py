@@ -42,6 +42,12 @@ def test_npfl_run_trains_records_metrics_and_rejects_malformed_contributions(tmp
     final = load_json(rd / "cross_site_val" / "cross_val_results.json")
     assert set(final) == {"site-1", "site-2", "site-3"}
     assert "dice_mean" in final["site-1"]["SRV_FL_global_model.pt"]
+    # "best" means best: the final model was scored and competed, so the best model scores at
+    # least as well as the final one on the sites' validation sets (the selection's own metric)
+    assert "final global model: dice_mean" in text
+    best_mean = sum(final[s]["SRV_best_FL_global_model.pt"]["dice_mean"] for s in final) / 3
+    final_mean = sum(final[s]["SRV_FL_global_model.pt"]["dice_mean"] for s in final) / 3
+    assert best_mean >= final_mean - 1e-6, (best_mean, final_mean)
 
 
 def test_adpfl_run_writes_privacy_report_and_curves(tmp_path):

@@ -130,3 +130,12 @@ def test_fault_executor_rejects_unknown_faults():
     assert ex._fault("site-3", 7) == "crash" and ex._fault("site-2", 0) is None
     with pytest.raises(ValueError, match="fault spec must be"):
         FaultInjectingExecutor(faults="site-1:explode")
+
+
+def test_final_model_selection_rule():
+    from adpfl.flare.final_selection import final_beats_best, mean_score
+
+    assert mean_score([0.2, None, float("nan"), 0.4]) == pytest.approx(0.3)
+    assert mean_score([None]) is None
+    assert final_beats_best(0.5, 0.4) and not final_beats_best(0.4, 0.4) and not final_beats_best(None, 0.1)
+    assert final_beats_best(0.0, float("-inf"))  # nothing scored during training: the final model is best

@@ -167,6 +167,7 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
     from nvflare.job_config.api import FedJob
 
     from adpfl.flare.executor import SegmentationExecutor
+    from adpfl.flare.final_selection import FinalModelSelection
     from adpfl.flare.progress import RunProgressWidget
     from adpfl.flare.validation_widget import ContributionValidator
     from adpfl.tasks.network import TaskNetwork
@@ -227,6 +228,13 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
             ignore_result_error=True,
         )),
         id="scatter_and_gather",
+    )
+    # the last aggregate is scored by the sites and enters the best-model selection (the
+    # in-round selector never sees it): "best" is then the best model of the run
+    job.to_server(
+        _explicit(FinalModelSelection(persistor_id="persistor", model_selector_id="model_selector",
+                                      validation_task_name="validate", validation_timeout=s["validation_timeout"])),
+        id="final_model_selection",
     )
     job.to_server(
         _explicit(
