@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,22 @@ def tiny_job(tmp_path: Path, task: str, mode: str, num_rounds: int = 2, executor
     if privacy:
         overrides["privacy"] = privacy
     return Path(export_job(task, mode, str(tmp_path / "jobs"), **overrides))
+
+
+def inject_faults(job_dir: Path, faults: str) -> Path:
+    """Make ``job_dir``'s sites run the test-only ``FaultInjectingExecutor`` (tests/fault_components.py)
+    with ``faults`` ("<site>:<fault>[:<round>]", comma-separated). The module is copied into the
+    job's ``app/custom/`` folder, which FLARE puts on the site processes' ``sys.path``."""
+    app = Path(job_dir) / "app"
+    shutil.copy(Path(__file__).with_name("fault_components.py"), app / "custom" / "fault_components.py")
+    cfg_path = app / "config" / "config_fed_client.json"
+    cfg = json.loads(cfg_path.read_text())
+    executor = cfg["executors"][0]["executor"]
+    assert executor["path"] == "adpfl.flare.executor.SegmentationExecutor", executor["path"]
+    executor["path"] = "fault_components.FaultInjectingExecutor"
+    executor["args"]["faults"] = faults
+    cfg_path.write_text(json.dumps(cfg, indent=4))
+    return Path(job_dir)
 
 
 def run_dir(workspace: Path) -> Path:

@@ -8,7 +8,7 @@ import pytest
 
 from adpfl.flare.contribution_checks import check_update
 from adpfl.flare.jobs import export_job
-from flare_helpers import TINY_EXECUTOR, load_json, logs, run_dir, run_simulator, tiny_job
+from flare_helpers import TINY_EXECUTOR, inject_faults, load_json, logs, run_dir, run_simulator, tiny_job
 
 
 # ---------------------------------------------------------------- pure checks
@@ -39,9 +39,9 @@ def test_site_fault_sends_nothing_unprotected_and_dropout_does_not_stop_training
     # pipeline raise, so the server gets only an error from it. Round 1: site-3's process dies.
     job = export_job("skin2d", "dpfl", str(tmp_path / "jobs2"), num_rounds=2, min_clients=2, validation_timeout=5,
                      executor=dict(TINY_EXECUTOR, hd95=False))
+    inject_faults(job, "site-1:nan_update:0,site-3:crash:1")
     ws = tmp_path / "ws"
-    faults = "site-1:nan_update:0,site-3:crash:1"
-    proc = run_simulator(job, ws, tmp_path / "data", extra_env={"ADPFL_TEST_FAULT": faults}, timeout=900)
+    proc = run_simulator(job, ws, tmp_path / "data", timeout=900)
     text = logs(ws)
     assert "privacy pipeline failed; nothing is released this round" in text
     assert "Ignore the result from site-1 at round 0" in text
@@ -57,7 +57,7 @@ def test_site_fault_sends_nothing_unprotected_and_dropout_does_not_stop_training
     site3 = load_json(ledgers / "site-3" / "skin2d.json")
     assert [e["round"] for e in site3["entries"]] == [0]
     assert rounds["site-3"] == [0]
-    assert "crashing this site process in round 1" in text
+    assert "test fault: crashing this site process in round 1" in text
     assert (run_dir(ws) / "app_server" / "FL_global_model.pt").is_file()
 
 

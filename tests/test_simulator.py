@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flare_helpers import load_json, logs, read_scalars, run_dir, run_simulator, tiny_job
+from flare_helpers import inject_faults, load_json, logs, read_scalars, run_dir, run_simulator, tiny_job
 
 pytestmark = pytest.mark.integration
 
@@ -14,8 +14,8 @@ def test_npfl_run_trains_records_metrics_and_rejects_malformed_contributions(tmp
     # round 0: site-1 sends NaN, site-2 full weights instead of a difference, site-3 a valid
     # update (wrong keys/shapes are covered by test_reliability's check_update tests, through
     # the same server path); round 1: all three are valid
-    faults = "site-1:nan_update:0,site-2:weights_kind:0"
-    proc = run_simulator(job, ws, tmp_path / "data", extra_env={"ADPFL_TEST_FAULT": faults})
+    inject_faults(job, "site-1:nan_update:0,site-2:weights_kind:0")
+    proc = run_simulator(job, ws, tmp_path / "data")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = logs(ws)
     assert "rejected the contribution of site-1 in round 0: entry" in text and "NaN or Inf" in text
@@ -42,6 +42,12 @@ def test_npfl_run_trains_records_metrics_and_rejects_malformed_contributions(tmp
     final = load_json(rd / "cross_site_val" / "cross_val_results.json")
     assert set(final) == {"site-1", "site-2", "site-3"}
     assert "dice_mean" in final["site-1"]["SRV_FL_global_model.pt"]
+    # "best" means best: the final model was scored and competed, so the best model scores at
+    # least as well as the final one on the sites' validation sets (the selection's own metric)
+    assert "final global model: dice_mean" in text
+    best_mean = sum(final[s]["SRV_best_FL_global_model.pt"]["dice_mean"] for s in final) / 3
+    final_mean = sum(final[s]["SRV_FL_global_model.pt"]["dice_mean"] for s in final) / 3
+    assert best_mean >= final_mean - 1e-6, (best_mean, final_mean)
 
 
 def test_adpfl_run_writes_privacy_report_and_curves(tmp_path):

@@ -5,8 +5,10 @@ checks that the checked-in folders equal a fresh export, so the task x mode jobs
 drift apart. The same ``FedJob`` objects run directly through the Job API
 (``build_job(...).simulator_run(...)``, see ``adpfl run --job-api``).
 
-Every number a user can set lives in ``TASK_DEFAULTS`` / ``MODE_DEFAULTS`` below and
-reaches the components as their constructor arguments.
+Every number a user can set reaches the components as their constructor arguments. The
+executor's settings start from the registry's defaults (:mod:`adpfl.settings`, i.e. the
+config dataclasses); ``TASK_DEFAULTS`` / ``MODE_EXECUTOR`` below list only what a task or a
+mode sets differently, and ``MODE_DEFAULTS`` the privacy filter's settings per mode.
 """
 
 from __future__ import annotations
@@ -25,15 +27,8 @@ TASK_DEFAULTS: Dict[str, dict] = {
     "skin2d": {
         "num_rounds": 5,
         "min_clients": 3,
-        "executor": {
-            "task": "skin2d",
-            "num_train": 40,
-            "num_val": 20,
-            "image_size": 0,
-            "local_epochs": 2,
-            "batch_size": 8,
-            "learning_rate": 0.002,
-        },
+        # 40 / 20 synthetic cases, 2 local epochs of batch 8 at the task's default size
+        "executor": {"task": "skin2d", "learning_rate": 0.002},
         # update norms of this UNet after 2 local epochs: about 5 (round 1) falling to 1.5
         "privacy": {"clip_norm": 2.0},
     },
@@ -46,7 +41,6 @@ TASK_DEFAULTS: Dict[str, dict] = {
                 "task": task,
                 "num_train": 8,
                 "num_val": 4,
-                "image_size": 0,
                 "local_epochs": 5,
                 "batch_size": 2,
                 "learning_rate": 0.002,
@@ -94,13 +88,8 @@ MODE_DEFAULTS: Dict[str, Optional[dict]] = {
 #: image/patient of a site, add/remove-one, Poisson sampling; the budget is the site's,
 #: cumulative over every DP-SGD job on its data (record-level ledger in the site workspace).
 MODE_EXECUTOR: Dict[str, dict] = {
-    "dpsgd": {
-        "dpsgd": True,
-        "dpsgd_target_epsilon": 8.0,
-        "dpsgd_delta": 1e-5,
-        "dpsgd_max_grad_norm": 1.0,
-        "dpsgd_noise_multiplier": 0.0,  # 0 = calibrated over the job's rounds
-    },
+    # delta, clip and z (None: calibrated over the job's rounds) are DPSGDConfig's defaults
+    "dpsgd": {"dpsgd": True, "dpsgd_target_epsilon": 8.0},
 }
 
 BYOC_NOTE = (
@@ -126,7 +115,10 @@ def job_settings(task: str, mode: str, **overrides) -> dict:
         raise ValueError(f"task must be one of {tuple(TASK_DEFAULTS)}, got {task!r}")
     if mode not in MODE_DEFAULTS:
         raise ValueError(f"mode must be one of {tuple(MODE_DEFAULTS)}, got {mode!r}")
+    from adpfl.settings import defaults
+
     s = copy.deepcopy(TASK_DEFAULTS[task])
+    s["executor"] = dict(defaults("executor"), **s["executor"])
     task_privacy = s.pop("privacy", {})
     privacy = copy.deepcopy(MODE_DEFAULTS[mode])
     if privacy is not None:
@@ -175,6 +167,7 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
     from nvflare.job_config.api import FedJob
 
     from adpfl.flare.executor import SegmentationExecutor
+    from adpfl.flare.final_selection import FinalModelSelection
     from adpfl.flare.progress import RunProgressWidget
     from adpfl.flare.validation_widget import ContributionValidator
     from adpfl.tasks.network import TaskNetwork
@@ -235,6 +228,13 @@ def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
             ignore_result_error=True,
         )),
         id="scatter_and_gather",
+    )
+    # the last aggregate is scored by the sites and enters the best-model selection (the
+    # in-round selector never sees it): "best" is then the best model of the run
+    job.to_server(
+        _explicit(FinalModelSelection(persistor_id="persistor", model_selector_id="model_selector",
+                                      validation_task_name="validate", validation_timeout=s["validation_timeout"])),
+        id="final_model_selection",
     )
     job.to_server(
         _explicit(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -37,29 +37,51 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 @dataclass
 class TrainConfig:
-    """Local training settings of one site (all set from the job definition)."""
+    """Local training settings of one site (all set from the job definition).
 
-    local_epochs: int = 2
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    max_steps_per_round: int = 0  # 0 = no cap: train ``local_epochs`` full epochs
-    amp: bool = True  # mixed precision, used only on CUDA
-    image_size: object = None  # int or tuple; None = the task's default
-    device: str = "auto"
-    num_workers: int = 0
-    seed: Optional[int] = None  # torch seed for weight init / augmentation (not for privacy noise)
+    Each field's ``metadata`` holds its help text and unit: the README's settings table is
+    rendered from it (``python -m adpfl.settings``).
+    """
+
+    local_epochs: int = field(default=2, metadata={"help": "local epochs per round", "unit": "epochs"})
+    batch_size: int = field(default=8, metadata={"help": "local batch size", "unit": "cases"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of local training"})
+    max_steps_per_round: Optional[int] = field(default=None, metadata={
+        "help": "cap on local optimizer steps per round (None: no cap, `local_epochs` full epochs)",
+        "unit": "steps"})
+    amp: bool = field(default=True, metadata={"help": "mixed precision (used only on CUDA)"})
+    image_size: Optional[int] = field(default=None, metadata={
+        "help": "training image size, one int for every axis (None: the task's default, 128 for 2D, 64^3 for 3D)",
+        "unit": "voxels per axis"})
+    device: str = field(default="auto", metadata={"help": "`auto` (CUDA when present), `cpu` or `cuda[:N]`"})
+    num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
+    seed: Optional[int] = field(default=None, metadata={
+        "help": "torch seed for weight init / augmentation (not for privacy noise)"})
 
     def validate(self) -> None:
+        """Raises ValueError naming the first invalid setting."""
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
         checks = [
-            ("local_epochs", self.local_epochs, self.local_epochs >= 1),
-            ("batch_size", self.batch_size, self.batch_size >= 1),
-            ("learning_rate", self.learning_rate, 0 < self.learning_rate < 10),
-            ("max_steps_per_round", self.max_steps_per_round, self.max_steps_per_round >= 0),
-            ("num_workers", self.num_workers, self.num_workers >= 0),
+            ("local_epochs", self.local_epochs, is_int(self.local_epochs) and self.local_epochs >= 1, "an int >= 1"),
+            ("batch_size", self.batch_size, is_int(self.batch_size) and self.batch_size >= 1, "an int >= 1"),
+            ("learning_rate", self.learning_rate,
+             isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 10, "in (0, 10)"),
+            ("max_steps_per_round", self.max_steps_per_round,
+             self.max_steps_per_round is None or (is_int(self.max_steps_per_round) and self.max_steps_per_round >= 1),
+             "None (no cap) or an int >= 1"),
+            ("num_workers", self.num_workers, is_int(self.num_workers) and self.num_workers >= 0, "an int >= 0"),
+            ("image_size", self.image_size,
+             self.image_size is None
+             or (is_int(self.image_size) and self.image_size >= 16)
+             or (isinstance(self.image_size, (tuple, list)) and all(is_int(v) and v >= 16 for v in self.image_size)),
+             "None (the task's default) or an int >= 16 (or one per axis)"),
         ]
-        for name, value, ok in checks:
+        for name, value, ok, rule in checks:
             if not ok:
-                raise ValueError(f"invalid training setting {name}={value!r}")
+                raise ValueError(f"invalid training setting {name}={value!r}: must be {rule}")
 
 
 class LocalTrainer:

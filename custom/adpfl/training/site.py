@@ -1,0 +1,297 @@
+"""One site's side of federated training, without FLARE: set up, train a round, validate.
+
+:class:`SiteSession` is what the FLARE executor (:mod:`adpfl.flare.executor`) dispatches to,
+in the way NVFlare's ``LearnerExecutor`` dispatches to a FLARE-free learner: the executor
+turns Shareables into arrays and back; everything else happens here and is tested without
+FLARE. A session
+
+- finds (and, for synthetic runs, generates) the site's data and checks its datalist,
+- builds the task network and a :class:`~adpfl.training.LocalTrainer`, or with
+  ``SiteConfig.dpsgd`` a :class:`~adpfl.training.dpsgd.DPSGDTrainer` that continues the
+  site's record-level ledger,
+- loads global weights (keys and shapes checked), trains one round and returns the weight
+  difference (local - global), the number of local steps and the metrics,
+- validates the current model.
+
+Where the data and the ledger live is decided by the caller (the executor reads the site's
+workspace for that, see :mod:`adpfl.flare.site_config`); the session gets plain paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from adpfl.tasks.base import get_task
+from adpfl.tasks.network import TaskNetwork
+from adpfl.privacy.config import DPSGDConfig
+from adpfl.privacy.record import RecordLedger
+from adpfl.training.dpsgd import DPSGDTrainer
+from adpfl.training.loop import LocalTrainer, TrainConfig
+
+__all__ = ["SiteConfig", "SiteSession", "RoundResult"]
+
+Weights = Dict[str, np.ndarray]
+
+
+@dataclass
+class SiteConfig:
+    """A site's data and run settings (the executor's settings that are not training ones)."""
+
+    task: str = field(default="skin2d", metadata={"help": "the segmentation task: skin2d, kidney3d or brain3d"})
+    data_root: Optional[str] = field(default=None, metadata={
+        "help": "the task's data folder holding `<site>/datalist.json`; the site's `local/adpfl_site.json` "
+                "or `$ADPFL_DATA_ROOT` override it (None: `~/.cache/adpfl/data/<task>`)", "unit": "path"})
+    synthetic: bool = field(default=True, metadata={
+        "help": "generate the embedded synthetic data for this site when it is missing"})
+    num_train: int = field(default=40, metadata={"help": "synthetic training cases per site", "unit": "cases"})
+    num_val: int = field(default=20, metadata={"help": "synthetic validation cases per site", "unit": "cases"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the synthetic data generator"})
+    hd95: bool = field(default=True, metadata={"help": "also compute HD95 when validating"})
+    dpsgd: bool = field(default=False, metadata={
+        "help": "train with record-level DP-SGD (Opacus) instead of plain local training"})
+    dpsgd_ledger_name: Optional[str] = field(default=None, metadata={
+        "help": "file name of the site's record-level ledger (None: `dpsgd_<task>`)"})
+    ledger_dir: Optional[str] = field(default=None, metadata={
+        "help": "folder of the record-level ledger; the site's config or `$ADPFL_LEDGER_DIR` override it "
+                "(None: the site workspace's `adpfl_privacy`)", "unit": "path"})
+
+    def validate(self) -> "SiteConfig":
+        """Check every setting; ValueError names the offending one. Returns self."""
+        get_task(self.task)
+        for name in ("num_train", "num_val"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.dpsgd_ledger_name is not None and (
+            not self.dpsgd_ledger_name or os.sep in self.dpsgd_ledger_name or self.dpsgd_ledger_name.startswith(".")
+        ):
+            raise ValueError(f"dpsgd_ledger_name must be a plain file name, got {self.dpsgd_ledger_name!r}")
+        return self
+
+    @property
+    def ledger_name(self) -> str:
+        return self.dpsgd_ledger_name or f"dpsgd_{self.task}"
+
+
+@dataclass
+class RoundResult:
+    """What one local round produced (``diff`` is None when the round was aborted)."""
+
+    diff: Optional[Weights]
+    steps: int
+    global_metrics: Dict[str, float]
+    local_metrics: Optional[Dict[str, float]] = None
+    loss: Optional[float] = None  # None under DP-SGD: an un-noised statistic of the private records
+    seconds: float = 0.0
+    aborted: bool = False
+    record_meta: Optional[dict] = None  # public record-level accounting (DP-SGD only)
+
+    def summary(self, current_round: int) -> str:
+        text = (f"round {current_round}: global dice {self.global_metrics['dice_mean']:.4f} -> local "
+                f"{self.local_metrics['dice_mean']:.4f}, {self.steps} steps in {self.seconds:.1f}s")
+        if self.loss is not None:
+            text += f", loss {self.loss:.4f}"
+        if self.record_meta:
+            text += f"; record-level epsilon {self.record_meta['epsilon_rdp']:.4g} at delta={self.record_meta['delta']}"
+        return text
+
+
+class SiteSession:
+    """The site's trainer, model and (for DP-SGD) record-level ledger across rounds.
+
+    Args:
+        site: the site's name (its data folder under the data root, its ledger folder).
+        config: data and run settings.
+        train: local training settings.
+        dp: record-level DP-SGD settings, required when ``config.dpsgd``.
+
+    Raises:
+        ValueError / PrivacyConfigError: a bad setting, at construction (before any data is read).
+    """
+
+    def __init__(self, site: str, config: SiteConfig, train: TrainConfig, dp: Optional[DPSGDConfig] = None):
+        self.site = site
+        self.config = config.validate()
+        self.train_config = train
+        train.validate()
+        self.task = get_task(config.task)
+        self.task.resolve_size(train.image_size)
+        if config.dpsgd:
+            if dp is None or dp.target_epsilon is None:
+                # the record-level budget is what the server holds every DP-SGD site to
+                raise ValueError("dpsgd=True needs the site's record-level budget (dpsgd_target_epsilon)")
+            dp.validate()
+        self.dp = dp if config.dpsgd else None
+        self.trainer = None
+        self.model: Optional[torch.nn.Module] = None
+        self.record_ledger: Optional[RecordLedger] = None
+
+    @property
+    def ready(self) -> bool:
+        return self.trainer is not None
+
+    # -- set-up ------------------------------------------------------------------------
+    def setup(self, data_root: str, ledger_folder: Optional[str] = None, max_epsilon: Optional[float] = None) -> List[str]:
+        """Read (or generate) the site's data and build the model and trainer; once.
+
+        Args:
+            data_root: the task's data folder (the site's data is ``<data_root>/<site>``).
+            ledger_folder: folder of the record-level ledger (DP-SGD only); the file is
+                ``<ledger_folder>/<site>/<dpsgd_ledger_name>.json``.
+            max_epsilon: the site's own cap on the record-level budget (wins over a job
+                asking for more).
+
+        Returns the lines worth logging.
+        """
+        if self.ready:
+            return []
+        from adpfl.data.datalist import load_site_datalist, validate_site
+        from adpfl.data.synthetic import ensure_site_data
+
+        cfg = self.config
+        if cfg.synthetic:
+            ensure_site_data(cfg.task, data_root, self.site, num_train=cfg.num_train, num_val=cfg.num_val,
+                             size=self.train_config.image_size, seed=cfg.data_seed)
+        datalist = load_site_datalist(data_root, self.site, task=cfg.task)
+        validate_site(datalist)
+        lines = [f"{self.site}: task {cfg.task}, data {os.path.join(data_root, self.site)}: "
+                 f"{len(datalist['training'])} training / {len(datalist['validation'])} validation cases"]
+        model = TaskNetwork(cfg.task)
+        if cfg.dpsgd:
+            from opacus.validators import ModuleValidator
+
+            # the server's model must stay the task network (same keys), so it is checked,
+            # not rewritten: MONAI's UNet here uses InstanceNorm without affine weights (no
+            # BatchNorm), PReLU and transposed convolutions (Opacus' functorch path)
+            errors = ModuleValidator.validate(model, strict=False)
+            if errors:
+                raise ValueError(f"task {cfg.task}'s network is not Opacus-compatible for DP-SGD: {errors}")
+            if not ledger_folder:
+                raise ValueError("dpsgd needs a ledger folder for the site's record-level ledger")
+            trainer, line = self._dpsgd_trainer(datalist, ledger_folder, max_epsilon)
+            lines.append(line)
+        else:
+            trainer = LocalTrainer(self.task, datalist, self.train_config)
+        self.model = model.to(trainer.device)
+        self.trainer = trainer
+        return lines
+
+    def _dpsgd_trainer(self, datalist, ledger_folder: str, max_epsilon: Optional[float]):
+        """DP-SGD trainer continuing the site's record-level ledger (calibrated for what is left)."""
+        dp = self.dp
+        if max_epsilon is not None and float(max_epsilon) < float(dp.target_epsilon):
+            # the site's own cap wins over a job asking for more
+            dp = dataclasses.replace(dp, target_epsilon=float(max_epsilon))
+        path = os.path.join(ledger_folder, self.site, f"{self.config.ledger_name}.json")
+        ledger = RecordLedger.load_or_create(path, delta=dp.delta)
+        trainer = DPSGDTrainer(self.task, datalist, self.train_config, dp, prior_history=ledger.history())
+        ledger.save(path)  # fail now, before any training, if the ledger cannot be written
+        self.record_ledger = ledger
+        line = (f"{self.site}: record-level DP-SGD, ledger {path} ({len(ledger.entries)} earlier rounds, epsilon "
+                f"{ledger.epsilon():.4g} of {dp.target_epsilon} at delta={dp.delta}); z={trainer.noise_multiplier:.4g}, "
+                f"q={trainer.sample_rate:.4g}, {trainer.steps_per_round} steps per round, clip {dp.max_grad_norm}")
+        return trainer, line
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise RuntimeError("SiteSession.setup() has not run")
+
+    # -- rounds ------------------------------------------------------------------------
+    def load_global(self, weights: Weights) -> Weights:
+        """Load the global weights into the model; returns them as numpy arrays.
+
+        Raises ValueError when the keys or shapes do not match the task network."""
+        self._require_ready()
+        weights = {k: np.asarray(v) for k, v in weights.items()}
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(weights))
+        unexpected = sorted(set(weights) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"global weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        new_state = {}
+        for k, v in weights.items():
+            t = torch.as_tensor(v)
+            if tuple(t.shape) != tuple(own[k].shape):
+                raise ValueError(f"global weight {k} has shape {tuple(t.shape)}, model expects {tuple(own[k].shape)}")
+            new_state[k] = t.to(own[k].dtype)
+        self.model.load_state_dict(new_state)
+        return weights
+
+    def validate(self) -> Dict[str, float]:
+        """Dice (and HD95) of the current model on the site's validation set."""
+        self._require_ready()
+        return self.trainer.evaluate(self.model, with_hd95=self.config.hd95)
+
+    def train_round(
+        self,
+        global_weights: Weights,
+        current_round: int,
+        job_id: Optional[str] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        report: Optional[Callable[[str, Dict[str, float]], None]] = None,
+    ) -> RoundResult:
+        """Validate the global model, train locally, validate the local model.
+
+        ``global_weights`` must already be loaded (:meth:`load_global`). ``report(prefix,
+        metrics)`` receives ``val_global``, ``val_local`` and (without DP-SGD) ``train``
+        metrics as soon as they exist. Under DP-SGD every computed step is written to the
+        record-level ledger, also when training fails or is aborted; an unwritable ledger
+        raises and nothing is returned.
+        """
+        self._require_ready()
+        report = report or (lambda prefix, metrics: None)
+        global_metrics = self.validate()
+        report("val_global", global_metrics)
+        record_meta = None
+        try:
+            stats = self.trainer.train(self.model, should_stop=should_stop)
+        finally:
+            if self.config.dpsgd:
+                record_meta = self.account_dpsgd(current_round, job_id)
+        if stats["aborted"]:
+            return RoundResult(diff=None, steps=int(stats["steps"]), global_metrics=global_metrics, aborted=True,
+                               seconds=float(stats["seconds"]), record_meta=record_meta)
+        local_metrics = self.validate()
+        report("val_local", local_metrics)
+        loss = None
+        if record_meta is None:
+            loss = float(stats["loss"])
+            report("train", {"loss": loss})
+        local_state = self.model.state_dict()
+        diff = {}
+        for k, g in global_weights.items():
+            local = local_state[k].detach().to("cpu", torch.float32).numpy()
+            diff[k] = (local - g.astype(np.float32)).astype(np.float32)
+        return RoundResult(diff=diff, steps=int(stats["steps"]), global_metrics=global_metrics,
+                           local_metrics=local_metrics, loss=loss, seconds=float(stats["seconds"]),
+                           record_meta=record_meta)
+
+    def account_dpsgd(self, current_round: int, job_id: Optional[str] = None) -> dict:
+        """Write every DP-SGD step the trainer took into the record-level ledger (also the
+        steps of a round that failed or was aborted: they were computed) and return the
+        public accounting for the result's metadata."""
+        ledger, trainer = self.record_ledger, self.trainer
+        done = sum(int(h[2]) for h in trainer.history) - sum(int(e["steps"]) for e in ledger.entries)
+        if done > 0:
+            ledger.record(job_id=job_id, round=current_round, noise_multiplier=trainer.noise_multiplier,
+                          sample_rate=trainer.sample_rate, steps=done)
+            ledger.save()
+        return {
+            "unit": "record",
+            "mechanism": "dpsgd",
+            "delta": float(trainer.dp.delta),
+            "noise_multiplier": float(trainer.noise_multiplier),
+            "sample_rate": float(trainer.sample_rate),
+            "max_grad_norm": float(trainer.dp.max_grad_norm),
+            "steps_per_round": int(trainer.steps_per_round),
+            "round": int(current_round),
+            "history": [list(h) for h in ledger.history()],
+            "epsilon_rdp": float(ledger.epsilon()),
+            "target_epsilon": float(trainer.dp.target_epsilon),
+        }
