@@ -15,6 +15,7 @@ import torch
 from adpfl import poc
 from adpfl.flare.jobs import export_job
 from flare_helpers import TINY_EXECUTOR
+import poc_helpers
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +38,7 @@ def poc_system(tmp_path_factory, request):
 
 def _stop_and_check(ws: Path, home: Path):
     poc.stop(str(ws), home=str(home))
-    assert not poc._live_pids(str(ws)), "POC processes survived stop"
+    assert not poc.live_pids(str(ws)), "POC processes survived stop"
 
 
 def _job(root: Path, name: str, custom: bool = True, num_rounds: int = 1) -> Path:
@@ -55,7 +56,7 @@ def _run_job(system, job_dir: Path) -> tuple:
 
 
 def _site_ledger(system, site: str) -> list:
-    path = poc.site_ledger(str(system["ws"]), site, TASK)
+    path = poc_helpers.site_ledger(str(system["ws"]), site, TASK)
     # the ledger lives in the site's own workspace (its startup-kit folder)
     assert Path(system["state"]["prod_dir"]) / site in path.parents
     return json.loads(path.read_text())["entries"]
@@ -129,7 +130,7 @@ def locked_down_jobs(poc_system, first_job):
         allowed, allowed_status = _run_job(poc_system, job)
     finally:
         for kit in kits:
-            poc.remove_allow_list(str(kit))
+            poc_helpers.remove_allow_list(str(kit))
     return {"refused": (refused, refused_status), "allowed": (allowed, allowed_status)}
 
 
@@ -177,4 +178,4 @@ def test_busy_port_is_a_clear_error(tmp_path):
         (tmp_path / "ws" / poc.STATE_FILE).write_text(json.dumps(state))
         with pytest.raises(poc.PocError, match=f"port {port} .* already in use"):
             poc.start(str(tmp_path / "ws"), home=str(tmp_path / "home"))
-    assert not poc._live_pids(str(tmp_path / "ws"))
+    assert not poc.live_pids(str(tmp_path / "ws"))

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-w", "--workspace", required=True)
     s.set_defaults(func=cmd_summary)
 
-    from adpfl.poc import add_parser as add_poc_parser  # `adpfl poc ...` (POC system)
+    from adpfl.poc.cli import add_parser as add_poc_parser  # `adpfl poc ...` (POC system)
 
     add_poc_parser(sub)
     from adpfl.evaluation.compare import add_compare_parsers

@@ -1,4 +1,58 @@
-"""POC tooling (intermediate step of the split: everything still lives in processes.py)."""
+"""Run this bundle's jobs on a local FLARE POC system (``adpfl poc ...``).
 
-from adpfl.poc.processes import *  # noqa: F401,F403
-from adpfl.poc.processes import _live_pids, add_parser  # noqa: F401
+A POC system is a real FLARE deployment on one machine: a server process and one
+process per site, each with its own startup kit and workspace, talking over a local
+port with mutual TLS. Unlike the simulator it runs jobs exactly as a real federation
+does (job submission over the admin API, one job process per site, site-local
+configuration in ``<site>/local/``), and it keeps running between jobs, so a site's
+privacy ledger carries over from one job to the next.
+
+Steps (each is one function of this package and one ``adpfl poc`` sub-command):
+
+``prepare``   ``nvflare poc prepare`` from a generated project.yml: server + site-1..site-N
+              + one project admin, on a free port; writes each site's
+              ``local/adpfl_site.json`` (where its data and ledger live)
+``start``     ``nvflare poc start --no-wait`` (server and sites only, no admin console),
+              then waits until every site is connected (FLARE's session API)
+``submit``    submits a job folder, prints its id
+``wait``      follows a job (status, current round from the server's job log) until done
+``download``  downloads the job's result and finds the global model, TensorBoard logs,
+              privacy_report.json and the final validation in it
+``stop``      ``nvflare poc stop``, then ends any process of this POC system still alive,
+              by PID (the service PID files and a scan for processes of this workspace)
+``run``       all of the above for one job, with ``stop`` in a ``finally``
+
+``nvflare poc`` keeps its settings in ``$HOME/.nvflare/config.conf`` and uses
+``$NVFLARE_POC_WORKSPACE``; every function takes ``workspace`` and ``home`` so a test (or a
+user with several systems) keeps them apart. The processes FLARE starts run ``python3``
+from PATH: :func:`poc_env` puts the running interpreter's ``bin`` folder first.
+
+Modules: ``state`` (names, the workspace's state file), ``project`` (project.yml, site
+config, allow-list, ``prepare``), ``processes`` (``nvflare poc`` calls, ports, ``start``,
+``stop``, leftovers), ``admin`` (the admin session: submit, wait, download, abort,
+resume), ``cli`` (the ``adpfl poc`` sub-commands and ``run``).
+"""
+
+from adpfl.poc.admin import abort, current_round, download, locate_results, resume, session, submit, wait, wait_until_connected
+from adpfl.poc.cli import add_parser, run
+from adpfl.poc.processes import free_port, kill_leftovers, live_pids, nvflare_bin, poc_env, port_in_use, start, stop
+from adpfl.poc.project import ADPFL_ALLOW_LIST, prepare, project_config, site_config, write_allow_list
+from adpfl.poc.state import (
+    ADMIN_USER,
+    DEFAULT_WORKSPACE,
+    PROJECT_NAME,
+    SERVER_NAME,
+    STATE_FILE,
+    PocError,
+    load_state,
+    prod_dir,
+    site_names,
+)
+
+__all__ = [
+    "ADMIN_USER", "ADPFL_ALLOW_LIST", "DEFAULT_WORKSPACE", "PROJECT_NAME", "SERVER_NAME", "STATE_FILE", "PocError",
+    "abort", "add_parser", "current_round", "download", "free_port", "kill_leftovers", "live_pids", "load_state",
+    "locate_results", "nvflare_bin", "poc_env", "port_in_use", "prepare", "prod_dir", "project_config", "resume",
+    "run", "session", "site_config", "site_names", "start", "stop", "submit", "wait", "wait_until_connected",
+    "write_allow_list",
+]
