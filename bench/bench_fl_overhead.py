@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from adpfl.evaluation.compare import TINY_EXECUTOR
+from adpfl.experiments.compare import TINY_EXECUTOR
 from adpfl.flare.jobs import export_job
 
 from _machine import machine  # bench/ is on sys.path when a script runs

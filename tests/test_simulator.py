@@ -78,8 +78,8 @@ def test_adpfl_run_writes_privacy_report_and_curves(tmp_path):
     model = torch.load(rd / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in model.values())
     # the comparison harness reads this run as it reads its own
-    from adpfl.evaluation.compare import collect_run
-    from adpfl.evaluation.report import epsilon_spent
+    from adpfl.experiments.compare import collect_run
+    from adpfl.experiments.report import epsilon_spent
 
     run = collect_run(ws, {"mode": "adpfl"})
     assert set(run["final"]) == {"site-1", "site-2", "site-3"} and run["regions"] == ["lesion"]

@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     from adpfl.poc.cli import add_parser as add_poc_parser  # `adpfl poc ...` (POC system)
 
     add_poc_parser(sub)
-    from adpfl.evaluation.compare import add_compare_parsers
+    from adpfl.experiments.compare import add_compare_parsers
 
     add_compare_parsers(sub)  # `adpfl compare` and `adpfl report`
     return p

@@ -283,7 +283,7 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: List[fl
 
 
 def cmd_compare(args) -> int:
-    from adpfl.evaluation.report import write_report
+    from adpfl.experiments.report import write_report
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -347,7 +347,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from adpfl.evaluation.report import write_report
+    from adpfl.experiments.report import write_report
 
     paths = write_report(Path(args.out).resolve())
     print(Path(paths["markdown"]).read_text())
@@ -389,7 +389,7 @@ def _compare_entry(args) -> int:
     return cmd_compare(args)
 
 
-def main(argv: Optional[List[str]] = None) -> int:  # python -m adpfl.evaluation.compare
+def main(argv: Optional[List[str]] = None) -> int:  # python -m adpfl.experiments.compare
     p = argparse.ArgumentParser(prog="adpfl")
     add_compare_parsers(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(argv)
