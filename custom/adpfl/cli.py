@@ -52,20 +52,14 @@ def cmd_data_generate(args) -> int:
 
 
 # ---------------------------------------------------------------------------- run
-def _simulator_result_dir(workspace: Path) -> Path:
-    for name in ("simulate_job", "simulate_job_0"):
-        p = workspace / "server" / name
-        if p.is_dir():
-            return p
-    cands = sorted((workspace / "server").glob("simulate_job*")) if (workspace / "server").is_dir() else []
-    if cands:
-        return cands[-1]
-    raise CliError(f"no simulator result under {workspace}/server (did the run start?)")
-
-
 def summarize(workspace: Path) -> dict:
     """Collect the run's final metrics, privacy spend and artefact locations."""
-    run_dir = _simulator_result_dir(workspace)
+    from adpfl.flare.simulator import result_dir
+
+    try:
+        run_dir = result_dir(workspace)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
     out = {"run_dir": str(run_dir)}
     cv = run_dir / "cross_site_val" / "cross_val_results.json"
     if cv.is_file():
@@ -126,18 +120,9 @@ def print_summary(summary: dict) -> None:
         print(f"model:        {path}")
 
 
-def _simulator_env(threads: int) -> dict:
-    """The simulator runs ``threads`` site processes at once; give each its share of the CPU
-    cores (torch otherwise starts one thread per core in every process and they fight).
-    A value the user already set wins."""
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, threads)))
-    return env
-
-
 def cmd_run(args) -> int:
     from adpfl.flare.jobs import job_name
+    from adpfl.flare.simulator import simulator_command, simulator_env
 
     workspace = Path(args.workspace).resolve()
     if args.resume and (args.clean or args.job_api or args.rounds):
@@ -163,7 +148,7 @@ def cmd_run(args) -> int:
 
         overrides = {"num_rounds": args.rounds} if args.rounds else {}
         job = build_job(args.task, args.mode, **overrides)
-        os.environ.update(_simulator_env(args.threads))
+        os.environ.update(simulator_env(args.threads))
         rc = job.simulator_run(str(workspace), n_clients=args.sites, threads=args.threads)
     else:
         if args.rounds:
@@ -171,10 +156,9 @@ def cmd_run(args) -> int:
         job_dir = Path(resume["job"]) if resume else Path(args.jobs_dir) / name
         if not (job_dir / "meta.json").is_file():
             raise CliError(f"job folder {job_dir} not found (expected meta.json); run `adpfl jobs export`")
-        cmd = ["nvflare", "simulator", str(job_dir), "-w", str(workspace), "-n", str(args.sites), "-t", str(args.threads)]
-        print("running:", " ".join(cmd), flush=True)
-        nvflare = shutil.which("nvflare") or os.path.join(os.path.dirname(sys.executable), "nvflare")
-        rc = subprocess.call([nvflare] + cmd[1:], env=_simulator_env(args.threads))
+        cmd = simulator_command(job_dir, workspace, args.sites, args.threads)
+        print("running:", " ".join(["nvflare"] + cmd[1:]), flush=True)
+        rc = subprocess.call(cmd, env=simulator_env(args.threads))
     print(f"simulator exited with {rc} after {time.perf_counter() - t0:.0f}s")
     summary = summarize(workspace)
     print_summary(summary)

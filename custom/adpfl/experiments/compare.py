@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -32,9 +31,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from adpfl.flare.simulator import last_started_round, result_dir, server_log, simulator_command, simulator_env
+
 #: tiny CPU settings (--tiny): seconds per round on a laptop
 TINY_EXECUTOR = {"num_train": 6, "num_val": 3, "image_size": 32, "local_epochs": 1, "batch_size": 3}
-ROUND_RE = re.compile(r"Round (\d+) started")
 
 
 def run_id(mode: str, seed: int, epsilon: Optional[float]) -> str:
@@ -88,16 +88,6 @@ def run_overrides(spec: dict, rounds: int, executor: dict, delta: float) -> dict
 
 
 # ---------------------------------------------------------------------------- collection
-def _run_dir(ws: Path) -> Path:
-    for name in ("simulate_job", "simulate_job_0"):
-        if (ws / "server" / name).is_dir():
-            return ws / "server" / name
-    cands = sorted((ws / "server").glob("simulate_job*")) if (ws / "server").is_dir() else []
-    if not cands:
-        raise FileNotFoundError(f"no simulator result under {ws}/server")
-    return cands[-1]
-
-
 def read_site_curves(tb_dir: Path, prefix: str = "val_global/") -> Dict[str, Dict[str, Dict[str, float]]]:
     """{site: {metric: {round: value}}} of the ``prefix`` scalars in tb_events/<site>/."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -122,7 +112,7 @@ def read_site_curves(tb_dir: Path, prefix: str = "val_global/") -> Dict[str, Dic
 
 def collect_run(ws: Path, spec: dict) -> dict:
     """The run.json content of a finished simulator workspace."""
-    rd = _run_dir(ws)
+    rd = result_dir(ws)
     cv_path = rd / "cross_site_val" / "cross_val_results.json"
     if not cv_path.is_file():
         raise FileNotFoundError(f"{cv_path} missing: the run did not reach the final evaluation")
@@ -195,24 +185,6 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _server_log(ws: Path) -> Optional[Path]:
-    for p in (ws / "server" / "simulate_job" / "log.txt", ws / "server" / "log.txt"):
-        if p.is_file():
-            return p
-    return None
-
-
-def _current_round(ws: Path) -> Optional[int]:
-    log = _server_log(ws)
-    if log is None:
-        return None
-    try:
-        found = ROUND_RE.findall(log.read_text(errors="replace"))
-    except OSError:
-        return None
-    return int(found[-1]) if found else None
-
-
 def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: List[float], k: int, n: int,
                 remaining_after: int) -> Optional[dict]:
     from adpfl.flare.jobs import export_job, job_settings
@@ -225,20 +197,17 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: List[fl
     settings = job_settings(args.task, spec["mode"], **overrides)
     job_dir = Path(export_job(args.task, spec["mode"], str(rdir / "job"), **overrides))
     ws = rdir / "ws"
-    env = dict(os.environ)
-    env["ADPFL_DATA_ROOT"] = str(out / "data" / f"seed{spec['seed']}")
-    env.pop("ADPFL_LEDGER_DIR", None)  # each run's ledgers live in its own workspace
-    env.setdefault("OMP_NUM_THREADS", "1")
-    nvflare = shutil.which("nvflare") or os.path.join(os.path.dirname(sys.executable), "nvflare")
     threads = args.threads or args.sites
-    cmd = [nvflare, "simulator", str(job_dir), "-w", str(ws), "-n", str(args.sites), "-t", str(threads)]
+    env = simulator_env(threads, {"ADPFL_DATA_ROOT": str(out / "data" / f"seed{spec['seed']}")})
+    env.pop("ADPFL_LEDGER_DIR", None)  # each run's ledgers live in its own workspace
+    cmd = simulator_command(job_dir, ws, args.sites, threads)
     t0 = time.perf_counter()
     last_round = None
     with open(rdir / "simulator.log", "w") as logf:
         proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             time.sleep(args.poll)
-            r = _current_round(ws)
+            r = last_started_round(server_log(ws))
             if r is not None and r != last_round:
                 last_round = r
                 elapsed = time.perf_counter() - t0

@@ -31,6 +31,7 @@ import shutil
 from typing import Optional, Tuple
 
 from adpfl.flare.progress import PROGRESS_FILE, PROGRESS_FORMAT
+from adpfl.flare.simulator import result_dir
 
 SAG_SUFFIX = "ScatterAndGather"
 PERSISTOR_SUFFIX = "PTFileModelPersistor"
@@ -161,11 +162,11 @@ def prepare_simulator_resume(workspace: str, jobs_dir: str, task: Optional[str] 
     ``task``/``mode`` default to the stopped run's; the original job is
     ``<jobs_dir>/<task>_<mode>``. Returns :func:`make_resume_job`'s summary.
     """
-    run_dirs = sorted(p for p in (os.path.join(workspace, "server", n) for n in ("simulate_job", "simulate_job_0"))
-                      if os.path.isdir(p))
-    if not run_dirs:
-        raise ResumeError(f"nothing to resume: no simulator run under {workspace}/server")
-    progress = read_progress(run_dirs[0])
+    try:
+        run_dir = result_dir(workspace)
+    except FileNotFoundError as e:
+        raise ResumeError(f"nothing to resume: {e}") from None
+    progress = read_progress(str(run_dir))
     for key, given in (("task", task), ("mode", mode)):
         if given and progress.get(key) and given != progress[key]:
             raise ResumeError(f"the stopped run in {workspace} is {key} {progress[key]!r}, not {given!r}")

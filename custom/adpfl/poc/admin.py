@@ -4,7 +4,6 @@ for the sites, submit, follow, download, abort and resume jobs."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -12,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from adpfl.flare.simulator import last_started_round
 from adpfl.poc.processes import check_services_alive, service_logs
 from adpfl.poc.state import PocError, load_state
 
-_ROUND_RE = re.compile(r"Round (\d+) started")
 _TERMINAL = ("FINISHED", "FAILED", "ABORTED", "ABANDONED")
 
 
@@ -94,11 +93,7 @@ def submit(workspace: str, job_dir: str, log: Callable[[str], None] = print) -> 
 
 def current_round(state: dict, job_id: str) -> Optional[int]:
     """The round the server's job process last started (from its log), or None."""
-    log_file = Path(state["prod_dir"]) / state["server"] / job_id / "log.txt"
-    if not log_file.is_file():
-        return None
-    rounds = _ROUND_RE.findall(log_file.read_text(errors="replace"))
-    return int(rounds[-1]) if rounds else None
+    return last_started_round(Path(state["prod_dir"]) / state["server"] / job_id / "log.txt")
 
 
 def wait(

@@ -4,7 +4,6 @@ whatever a stopped or crashed system left behind (by PID)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,12 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from adpfl.flare.simulator import nvflare_bin
 from adpfl.poc.state import DEFAULT_WORKSPACE, SERVER_NAME, PocError, load_state, prod_dir, save_state, tail
-
-
-def nvflare_bin() -> str:
-    path = os.path.join(os.path.dirname(sys.executable), "nvflare")
-    return path if os.path.exists(path) else (shutil.which("nvflare") or "nvflare")
 
 
 def poc_env(workspace: str, home: Optional[str] = None, extra: Optional[dict] = None) -> Dict[str, str]:
