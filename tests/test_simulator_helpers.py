@@ -60,6 +60,6 @@ def test_last_started_round_reads_the_server_log(tmp_path):
 
 def test_summary_and_resume_without_a_run_are_clear_errors(tmp_path, capsys):
     assert main(["summary", "-w", str(tmp_path)]) == 2
-    assert f"no simulator result under {tmp_path / 'server'}" in capsys.readouterr().err
+    assert f"no simulator run under {tmp_path / 'server'}" in capsys.readouterr().err
     with pytest.raises(ResumeError, match="nothing to resume"):
         prepare_simulator_resume(str(tmp_path), str(tmp_path / "jobs"))

@@ -63,7 +63,7 @@ def result_dir(workspace: str | os.PathLike) -> Path:
             return server / name
     cands = sorted(server.glob("simulate_job*")) if server.is_dir() else []
     if not cands:
-        raise FileNotFoundError(f"no simulator result under {server} (did the run start?)")
+        raise FileNotFoundError(f"no simulator run under {server} (did the run start?)")
     return cands[-1]
 
 
