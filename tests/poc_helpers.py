@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Optional
 
+from adpfl._io import read_json, write_json_atomic
 from adpfl.poc import ADPFL_ALLOW_LIST, load_state
 
 
@@ -13,9 +13,9 @@ def remove_allow_list(participant_dir: str, extra: Iterable[str] = ADPFL_ALLOW_L
     target = Path(participant_dir) / "local" / "resources.json"
     if not target.is_file():
         return None
-    resources = json.loads(target.read_text())
+    resources = read_json(target)
     resources["class_allow_list"] = [c for c in resources.get("class_allow_list", []) if c not in set(extra)]
-    target.write_text(json.dumps(resources, indent=2))
+    write_json_atomic(target, resources)
     return target
 
 

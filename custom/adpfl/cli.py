@@ -8,7 +8,6 @@ spent per site, and where the TensorBoard logs and the best model are.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -16,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 from typing import List, Optional
+
+from adpfl._io import read_json, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_JOBS_DIR = REPO_ROOT / "jobs"
@@ -63,10 +64,10 @@ def summarize(workspace: Path) -> dict:
     out = {"run_dir": str(run_dir)}
     cv = run_dir / "cross_site_val" / "cross_val_results.json"
     if cv.is_file():
-        out["final_validation"] = json.loads(cv.read_text())
+        out["final_validation"] = read_json(cv)
     pr = run_dir / "privacy_report.json"
     if pr.is_file():
-        out["privacy"] = json.loads(pr.read_text())
+        out["privacy"] = read_json(pr)
     out["tensorboard"] = str(run_dir / "tb_events")
     models = {}
     for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
@@ -163,7 +164,7 @@ def cmd_run(args) -> int:
     summary = summarize(workspace)
     print_summary(summary)
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        write_json_atomic(args.json, summary)
     return 0 if rc == 0 else 1
 
 

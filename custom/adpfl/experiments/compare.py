@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from adpfl._io import read_json, write_json_atomic
 from adpfl.flare.simulator import last_started_round, result_dir, server_log, simulator_command, simulator_env
 
 #: tiny CPU settings (--tiny): seconds per round on a laptop
@@ -116,7 +117,7 @@ def collect_run(ws: Path, spec: dict) -> dict:
     cv_path = rd / "cross_site_val" / "cross_val_results.json"
     if not cv_path.is_file():
         raise FileNotFoundError(f"{cv_path} missing: the run did not reach the final evaluation")
-    cv = json.loads(cv_path.read_text())
+    cv = read_json(cv_path)
     final = {}
     for site, models in cv.items():
         m = models.get("SRV_FL_global_model.pt") or next(iter(models.values()), None)
@@ -126,9 +127,9 @@ def collect_run(ws: Path, spec: dict) -> dict:
     privacy = None
     pr = rd / "privacy_report.json"
     if pr.is_file() and spec.get("mode") == "dpsgd":
-        privacy = _record_privacy(json.loads(pr.read_text()))
+        privacy = _record_privacy(read_json(pr))
     elif pr.is_file():
-        rep = json.loads(pr.read_text())
+        rep = read_json(pr)
         privacy = {
             "delta": rep.get("delta"),
             "target_epsilon": rep.get("target_epsilon"),
@@ -245,9 +246,7 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: List[fl
         "workspace": str(ws.relative_to(out)),
         **result,
     }
-    tmp = rdir / "run.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=float))
-    os.replace(tmp, rdir / "run.json")
+    write_json_atomic(rdir / "run.json", record, indent=1, default=float)
     return record
 
 
@@ -265,7 +264,7 @@ def cmd_compare(args) -> int:
     }
     prev = out / "compare.json"
     if prev.is_file():
-        old = json.loads(prev.read_text())
+        old = read_json(prev)
         for key in ("task", "rounds", "sites", "delta", "executor"):
             if old.get(key) != settings[key]:
                 raise ValueError(
@@ -275,7 +274,7 @@ def cmd_compare(args) -> int:
         settings["epsilons"] = sorted(set(old.get("epsilons", [])) | set(settings["epsilons"]))
         settings["seeds"] = sorted(set(old.get("seeds", [])) | set(settings["seeds"]))
         settings["dpsgd_epsilons"] = sorted(set(old.get("dpsgd_epsilons", [])) | set(settings["dpsgd_epsilons"]))
-    prev.write_text(json.dumps(settings, indent=2))
+    write_json_atomic(prev, settings)
 
     runs = plan_runs(args.seeds, args.epsilons, args.dpsgd_epsilons, args.modes)
     done_walls = []
@@ -283,7 +282,7 @@ def cmd_compare(args) -> int:
     for spec in runs:
         p = out / "runs" / spec["run_id"] / "run.json"
         if p.is_file():
-            done_walls.append(float(json.loads(p.read_text()).get("wall_time_s", 0.0)))
+            done_walls.append(float(read_json(p).get("wall_time_s", 0.0)))
         else:
             todo.append(spec)
     n = len(runs)

@@ -15,7 +15,6 @@ model. FLARE 2.9 itself cannot resume a job: its component snapshots are disable
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Optional
@@ -25,6 +24,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileName
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
+
+from adpfl._io import write_json_atomic
 
 PROGRESS_FILE = "run_progress.json"
 PROGRESS_FORMAT = "adpfl-run-progress"
@@ -69,10 +70,4 @@ class RunProgressWidget(Widget):
                 "best_model": os.path.join(self._app_dir, DefaultCheckpointFileName.BEST_GLOBAL_MODEL),
                 "time": time.time(),
             }
-            path = os.path.join(self._run_dir, PROGRESS_FILE)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(progress, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_json_atomic(os.path.join(self._run_dir, PROGRESS_FILE), progress)

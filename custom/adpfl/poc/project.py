@@ -3,13 +3,13 @@ allow-list in a startup kit's ``local/resources.json``, and ``prepare`` which wr
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from adpfl._io import read_json, write_json_atomic
 from adpfl.poc.processes import free_port, live_pids, port_in_use, run_nvflare
 from adpfl.poc.state import (
     ADMIN_USER,
@@ -75,7 +75,7 @@ def write_allow_list(participant_dir: str, extra: Iterable[str] = ADPFL_ALLOW_LI
     source = target if target.is_file() else local / "resources.json.default"
     if not source.is_file():
         raise PocError(f"{participant_dir} has no local/resources.json(.default); is it a startup kit?")
-    resources = json.loads(source.read_text())
+    resources = read_json(source)
     if "class_allow_list" not in resources:
         from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
@@ -85,9 +85,7 @@ def write_allow_list(participant_dir: str, extra: Iterable[str] = ADPFL_ALLOW_LI
         if entry not in allow:
             allow.append(entry)
     resources.setdefault("class_list_enforcement_mode", "enforce")
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(resources, indent=2))
-    os.replace(tmp, target)
+    write_json_atomic(target, resources)
     return target
 
 
@@ -131,7 +129,7 @@ def prepare(
     data_root = os.path.abspath(data_root) if data_root else os.path.join(workspace, "data")
     for name in names:
         cfg_path = prod / name / "local" / "adpfl_site.json"
-        cfg_path.write_text(json.dumps(site_config(data_root, ledger_dir), indent=2))
+        write_json_atomic(cfg_path, site_config(data_root, ledger_dir))
         if allow_list:
             write_allow_list(str(prod / name))
     if allow_list:

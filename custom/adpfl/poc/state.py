@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import List
+
+from adpfl._io import read_json, write_json_atomic
 
 PROJECT_NAME = "adpfl_poc"
 ADMIN_USER = "admin@adpfl.local"
@@ -27,12 +28,12 @@ def load_state(workspace: str) -> dict:
     path = Path(workspace) / STATE_FILE
     if not path.is_file():
         raise PocError(f"{workspace} is not a POC workspace prepared by `adpfl poc prepare` (no {STATE_FILE})")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def save_state(workspace: str, state: dict) -> None:
     path = Path(workspace) / STATE_FILE
-    path.write_text(json.dumps(state, indent=2))
+    write_json_atomic(path, state)
 
 
 def site_names(n: int) -> List[str]:
