@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from adpfl._io import read_json, write_json_atomic
+from adpfl.modes import MODES
+from adpfl.tasks.base import TASK_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_JOBS_DIR = REPO_ROOT / "jobs"
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="data preparation")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dg = dsub.add_parser("generate", help="write the synthetic data of N sites")
-    dg.add_argument("--task", default="skin2d")
+    dg.add_argument("--task", default="skin2d", choices=TASK_NAMES)
     dg.add_argument("--data-root", required=True, help="the task's data folder (<root>/<site>/datalist.json)")
     dg.add_argument("--sites", type=int, default=3)
     dg.add_argument("--num-train", type=int, default=40)
@@ -200,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub.add_parser("validate", help="check a site's datalist and files")
 
     r = sub.add_parser("run", help="run a job in the FLARE simulator and print its summary")
-    r.add_argument("--task", default=None, help="skin2d (default), kidney3d or brain3d")
-    r.add_argument("--mode", default=None, choices=["npfl", "dpfl", "adpfl", "dpsgd"], help="default adpfl")
+    r.add_argument("--task", default=None, choices=TASK_NAMES, help="default skin2d")
+    r.add_argument("--mode", default=None, choices=MODES, help="default adpfl")
     r.add_argument("--resume", action="store_true",
                    help="continue the stopped run in --workspace from its last persisted round")
     r.add_argument("-w", "--workspace", default="workspace/run")

@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from .common import TASKS
+from adpfl.tasks.base import TASK_NAMES as TASKS
 from .errors import DataError
 
 

@@ -27,6 +27,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.metrics import PSNRMetric, SSIMMetric
 
+from adpfl.modes import MODES
 from adpfl.privacy.accounting import PrivacyLedger
 from adpfl.privacy.mechanisms import make_generator
 from adpfl.privacy.pipeline import PrivacyConfig, PrivacyPipeline
@@ -43,8 +44,6 @@ __all__ = [
     "small_attack_net",
     "total_variation",
 ]
-
-MODES = ("npfl", "dpfl", "adpfl", "dpsgd")
 
 
 def small_attack_net(in_channels: int = 3, out_channels: int = 2, spatial_dims: int = 2) -> torch.nn.Module:

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from adpfl._io import read_json, write_json_atomic
+from adpfl.modes import MODES
+from adpfl.tasks.base import TASK_NAMES
 from adpfl.flare.simulator import last_started_round, result_dir, server_log, simulator_command, simulator_env
 
 #: tiny CPU settings (--tiny): seconds per round on a laptop
@@ -42,13 +44,10 @@ def run_id(mode: str, seed: int, epsilon: Optional[float]) -> str:
     return f"npfl_seed{seed}" if mode == "npfl" else f"{mode}_eps{epsilon:g}_seed{seed}"
 
 
-ALL_MODES = ("npfl", "dpfl", "adpfl", "dpsgd")
-
-
-def plan_runs(seeds, epsilons, dpsgd_epsilons=(), modes=ALL_MODES) -> List[dict]:
-    unknown = set(modes) - set(ALL_MODES)
+def plan_runs(seeds, epsilons, dpsgd_epsilons=(), modes=MODES) -> List[dict]:
+    unknown = set(modes) - set(MODES)
     if unknown:
-        raise ValueError(f"--modes: unknown {sorted(unknown)}; known: {list(ALL_MODES)}")
+        raise ValueError(f"--modes: unknown {sorted(unknown)}; known: {list(MODES)}")
     runs = []
     for seed in seeds:
         if "npfl" in modes:
@@ -326,12 +325,12 @@ def cmd_report(args) -> int:
 def add_compare_parsers(sub) -> None:
     """Register ``compare`` and ``report`` on the ``adpfl`` command's sub-parsers."""
     c = sub.add_parser("compare", help="NP-FL vs DP-FL vs ADP-FL over epsilons and seeds (simulator runs + report)")
-    c.add_argument("--task", default="skin2d", choices=["skin2d", "kidney3d", "brain3d"])
+    c.add_argument("--task", default="skin2d", choices=TASK_NAMES)
     c.add_argument("--epsilons", type=float, nargs="+", default=[1e4, 1e5], help="target epsilons (per site)")
     c.add_argument("--dpsgd-epsilons", type=float, nargs="*", default=[8.0],
                    help="record-level targets of the DP-SGD runs (one training image; a different unit from "
                         "--epsilons; none: no DP-SGD runs)")
-    c.add_argument("--modes", nargs="+", default=list(ALL_MODES), choices=list(ALL_MODES),
+    c.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                    help="methods to run (default: all four)")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     c.add_argument("--rounds", type=int, default=5)

@@ -24,8 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-MODE_LABEL = {"npfl": "NP-FL", "dpfl": "DP-FL", "adpfl": "ADP-FL", "dpsgd": "DP-SGD (record-level)"}
-MODE_ORDER = {"npfl": 0, "dpfl": 1, "adpfl": 2, "dpsgd": 3}
+from adpfl.modes import MODE_LABELS, MODES
 REACH_FRACTION = 0.9
 
 
@@ -43,12 +42,12 @@ def method_key(run: dict) -> Tuple[str, Optional[float]]:
 
 def method_label(key) -> str:
     mode, eps = key
-    return MODE_LABEL.get(mode, mode) if eps is None else f"{MODE_LABEL.get(mode, mode)} eps={eps:g}"
+    return MODE_LABELS.get(mode, mode) if eps is None else f"{MODE_LABELS.get(mode, mode)} eps={eps:g}"
 
 
 def _sort_key(key):
     mode, eps = key
-    return (MODE_ORDER.get(mode, 9), eps if eps is not None else -1.0)
+    return (MODES.index(mode) if mode in MODES else len(MODES), eps if eps is not None else -1.0)
 
 
 def _finite(xs) -> List[float]:
@@ -279,7 +278,7 @@ def plot_all(runs: Sequence[dict], summary: dict, folder: Path) -> List[str]:
         rows = [r for r in summary["rows"] if r["mode"] == mode]
         if rows:
             ax.errorbar([r["epsilon"] for r in rows], [r["dice_mean"][0] for r in rows],
-                        yerr=[r["dice_mean"][1] for r in rows], marker="o", capsize=3, label=MODE_LABEL[mode])
+                        yerr=[r["dice_mean"][1] for r in rows], marker="o", capsize=3, label=MODE_LABELS[mode])
     if math.isfinite(summary["npfl_dice"]):
         ax.axhline(summary["npfl_dice"], color="k", lw=1, label="NP-FL")
     ax.set_xscale("log")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from adpfl._io import read_json, write_json_atomic
+from adpfl.tasks.base import TASK_NAMES
 from adpfl.poc.processes import free_port, live_pids, port_in_use, run_nvflare
 from adpfl.poc.state import (
     ADMIN_USER,
@@ -55,9 +56,7 @@ def project_config(sites: Iterable[str], port: int, name: str = PROJECT_NAME) ->
 
 def site_config(data_root: str, ledger_dir: Optional[str] = None) -> dict:
     """``local/adpfl_site.json`` of a POC site: each task's data under ``<data_root>/<task>``."""
-    from adpfl.flare.jobs import TASKS
-
-    cfg = {"data_root": {t: os.path.join(os.path.abspath(data_root), t) for t in TASKS}}
+    cfg = {"data_root": {t: os.path.join(os.path.abspath(data_root), t) for t in TASK_NAMES}}
     if ledger_dir:
         cfg["ledger_dir"] = os.path.abspath(ledger_dir)
     return cfg
