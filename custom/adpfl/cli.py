@@ -1,4 +1,8 @@
-"""The ``adpfl`` command: jobs, data, run, summary (and more sub-commands per feature).
+"""The ``adpfl`` command: jobs, data, run, summary, poc, compare, report.
+
+One argparse tree: this module builds it; the sub-command groups that live with their
+code (``adpfl.data.cli``, ``adpfl.poc.cli``, ``adpfl.experiments.compare``) register their
+own parsers on it.
 
 ``adpfl run`` is what the README's main command calls: it runs a job in the FLARE
 simulator (3 sites by default) and prints the final global Dice per site, the privacy
@@ -36,21 +40,6 @@ def cmd_jobs_export(args) -> int:
     for task, mode in all_jobs():
         path = export_job(task, mode, str(out))
         print(f"exported {path}")
-    return 0
-
-
-# ---------------------------------------------------------------------------- data
-def cmd_data_generate(args) -> int:
-    from adpfl.data.synthetic import ensure_site_data
-
-    t0 = time.perf_counter()
-    for i in range(1, args.sites + 1):
-        p = ensure_site_data(
-            args.task, args.data_root, f"site-{i}", num_train=args.num_train, num_val=args.num_val,
-            size=args.size or None, seed=args.seed,
-        )
-        print(f"site-{i}: {p}")
-    print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -186,21 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     je.add_argument("--jobs-dir", default=str(DEFAULT_JOBS_DIR))
     je.set_defaults(func=cmd_jobs_export)
 
-    d = sub.add_parser("data", help="data preparation")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-    dg = dsub.add_parser("generate", help="write the synthetic data of N sites")
-    dg.add_argument("--task", default="skin2d", choices=TASK_NAMES)
-    dg.add_argument("--data-root", required=True, help="the task's data folder (<root>/<site>/datalist.json)")
-    dg.add_argument("--sites", type=int, default=3)
-    dg.add_argument("--num-train", type=int, default=40)
-    dg.add_argument("--num-val", type=int, default=20)
-    dg.add_argument("--size", type=int, default=0)
-    dg.add_argument("--seed", type=int, default=0)
-    dg.set_defaults(func=cmd_data_generate)
-    # handled in main() by adpfl.data's own parser (listed here for --help)
-    dsub.add_parser("prepare", help="split a public dataset (ISIC/HAM10000, KiTS23, BraTS 2024) into site datalists")
-    dsub.add_parser("validate", help="check a site's datalist and files")
-
     r = sub.add_parser("run", help="run a job in the FLARE simulator and print its summary")
     r.add_argument("--task", default=None, choices=TASK_NAMES, help="default skin2d")
     r.add_argument("--mode", default=None, choices=MODES, help="default adpfl")
@@ -220,21 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-w", "--workspace", required=True)
     s.set_defaults(func=cmd_summary)
 
-    from adpfl.poc.cli import add_parser as add_poc_parser  # `adpfl poc ...` (POC system)
-
-    add_poc_parser(sub)
+    # sub-command groups that live with their code register their own parsers
+    from adpfl.data.cli import add_parser as add_data_parser
     from adpfl.experiments.compare import add_compare_parsers
+    from adpfl.poc.cli import add_parser as add_poc_parser
 
+    add_data_parser(sub)  # `adpfl data generate|prepare|validate`
+    add_poc_parser(sub)  # `adpfl poc ...` (POC system)
     add_compare_parsers(sub)  # `adpfl compare` and `adpfl report`
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["data"] and argv[1:2] and argv[1] in ("prepare", "validate"):
-        from adpfl.data.__main__ import main as data_main
-
-        return data_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

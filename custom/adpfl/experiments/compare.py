@@ -20,7 +20,6 @@ runs of one epsilon share ``privacy.target_epsilon``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -354,14 +353,3 @@ def _compare_entry(args) -> int:
     if args.rounds < 1 or args.sites < 1:
         raise ValueError("--rounds and --sites must be >= 1")
     return cmd_compare(args)
-
-
-def main(argv: Optional[List[str]] = None) -> int:  # python -m adpfl.experiments.compare
-    p = argparse.ArgumentParser(prog="adpfl")
-    add_compare_parsers(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
