@@ -12,21 +12,19 @@ size, so its throughput counts the samples it actually drew.
 """
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 
 import torch
 
+from _machine import machine  # bench/ is on sys.path when a script runs
 from adpfl.data.datalist import load_site_datalist
 from adpfl.data.synthetic import ensure_site_data
 from adpfl.tasks.base import get_task
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training import LocalTrainer, TrainConfig
 from adpfl.training.dpsgd import DPSGDConfig, DPSGDTrainer
-
-from _machine import machine  # bench/ is on sys.path when a script runs
 
 
 def run(trainer, model, rounds: int, device) -> dict:

@@ -8,7 +8,6 @@ clear gradient, and relative leakage < 0 (measured about -1) and PSNR below the 
 for DP-FL at z = 1 (one release: update-level epsilon 4.73 at delta 1e-5).
 """
 
-import os
 
 import numpy as np
 import pytest

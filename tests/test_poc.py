@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import poc_helpers
 from adpfl import poc
 from adpfl.flare.jobs import export_job
 from flare_helpers import TINY_EXECUTOR
-import poc_helpers
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,7 @@ def test_poc_job_result_holds_model_and_privacy_report(poc_system, first_job):
     assert "model" in model and len(model["model"]) > 0
     report = json.loads(Path(found["privacy_report"]).read_text())
     assert set(report["sites"]) == {"site-1", "site-2"}
-    for site, info in report["sites"].items():
+    for info in report["sites"].values():
         assert info["releases"] == 1  # the resumed job ran round 1 only
         assert [(e["job_id"], e["round"]) for e in info["ledger"]] == [(resumed, 1)]
         assert info["ledger"][0]["epsilon_rdp"] > 0

@@ -3,7 +3,13 @@ import random
 
 import pytest
 
-from adpfl.privacy import AdaptiveClipper, PrivacyConfigError, effective_noise_multiplier, make_generator, update_noise_multiplier_for
+from adpfl.privacy import (
+    AdaptiveClipper,
+    PrivacyConfigError,
+    effective_noise_multiplier,
+    make_generator,
+    update_noise_multiplier_for,
+)
 
 
 def test_effective_multiplier_formula_and_inverse():

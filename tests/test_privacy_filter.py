@@ -12,8 +12,8 @@ from nvflare.app_common.app_constant import AppConstants
 
 from adpfl.flare.executor import PUBLIC_INFO_PROP
 from adpfl.flare.privacy_filter import ADPFilter
-from adpfl.flare.sparse import decode_sparse
 from adpfl.flare.privacy_meta import PRIVACY_META_KEY, check_privacy_meta
+from adpfl.flare.sparse import decode_sparse
 from adpfl.privacy.errors import PrivacyConfigError
 
 

@@ -28,7 +28,6 @@ def test_npfl_run_trains_records_metrics_and_rejects_malformed_contributions(tmp
     assert "model" in model and len(model["model"]) > 0
     scalars = read_scalars(rd / "tb_events")
     for site in ("site-1", "site-2", "site-3"):
-        steps = dict(scalars.get(f"val_global/dice_lesion", []))
         assert any(f"{site}" in str(p) for p in (rd / "tb_events").iterdir())
     dice_tags = [t for t in scalars if t.startswith("val_global/dice")]
     assert dice_tags, sorted(scalars)

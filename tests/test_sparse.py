@@ -179,7 +179,7 @@ def test_filter_passes_dense_through_and_rejects_malformed():
     bad = encode_sparse(idx, vals, KEYS, SHAPES)
     out = SparseDensifyFilter().process(_shareable(bad, _meta(idx.size + 3)), FLContext())
     assert out.get_return_code() == ReturnCode.BAD_TASK_DATA
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         from_shareable(out)  # no model data in the rejection
     # a sparse payload without the privacy meta is refused by default
     out = SparseDensifyFilter().process(_shareable(bad, {}), FLContext())

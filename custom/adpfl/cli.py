@@ -108,7 +108,7 @@ def print_summary(summary: dict) -> None:
     if priv and priv.get("stopped_early"):
         print(f"  run stopped early: {priv.get('stop_reason')}")
     print(f"TensorBoard:  tensorboard --logdir {summary['tensorboard']}")
-    for name, path in summary.get("models", {}).items():
+    for path in summary.get("models", {}).values():
         print(f"model:        {path}")
 
 

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from adpfl._io import read_json, write_json_atomic
+from adpfl.flare.simulator import last_started_round, result_dir, server_log, simulator_command, simulator_env
 from adpfl.modes import MODES
 from adpfl.tasks.base import TASK_NAMES
-from adpfl.flare.simulator import last_started_round, result_dir, server_log, simulator_command, simulator_env
 
 #: tiny CPU settings (--tiny): seconds per round on a laptop
 TINY_EXECUTOR = {"num_train": 6, "num_val": 3, "image_size": 32, "local_epochs": 1, "batch_size": 3}
@@ -169,7 +169,8 @@ def _record_privacy(rep: dict) -> dict:
         # the site's ledger may hold earlier jobs first: this run's rounds are the last entries
         offset = len(hist) - len(rounds)
         per_round = [{"round": r, "epsilon_rdp": opacus_rdp_epsilon(hist[: offset + i + 1], delta),
-                      "epsilon_prv": None, "noise_multiplier": hist[offset + i][0], "clip_norm": info.get("max_grad_norm")}
+                      "epsilon_prv": None, "noise_multiplier": hist[offset + i][0],
+                      "clip_norm": info.get("max_grad_norm")}
                      for i, r in enumerate(rounds)]
         sites[site] = {"releases": len(rounds), "epsilon_rdp": info.get("epsilon_rdp"), "epsilon_prv": None,
                        "per_round": per_round}
@@ -223,7 +224,8 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: List[fl
                       flush=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        print(f"    [{k}/{n}] {spec['run_id']} FAILED (exit {proc.returncode}); see {rdir / 'simulator.log'}", flush=True)
+        print(f"    [{k}/{n}] {spec['run_id']} FAILED (exit {proc.returncode}); see {rdir / 'simulator.log'}",
+              flush=True)
         return None
     try:
         result = collect_run(ws, spec)

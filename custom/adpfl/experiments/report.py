@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from adpfl.modes import MODE_LABELS, MODES
+
 REACH_FRACTION = 0.9
 
 
@@ -136,7 +137,8 @@ def summarize(runs: Sequence[dict]) -> dict:
             row[kind] = (_mean(vals), _std(vals)) if vals else None
         row["target_epsilon"] = key[1]
         row["wall_time_s"] = _mean(r.get("wall_time_s") for r in group)
-        row["dice_fraction_of_npfl"] = row["dice_mean"][0] / npfl_mean if npfl_mean and math.isfinite(npfl_mean) else float("nan")
+        known = npfl_mean and math.isfinite(npfl_mean)
+        row["dice_fraction_of_npfl"] = row["dice_mean"][0] / npfl_mean if known else float("nan")
         rows.append(row)
     return {"regions": regions, "rows": rows, "npfl_dice": npfl_mean, "statements": _statements(rows)}
 
@@ -188,7 +190,8 @@ def table_columns(regions: Sequence[str]) -> List[str]:
         ["method", "target_epsilon", "seeds", "dice_mean"]
         + [f"dice_{g}" for g in regions]
         + [f"hd95_{g}" for g in regions]
-        + ["rounds_to_90pct_npfl", "epsilon_rdp_max_site", "epsilon_prv_max_site", "dice_fraction_of_npfl", "wall_time_s"]
+        + ["rounds_to_90pct_npfl", "epsilon_rdp_max_site", "epsilon_prv_max_site", "dice_fraction_of_npfl",
+           "wall_time_s"]
     )
 
 
@@ -199,7 +202,8 @@ def markdown(summary: dict, title: str = "ADP-FL comparison") -> str:
     lines = [f"# {title}", "", "Mean +- std over seeds; per seed, Dice/HD95 are means over sites of the final global "
              "model's validation; epsilon is the spend of the most-spent site (site-level update DP, at the run's "
              "delta; for DP-SGD rows: record-level DP, one training image, a different unit that is not "
-             "comparable with, and never added to, the update-level figures).", "", "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+             "comparable with, and never added to, the update-level figures).", "",
+             "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         cells = [r["method"], str(len(r["seeds"])), _pm(r["dice_mean"])]
         cells += [_pm(r[f"dice_{g}"]) for g in regions] + [_pm(r[f"hd95_{g}"], 2) for g in regions]

@@ -40,7 +40,9 @@ class RunProgressWidget(Widget):
         """
         super().__init__()
         if int(num_rounds) < 1 or not 0 <= int(start_round) < int(num_rounds):
-            raise ValueError(f"need 0 <= start_round < num_rounds, got start_round={start_round}, num_rounds={num_rounds}")
+            raise ValueError(
+                f"need 0 <= start_round < num_rounds, got start_round={start_round}, num_rounds={num_rounds}"
+            )
         self.task = task
         self.mode = mode
         self.num_rounds = int(num_rounds)

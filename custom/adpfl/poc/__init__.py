@@ -33,7 +33,17 @@ config, allow-list, ``prepare``), ``processes`` (``nvflare poc`` calls, ports, `
 resume), ``cli`` (the ``adpfl poc`` sub-commands and ``run``).
 """
 
-from adpfl.poc.admin import abort, current_round, download, locate_results, resume, session, submit, wait, wait_until_connected
+from adpfl.poc.admin import (
+    abort,
+    current_round,
+    download,
+    locate_results,
+    resume,
+    session,
+    submit,
+    wait,
+    wait_until_connected,
+)
 from adpfl.poc.cli import add_parser, run
 from adpfl.poc.processes import free_port, kill_leftovers, live_pids, poc_env, port_in_use, start, stop
 from adpfl.poc.project import ADPFL_ALLOW_LIST, prepare, project_config, site_config, write_allow_list

@@ -50,11 +50,13 @@ def add_parser(sub) -> None:
     common(q)
     q.add_argument("-n", "--sites", type=int, default=2)
     q.add_argument("--port", type=int, default=0, help="server port (default 0: a free one)")
-    q.add_argument("--data-root", default=None, help="sites' data parent: <data-root>/<task>/<site> (default <workspace>/data)")
+    q.add_argument("--data-root", default=None,
+                   help="sites' data parent: <data-root>/<task>/<site> (default <workspace>/data)")
     q.add_argument("--ledger-dir", default=None, help="sites' privacy ledger folder (default: each site's workspace)")
     q.add_argument("--allow-list", action="store_true",
                    help="allow-list adpfl.* in every site's local/resources.json (jobs without app/custom/)")
-    q.set_defaults(func=_cli(lambda a: prepare(a.workspace, a.sites, a.home, a.port, a.data_root, a.ledger_dir, a.allow_list)))
+    q.set_defaults(func=_cli(lambda a: prepare(a.workspace, a.sites, a.home, a.port, a.data_root, a.ledger_dir,
+                                               a.allow_list)))
 
     q = psub.add_parser("start", help="start server and sites; wait until all sites are connected")
     common(q)
@@ -76,7 +78,8 @@ def add_parser(sub) -> None:
     common(q)
     q.add_argument("job_id")
     q.add_argument("-o", "--output", default=None, help="destination folder (default <workspace>/results)")
-    q.set_defaults(func=_cli(lambda a: download(a.workspace, a.job_id, a.output or os.path.join(a.workspace, "results"))))
+    q.set_defaults(func=_cli(lambda a: download(a.workspace, a.job_id,
+                                                a.output or os.path.join(a.workspace, "results"))))
 
     q = psub.add_parser("abort", help="abort a running job")
     common(q)

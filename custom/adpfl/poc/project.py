@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from adpfl._io import read_json, write_json_atomic
-from adpfl.tasks.base import TASK_NAMES
 from adpfl.poc.processes import free_port, live_pids, port_in_use, run_nvflare
 from adpfl.poc.state import (
     ADMIN_USER,
@@ -25,6 +24,7 @@ from adpfl.poc.state import (
     site_names,
     tail,
 )
+from adpfl.tasks.base import TASK_NAMES
 
 #: classes a site must allow when it refuses custom code (jobs without app/custom/):
 #: the bundle's own package plus the FLARE classes its jobs use that are not on FLARE's

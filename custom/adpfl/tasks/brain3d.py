@@ -18,6 +18,7 @@ from __future__ import annotations
 from adpfl.tasks import volume3d
 from adpfl.tasks.base import SegTask
 
+
 def _load_and_normalize(size):
     from monai import transforms as mt
 
