@@ -31,7 +31,6 @@ from .common import check_task, task_facts
 from .errors import DataError, DataWarning
 
 _NIFTI_EXT = (".nii", ".nii.gz")
-_IMAGE_2D_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def _allowed_text(task: str) -> str:

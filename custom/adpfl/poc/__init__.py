@@ -33,36 +33,13 @@ config, allow-list, ``prepare``), ``processes`` (``nvflare poc`` calls, ports, `
 resume), ``cli`` (the ``adpfl poc`` sub-commands and ``run``).
 """
 
-from adpfl.poc.admin import (
-    abort,
-    current_round,
-    download,
-    locate_results,
-    resume,
-    session,
-    submit,
-    wait,
-    wait_until_connected,
-)
+from adpfl.poc.admin import abort, download, resume, submit, wait
 from adpfl.poc.cli import add_parser, run
-from adpfl.poc.processes import free_port, kill_leftovers, live_pids, poc_env, port_in_use, start, stop
-from adpfl.poc.project import ADPFL_ALLOW_LIST, prepare, project_config, site_config, write_allow_list
-from adpfl.poc.state import (
-    ADMIN_USER,
-    DEFAULT_WORKSPACE,
-    PROJECT_NAME,
-    SERVER_NAME,
-    STATE_FILE,
-    PocError,
-    load_state,
-    prod_dir,
-    site_names,
-)
+from adpfl.poc.processes import live_pids, start, stop
+from adpfl.poc.project import ADPFL_ALLOW_LIST, prepare, write_allow_list
+from adpfl.poc.state import STATE_FILE, PocError, load_state
 
 __all__ = [
-    "ADMIN_USER", "ADPFL_ALLOW_LIST", "DEFAULT_WORKSPACE", "PROJECT_NAME", "SERVER_NAME", "STATE_FILE", "PocError",
-    "abort", "add_parser", "current_round", "download", "free_port", "kill_leftovers", "live_pids", "load_state",
-    "locate_results", "poc_env", "port_in_use", "prepare", "prod_dir", "project_config", "resume",
-    "run", "session", "site_config", "site_names", "start", "stop", "submit", "wait", "wait_until_connected",
-    "write_allow_list",
+    "ADPFL_ALLOW_LIST", "STATE_FILE", "PocError", "abort", "add_parser", "download", "live_pids", "load_state",
+    "prepare", "resume", "run", "start", "stop", "submit", "wait", "write_allow_list",
 ]
