@@ -15,12 +15,11 @@ import numpy as np
 import torch
 from nvflare.apis.dxo import DXO, DataKind
 
+from _machine import machine  # bench/ is on sys.path when a script runs
 from adpfl.flare.privacy_filter import _wire_data
 from adpfl.flare.sparse import SPARSE_KEY, decode_sparse, payload_nbytes, serialized_nbytes
 from adpfl.privacy import PrivacyConfig, PrivacyLedger, PrivacyPipeline
 from adpfl.tasks.network import TaskNetwork
-
-from _machine import machine  # bench/ is on sys.path when a script runs
 
 
 def main() -> None:

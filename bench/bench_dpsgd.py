@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import torch
+
 from _machine import machine  # bench/ is on sys.path when a script runs
 from adpfl.data.datalist import load_site_datalist
 from adpfl.data.synthetic import ensure_site_data

@@ -15,16 +15,14 @@ bookkeeping is reported once separately since it does not grow with the update s
 """
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
 
+from _machine import machine  # bench/ is on sys.path when a script runs
 from adpfl.flare.sparse import encode_release
 from adpfl.privacy import PrivacyConfig, PrivacyLedger, PrivacyPipeline
-
-from _machine import machine  # bench/ is on sys.path when a script runs
 
 SETTINGS = {
     "dpfl": dict(mode="dpfl", keep_fraction=1.0, clip_norm=2.0, clip_learning_rate=0.0, noise_multiplier=None),

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 
-from adpfl.evaluation.compare import TINY_EXECUTOR
-from adpfl.flare.jobs import export_job
-
 from _machine import machine  # bench/ is on sys.path when a script runs
+from adpfl.experiments.compare import TINY_EXECUTOR
+from adpfl.flare.jobs import export_job
 
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Round (\d+) (started|finished)\.")
 

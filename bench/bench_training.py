@@ -11,7 +11,6 @@ ratio is median trainer samples/s over median plain samples/s (target >= 0.95 on
 """
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -19,13 +18,12 @@ import time
 import torch
 from monai.losses import DiceCELoss
 
+from _machine import machine  # bench/ is on sys.path when a script runs
 from adpfl.data.datalist import load_site_datalist
 from adpfl.data.synthetic import ensure_site_data
 from adpfl.tasks.base import get_task
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training import LocalTrainer, TrainConfig
-
-from _machine import machine  # bench/ is on sys.path when a script runs
 
 
 def _sync(device):

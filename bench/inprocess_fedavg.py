@@ -38,8 +38,8 @@ def main() -> None:
 
     from adpfl.data.datalist import load_site_datalist
     from adpfl.data.synthetic import ensure_site_data
-    from adpfl.privacy.ledger import PrivacyLedger
     from adpfl.privacy.config import PrivacyConfig
+    from adpfl.privacy.ledger import PrivacyLedger
     from adpfl.privacy.pipeline import PrivacyPipeline
     from adpfl.tasks.base import get_task
     from adpfl.tasks.network import TaskNetwork

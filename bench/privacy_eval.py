@@ -32,6 +32,7 @@ def main(argv=None) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from adpfl.data.synthetic_skin import make_skin_case, skin_domain_shift
     from adpfl.evaluation.attack import AttackConfig, attack_release, small_attack_net
     from adpfl.evaluation.audit import audit_gaussian_release

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from adpfl.flare.jobs import export_job
+from adpfl.flare.simulator import nvflare_bin, result_dir, simulator_command, simulator_env  # noqa: F401 (nvflare_bin: for tests)
 
 # tiny, fast CPU settings shared by every integration test
 TINY_EXECUTOR = {
@@ -21,18 +20,10 @@ TINY_EXECUTOR = {
 }
 
 
-def nvflare_bin() -> str:
-    return os.path.join(os.path.dirname(sys.executable), "nvflare")
-
-
 def run_simulator(job_dir: Path, workspace: Path, data_root: Path, n_sites: int = 3, extra_env=None, timeout=600):
-    env = dict(os.environ)
-    env["ADPFL_DATA_ROOT"] = str(data_root)
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra_env or {})
-    cmd = [nvflare_bin(), "simulator", str(job_dir), "-w", str(workspace), "-n", str(n_sites), "-t", str(n_sites)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc
+    env = simulator_env(n_sites, {"ADPFL_DATA_ROOT": str(data_root), "OMP_NUM_THREADS": "1", **(extra_env or {})})
+    cmd = simulator_command(job_dir, workspace, n_sites)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def tiny_job(tmp_path: Path, task: str, mode: str, num_rounds: int = 2, executor=None, privacy=None, **more) -> Path:
@@ -59,7 +50,7 @@ def inject_faults(job_dir: Path, faults: str) -> Path:
 
 
 def run_dir(workspace: Path) -> Path:
-    return workspace / "server" / "simulate_job"
+    return result_dir(workspace)
 
 
 def read_scalars(tb_dir: Path) -> dict:

@@ -12,6 +12,7 @@ for DP-FL at z = 1 (one release: update-level epsilon 4.73 at delta 1e-5).
 import numpy as np
 import pytest
 import torch
+
 from adpfl.data.synthetic_skin import make_skin_case, skin_domain_shift
 from adpfl.evaluation.attack import AttackConfig, attack_release, image_metrics, small_attack_net
 from adpfl.privacy.config import PrivacyConfig

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from adpfl.evaluation.compare import parse_kv, plan_runs, run_overrides
-from adpfl.evaluation.report import (
+from adpfl.experiments.compare import parse_kv, plan_runs, run_overrides
+from adpfl.experiments.report import (
     dice_curve,
     epsilon_spent,
     load_runs,

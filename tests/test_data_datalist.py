@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adpfl.data import DataError, DataWarning, check_pair, generate_site, load_site_datalist
-from adpfl.data import validate_site
+from adpfl.data import DataError, DataWarning, check_pair, generate_site, load_site_datalist, validate_site
 
 
 def _nii(path: Path, arr: np.ndarray) -> str:

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adpfl.data import DataError, load_site_datalist, prepare_public_dataset, split_sites
-from adpfl.data import validate_site
+from adpfl.data import DataError, load_site_datalist, prepare_public_dataset, split_sites, validate_site
 from adpfl.data.public import find_brats_cases, find_isic_cases, find_kits_cases
 
 pytestmark = pytest.mark.filterwarnings("ignore::adpfl.data.errors.DataWarning")

@@ -236,14 +236,14 @@ def test_ensure_site_data_concurrent_sites(tmp_path):
     assert not leftovers
 
 
-def test_cli_synth_and_validate(tmp_path, capsys):
-    from adpfl.data.__main__ import main
+def test_cli_generate_and_validate(tmp_path, capsys):
+    from adpfl.cli import main
 
-    assert main(["synth", "--task", "kidney3d", "--data-root", str(tmp_path), "--sites", "2",
+    assert main(["data", "generate", "--task", "kidney3d", "--data-root", str(tmp_path), "--sites", "2",
                  "--num-train", "1", "--num-val", "1", "--size", "16"]) == 0
     assert (tmp_path / "site-2" / "datalist.json").is_file()
-    assert main(["validate", "--data-root", str(tmp_path), "--site", "site-1"]) == 0
-    assert main(["validate", "--data-root", str(tmp_path / "missing"), "--site", "site-1"]) == 2
+    assert main(["data", "validate", "--data-root", str(tmp_path), "--site", "site-1"]) == 0
+    assert main(["data", "validate", "--data-root", str(tmp_path / "missing"), "--site", "site-1"]) == 2
     assert "data_root" in capsys.readouterr().err
 
 

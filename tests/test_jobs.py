@@ -2,7 +2,6 @@
 
 import filecmp
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import poc_helpers
 from adpfl import poc
 from adpfl.flare.jobs import export_job
 from flare_helpers import TINY_EXECUTOR
@@ -37,7 +38,7 @@ def poc_system(tmp_path_factory, request):
 
 def _stop_and_check(ws: Path, home: Path):
     poc.stop(str(ws), home=str(home))
-    assert not poc._live_pids(str(ws)), "POC processes survived stop"
+    assert not poc.live_pids(str(ws)), "POC processes survived stop"
 
 
 def _job(root: Path, name: str, custom: bool = True, num_rounds: int = 1) -> Path:
@@ -55,7 +56,7 @@ def _run_job(system, job_dir: Path) -> tuple:
 
 
 def _site_ledger(system, site: str) -> list:
-    path = poc.site_ledger(str(system["ws"]), site, TASK)
+    path = poc_helpers.site_ledger(str(system["ws"]), site, TASK)
     # the ledger lives in the site's own workspace (its startup-kit folder)
     assert Path(system["state"]["prod_dir"]) / site in path.parents
     return json.loads(path.read_text())["entries"]
@@ -103,7 +104,7 @@ def test_poc_job_result_holds_model_and_privacy_report(poc_system, first_job):
     assert "model" in model and len(model["model"]) > 0
     report = json.loads(Path(found["privacy_report"]).read_text())
     assert set(report["sites"]) == {"site-1", "site-2"}
-    for site, info in report["sites"].items():
+    for info in report["sites"].values():
         assert info["releases"] == 1  # the resumed job ran round 1 only
         assert [(e["job_id"], e["round"]) for e in info["ledger"]] == [(resumed, 1)]
         assert info["ledger"][0]["epsilon_rdp"] > 0
@@ -129,7 +130,7 @@ def locked_down_jobs(poc_system, first_job):
         allowed, allowed_status = _run_job(poc_system, job)
     finally:
         for kit in kits:
-            poc.remove_allow_list(str(kit))
+            poc_helpers.remove_allow_list(str(kit))
     return {"refused": (refused, refused_status), "allowed": (allowed, allowed_status)}
 
 
@@ -177,4 +178,4 @@ def test_busy_port_is_a_clear_error(tmp_path):
         (tmp_path / "ws" / poc.STATE_FILE).write_text(json.dumps(state))
         with pytest.raises(poc.PocError, match=f"port {port} .* already in use"):
             poc.start(str(tmp_path / "ws"), home=str(tmp_path / "home"))
-    assert not poc._live_pids(str(tmp_path / "ws"))
+    assert not poc.live_pids(str(tmp_path / "ws"))

@@ -1,6 +1,8 @@
 import json
 
 import pytest
+from opacus.accountants import RDPAccountant
+
 from adpfl.privacy import (
     BudgetExhausted,
     PrivacyConfigError,
@@ -10,7 +12,6 @@ from adpfl.privacy import (
     epsilon_prv,
     epsilon_rdp,
 )
-from opacus.accountants import RDPAccountant
 
 D = 1e-5
 
@@ -102,8 +103,9 @@ def test_exact_conversion_independent_check_single_release():
     """One Gaussian release at z: delta(eps) from the closed form, evaluated by hand."""
     import math
 
-    from adpfl.privacy.analysis import epsilon_exact
     from scipy.stats import norm
+
+    from adpfl.privacy.analysis import epsilon_exact
 
     z, delta = 1.5, 1e-5
     eps = epsilon_exact([z], delta)

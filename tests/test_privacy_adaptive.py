@@ -2,6 +2,7 @@ import math
 import random
 
 import pytest
+
 from adpfl.privacy import (
     AdaptiveClipper,
     PrivacyConfigError,

@@ -4,16 +4,17 @@ import json
 
 import numpy as np
 import pytest
-from adpfl.flare.privacy_filter import ADPFilter
-from adpfl.flare.sparse import decode_sparse
-from adpfl.privacy.errors import PrivacyConfigError
-from adpfl.privacy.metadata import PRIVACY_META_KEY, check_privacy_meta
-from adpfl.privacy.public_signals import PUBLIC_INFO_PROP
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, make_reply
 from nvflare.app_common.app_constant import AppConstants
+
+from adpfl.flare.privacy_filter import ADPFilter
+from adpfl.flare.sparse import decode_sparse
+from adpfl.privacy.errors import PrivacyConfigError
+from adpfl.privacy.metadata import PRIVACY_META_KEY, check_privacy_meta
+from adpfl.privacy.public_signals import PUBLIC_INFO_PROP
 
 
 def _ctx(site="site-1", job="job-1", public=None):

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+
 from adpfl.privacy import (
     add_gaussian_noise,
     add_laplace_noise,

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+
 from adpfl.privacy import (
     BudgetExhausted,
     PrivacyConfig,

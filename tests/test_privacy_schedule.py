@@ -1,6 +1,7 @@
 import random
 
 import pytest
+
 from adpfl.privacy import AdaptiveNoiseSchedule, BudgetExhausted, FixedNoise, PrivacyLedger
 
 D = 1e-5

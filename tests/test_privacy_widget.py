@@ -3,14 +3,15 @@ a good contribution is accounted, a bad one is rejected before aggregation."""
 
 import numpy as np
 import pytest
-from adpfl.flare.privacy_widget import PrivacyAccountingWidget
-from adpfl.privacy import PrivacyLedger
-from adpfl.privacy.metadata import PRIVACY_META_KEY
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
+
+from adpfl.flare.privacy_widget import PrivacyAccountingWidget
+from adpfl.privacy import PrivacyLedger
+from adpfl.privacy.metadata import PRIVACY_META_KEY
 from seeded_filter import SeededADPFilter
 
 JOB = "job-1"

@@ -41,7 +41,7 @@ def test_site_fault_sends_nothing_unprotected_and_dropout_does_not_stop_training
                      executor=dict(TINY_EXECUTOR, hd95=False))
     inject_faults(job, "site-1:nan_update:0,site-3:crash:1")
     ws = tmp_path / "ws"
-    proc = run_simulator(job, ws, tmp_path / "data", timeout=900)
+    run_simulator(job, ws, tmp_path / "data", timeout=900)
     text = logs(ws)
     assert "privacy pipeline failed; nothing is released this round" in text
     assert "Ignore the result from site-1 at round 0" in text

@@ -28,7 +28,6 @@ def test_npfl_run_trains_records_metrics_and_rejects_malformed_contributions(tmp
     assert "model" in model and len(model["model"]) > 0
     scalars = read_scalars(rd / "tb_events")
     for site in ("site-1", "site-2", "site-3"):
-        steps = dict(scalars.get(f"val_global/dice_lesion", []))
         assert any(f"{site}" in str(p) for p in (rd / "tb_events").iterdir())
     dice_tags = [t for t in scalars if t.startswith("val_global/dice")]
     assert dice_tags, sorted(scalars)
@@ -84,8 +83,8 @@ def test_adpfl_run_writes_privacy_report_and_curves(tmp_path):
     model = torch.load(rd / "app_server" / "FL_global_model.pt", weights_only=False)["model"]
     assert all(torch.isfinite(torch.as_tensor(v)).all() for v in model.values())
     # the comparison harness reads this run as it reads its own
-    from adpfl.evaluation.compare import collect_run
-    from adpfl.evaluation.report import epsilon_spent
+    from adpfl.experiments.compare import collect_run
+    from adpfl.experiments.report import epsilon_spent
 
     run = collect_run(ws, {"mode": "adpfl"})
     assert set(run["final"]) == {"site-1", "site-2", "site-3"} and run["regions"] == ["lesion"]

@@ -5,6 +5,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+
 from adpfl.flare.sparse import (
     SPARSE_KEY,
     SparseDensifyFilter,
@@ -20,9 +24,6 @@ from adpfl.flare.sparse import (
 from adpfl.privacy import PrivacyConfig, PrivacyLedger, PrivacyPipeline
 from adpfl.privacy.mechanisms import seeded_generators
 from adpfl.privacy.metadata import PRIVACY_META_KEY
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.fl_constant import ReturnCode
-from nvflare.apis.fl_context import FLContext
 
 KEYS, SHAPES = ["a.weight", "b.bias", "c.weight"], [[40, 25], [7], [3, 4, 5]]
 NUMEL = 40 * 25 + 7 + 60
@@ -178,7 +179,7 @@ def test_filter_passes_dense_through_and_rejects_malformed():
     bad = encode_sparse(idx, vals, KEYS, SHAPES)
     out = SparseDensifyFilter().process(_shareable(bad, _meta(idx.size + 3)), FLContext())
     assert out.get_return_code() == ReturnCode.BAD_TASK_DATA
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         from_shareable(out)  # no model data in the rejection
     # a sparse payload without the privacy meta is refused by default
     out = SparseDensifyFilter().process(_shareable(bad, {}), FLContext())

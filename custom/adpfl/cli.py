@@ -1,4 +1,8 @@
-"""The ``adpfl`` command: jobs, data, run, summary (and more sub-commands per feature).
+"""The ``adpfl`` command: jobs, data, run, summary, poc, compare, report.
+
+One argparse tree: this module builds it; the sub-command groups that live with their
+code (``adpfl.data.cli``, ``adpfl.poc.cli``, ``adpfl.experiments.compare``) register their
+own parsers on it.
 
 ``adpfl run`` is what the README's main command calls: it runs a job in the FLARE
 simulator (3 sites by default) and prints the final global Dice per site, the privacy
@@ -8,7 +12,6 @@ spent per site, and where the TensorBoard logs and the best model are.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -16,6 +19,10 @@ import sys
 import time
 from pathlib import Path
 from typing import List, Optional
+
+from adpfl._io import read_json, write_json_atomic
+from adpfl.modes import MODES
+from adpfl.tasks.base import TASK_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_JOBS_DIR = REPO_ROOT / "jobs"
@@ -36,43 +43,22 @@ def cmd_jobs_export(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- data
-def cmd_data_generate(args) -> int:
-    from adpfl.data.synthetic import ensure_site_data
-
-    t0 = time.perf_counter()
-    for i in range(1, args.sites + 1):
-        p = ensure_site_data(
-            args.task, args.data_root, f"site-{i}", num_train=args.num_train, num_val=args.num_val,
-            size=args.size or None, seed=args.seed,
-        )
-        print(f"site-{i}: {p}")
-    print(f"done in {time.perf_counter() - t0:.1f}s")
-    return 0
-
-
 # ---------------------------------------------------------------------------- run
-def _simulator_result_dir(workspace: Path) -> Path:
-    for name in ("simulate_job", "simulate_job_0"):
-        p = workspace / "server" / name
-        if p.is_dir():
-            return p
-    cands = sorted((workspace / "server").glob("simulate_job*")) if (workspace / "server").is_dir() else []
-    if cands:
-        return cands[-1]
-    raise CliError(f"no simulator result under {workspace}/server (did the run start?)")
-
-
 def summarize(workspace: Path) -> dict:
     """Collect the run's final metrics, privacy spend and artefact locations."""
-    run_dir = _simulator_result_dir(workspace)
+    from adpfl.flare.simulator import result_dir
+
+    try:
+        run_dir = result_dir(workspace)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
     out = {"run_dir": str(run_dir)}
     cv = run_dir / "cross_site_val" / "cross_val_results.json"
     if cv.is_file():
-        out["final_validation"] = json.loads(cv.read_text())
+        out["final_validation"] = read_json(cv)
     pr = run_dir / "privacy_report.json"
     if pr.is_file():
-        out["privacy"] = json.loads(pr.read_text())
+        out["privacy"] = read_json(pr)
     out["tensorboard"] = str(run_dir / "tb_events")
     models = {}
     for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
@@ -122,22 +108,13 @@ def print_summary(summary: dict) -> None:
     if priv and priv.get("stopped_early"):
         print(f"  run stopped early: {priv.get('stop_reason')}")
     print(f"TensorBoard:  tensorboard --logdir {summary['tensorboard']}")
-    for name, path in summary.get("models", {}).items():
+    for path in summary.get("models", {}).values():
         print(f"model:        {path}")
-
-
-def _simulator_env(threads: int) -> dict:
-    """The simulator runs ``threads`` site processes at once; give each its share of the CPU
-    cores (torch otherwise starts one thread per core in every process and they fight).
-    A value the user already set wins."""
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, threads)))
-    return env
 
 
 def cmd_run(args) -> int:
     from adpfl.flare.jobs import job_name
+    from adpfl.flare.simulator import simulator_command, simulator_env
 
     workspace = Path(args.workspace).resolve()
     if args.resume and (args.clean or args.job_api or args.rounds):
@@ -163,7 +140,7 @@ def cmd_run(args) -> int:
 
         overrides = {"num_rounds": args.rounds} if args.rounds else {}
         job = build_job(args.task, args.mode, **overrides)
-        os.environ.update(_simulator_env(args.threads))
+        os.environ.update(simulator_env(args.threads))
         rc = job.simulator_run(str(workspace), n_clients=args.sites, threads=args.threads)
     else:
         if args.rounds:
@@ -171,15 +148,14 @@ def cmd_run(args) -> int:
         job_dir = Path(resume["job"]) if resume else Path(args.jobs_dir) / name
         if not (job_dir / "meta.json").is_file():
             raise CliError(f"job folder {job_dir} not found (expected meta.json); run `adpfl jobs export`")
-        cmd = ["nvflare", "simulator", str(job_dir), "-w", str(workspace), "-n", str(args.sites), "-t", str(args.threads)]
-        print("running:", " ".join(cmd), flush=True)
-        nvflare = shutil.which("nvflare") or os.path.join(os.path.dirname(sys.executable), "nvflare")
-        rc = subprocess.call([nvflare] + cmd[1:], env=_simulator_env(args.threads))
+        cmd = simulator_command(job_dir, workspace, args.sites, args.threads)
+        print("running:", " ".join(["nvflare"] + cmd[1:]), flush=True)
+        rc = subprocess.call(cmd, env=simulator_env(args.threads))
     print(f"simulator exited with {rc} after {time.perf_counter() - t0:.0f}s")
     summary = summarize(workspace)
     print_summary(summary)
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        write_json_atomic(args.json, summary)
     return 0 if rc == 0 else 1
 
 
@@ -199,24 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     je.add_argument("--jobs-dir", default=str(DEFAULT_JOBS_DIR))
     je.set_defaults(func=cmd_jobs_export)
 
-    d = sub.add_parser("data", help="data preparation")
-    dsub = d.add_subparsers(dest="data_command", required=True)
-    dg = dsub.add_parser("generate", help="write the synthetic data of N sites")
-    dg.add_argument("--task", default="skin2d")
-    dg.add_argument("--data-root", required=True, help="the task's data folder (<root>/<site>/datalist.json)")
-    dg.add_argument("--sites", type=int, default=3)
-    dg.add_argument("--num-train", type=int, default=40)
-    dg.add_argument("--num-val", type=int, default=20)
-    dg.add_argument("--size", type=int, default=0)
-    dg.add_argument("--seed", type=int, default=0)
-    dg.set_defaults(func=cmd_data_generate)
-    # handled in main() by adpfl.data's own parser (listed here for --help)
-    dsub.add_parser("prepare", help="split a public dataset (ISIC/HAM10000, KiTS23, BraTS 2024) into site datalists")
-    dsub.add_parser("validate", help="check a site's datalist and files")
-
     r = sub.add_parser("run", help="run a job in the FLARE simulator and print its summary")
-    r.add_argument("--task", default=None, help="skin2d (default), kidney3d or brain3d")
-    r.add_argument("--mode", default=None, choices=["npfl", "dpfl", "adpfl", "dpsgd"], help="default adpfl")
+    r.add_argument("--task", default=None, choices=TASK_NAMES, help="default skin2d")
+    r.add_argument("--mode", default=None, choices=MODES, help="default adpfl")
     r.add_argument("--resume", action="store_true",
                    help="continue the stopped run in --workspace from its last persisted round")
     r.add_argument("-w", "--workspace", default="workspace/run")
@@ -233,21 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-w", "--workspace", required=True)
     s.set_defaults(func=cmd_summary)
 
-    from adpfl.poc import add_parser as add_poc_parser  # `adpfl poc ...` (POC system)
+    # sub-command groups that live with their code register their own parsers
+    from adpfl.data.cli import add_parser as add_data_parser
+    from adpfl.experiments.compare import add_compare_parsers
+    from adpfl.poc.cli import add_parser as add_poc_parser
 
-    add_poc_parser(sub)
-    from adpfl.evaluation.compare import add_compare_parsers
-
+    add_data_parser(sub)  # `adpfl data generate|prepare|validate`
+    add_poc_parser(sub)  # `adpfl poc ...` (POC system)
     add_compare_parsers(sub)  # `adpfl compare` and `adpfl report`
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["data"] and argv[1:2] and argv[1] in ("prepare", "validate"):
-        from adpfl.data.__main__ import main as data_main
-
-        return data_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -202,7 +202,7 @@ def update_readme(text: str) -> str:
         if readme_block(text, key) is None:
             raise ValueError(f"the README has no <!-- settings:{key} --> ... <!-- /settings:{key} --> block")
         table = render_table(key)
-        text = _block_re(key).sub(lambda m: m.group(1) + table + m.group(3), text)
+        text = _block_re(key).sub(lambda m, table=table: m.group(1) + table + m.group(3), text)
     return text
 
 

@@ -2,18 +2,11 @@
 
 Conventions: a site's data lives in ``<data_root>/<site_name>/`` with a MONAI-style
 ``datalist.json`` (``task``, ``site``, ``training``, ``validation``, ``meta``; paths relative
-to the datalist folder).  See ``common`` for tasks/label sets and the site-index rule.
+to the datalist folder).  Task facts (channels, files per case, mask values) come from the
+task registry :mod:`adpfl.tasks`; see ``common`` for the site-index rule.
 """
 
-from .common import (
-    BRAIN_MODALITIES,
-    LABEL_NAMES,
-    LABEL_VALUES,
-    NUM_CHANNELS,
-    SPATIAL_DIMS,
-    TASKS,
-    site_index,
-)
+from .common import BRAIN_MODALITIES, site_index
 from .datalist import check_pair, load_site_datalist, validate_site
 from .errors import DataError, DataWarning
 from .public import prepare_public_dataset, split_sites
@@ -21,11 +14,6 @@ from .synthetic import domain_shift, ensure_site_data, generate_site
 
 __all__ = [
     "BRAIN_MODALITIES",
-    "LABEL_NAMES",
-    "LABEL_VALUES",
-    "NUM_CHANNELS",
-    "SPATIAL_DIMS",
-    "TASKS",
     "DataError",
     "DataWarning",
     "check_pair",

@@ -1,12 +1,16 @@
-"""Shared constants and helpers of the data layer (tasks, label sets, site index, I/O).
+"""Shared helpers of the data layer (task check, site index, sizes, paths).
 
 Tasks
 -----
+The facts of each task (channels, image files per case, label values of its mask files,
+spatial dimensions, default size) live in the task registry, :mod:`adpfl.tasks`; the data
+layer reads them from there (``get_task(name)``, which imports neither torch nor MONAI).
+
 =========  ==========================================  =============================
-task       image                                       label values
+task       image                                       mask values
 =========  ==========================================  =============================
 skin2d     RGB PNG/JPEG (ISIC 2018 style)              {0, 255}  (also {0, 1})
-kidney3d   1-channel CT NIfTI (HU)                     0 bg, 1 kidney, 2 tumour, 3 cyst
+kidney3d   1-channel CT NIfTI (HU)                     0 bg, 1 kidney, 2 tumor, 3 cyst
 brain3d    4 NIfTI files: T1n, T1c, T2w, T2-FLAIR      0 bg, 1 NETC, 2 SNFH, 3 ET
 =========  ==========================================  =============================
 
@@ -21,44 +25,31 @@ Site index
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from adpfl.tasks.base import TASK_NAMES, SegTask, get_task
+
 from .errors import DataError
 
-TASKS = ("skin2d", "kidney3d", "brain3d")
-
-#: number of image channels per task
-NUM_CHANNELS = {"skin2d": 3, "kidney3d": 1, "brain3d": 4}
-#: number of separate image files per case (brain3d: one NIfTI per modality)
-NUM_IMAGE_FILES = {"skin2d": 1, "kidney3d": 1, "brain3d": 4}
-#: spatial dimensionality per task
-SPATIAL_DIMS = {"skin2d": 2, "kidney3d": 3, "brain3d": 3}
-#: allowed label values per task (skin2d also accepts a {0, 1} mask, see ``label_values_ok``)
-LABEL_VALUES = {
-    "skin2d": frozenset({0, 255}),
-    "kidney3d": frozenset({0, 1, 2, 3}),
-    "brain3d": frozenset({0, 1, 2, 3}),
-}
-LABEL_NAMES = {
-    "skin2d": {0: "background", 255: "lesion"},
-    "kidney3d": {0: "background", 1: "kidney", 2: "tumour", 3: "cyst"},
-    "brain3d": {0: "background", 1: "NETC", 2: "SNFH", 3: "ET"},
-}
-BRAIN_MODALITIES = ("t1n", "t1c", "t2w", "t2f")
+#: file-name suffixes of a brain3d case's four NIfTI files (BraTS 2024), in channel order
+BRAIN_MODALITIES = get_task("brain3d").image_files
 
 _SITE_RE = re.compile(r"^site-(\d+)$")
 
 
 def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if task not in TASK_NAMES:
+        raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASK_NAMES)}")
     return task
+
+
+def task_facts(task: str) -> SegTask:
+    """The registry entry of ``task`` (a :class:`DataError` for an unknown name)."""
+    return get_task(check_task(task))
 
 
 def site_index(site_name: str) -> int:
@@ -70,21 +61,12 @@ def site_index(site_name: str) -> int:
     return 1000 + int(digest[:8], 16) % 100000
 
 
-def label_values_ok(task: str, values) -> tuple[bool, list[int]]:
-    """Return (ok, unknown_values) for the set of label values found in a mask."""
-    vals = {int(v) for v in values}
-    allowed = set(LABEL_VALUES[task])
-    if task == "skin2d" and vals <= {0, 1}:
-        return True, []
-    bad = sorted(vals - allowed)
-    return not bad, bad
-
-
 def normalize_size(task: str, size) -> tuple[int, ...]:
     """Normalise ``size`` (None, int or tuple) to a spatial shape tuple for ``task``."""
-    nd = SPATIAL_DIMS[check_task(task)]
+    facts = task_facts(task)
+    nd = facts.spatial_dims
     if size is None:
-        size = 128 if nd == 2 else 64
+        size = facts.default_size
     if isinstance(size, (int, np.integer)):
         shape = (int(size),) * nd
     else:

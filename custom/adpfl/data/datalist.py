@@ -25,17 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (
-    LABEL_VALUES,
-    NUM_IMAGE_FILES,
-    TASKS,
-    check_task,
-    label_values_ok,
-)
+from adpfl.tasks.base import TASK_NAMES
+
+from .common import check_task, task_facts
 from .errors import DataError, DataWarning
 
 _NIFTI_EXT = (".nii", ".nii.gz")
-_IMAGE_2D_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _allowed_text(task: str) -> str:
+    sets = task_facts(task).mask_value_sets
+    return " or ".join(str(sorted(s)) for s in sets) if sets else str(list(task_facts(task).label_values))
 
 
 def _is_nifti(path: str) -> bool:
@@ -88,9 +88,9 @@ def load_site_datalist(data_root, site_name: str, task: str | None = None) -> di
     dl_task = raw.get("task", task)
     if dl_task is None:
         raise DataError(f"datalist {path} has no 'task' and no task was given")
-    if dl_task not in TASKS:
+    if dl_task not in TASK_NAMES:
         raise DataError(f"datalist {path} has unknown task {dl_task!r}; expected one of "
-                        f"{', '.join(TASKS)}")
+                        f"{', '.join(TASK_NAMES)}")
     if task is not None and dl_task != task:
         raise DataError(f"datalist {path} is for task {dl_task!r} but task {task!r} was "
                         f"requested for site {site_name!r}")
@@ -123,7 +123,7 @@ def _resolve_entry(entry, i: int, key: str, task: str, base: Path, path: Path) -
     if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
         raise DataError(f"{where}: each entry needs 'image' and 'label' keys, got {entry!r}")
     image = entry["image"]
-    n_files = NUM_IMAGE_FILES[task]
+    n_files = task_facts(task).num_image_files
     if n_files == 1:
         if isinstance(image, list) and len(image) == 1:
             image = image[0]
@@ -228,7 +228,7 @@ def check_pair(image, label, task: str | None = None, deep: bool = False) -> dic
     for p in [*images, label]:
         if not os.path.isfile(p):
             raise DataError(f"file {p} does not exist")
-    n_files = NUM_IMAGE_FILES[task]
+    n_files = task_facts(task).num_image_files
     if len(images) != n_files:
         raise DataError(f"task {task!r} expects {n_files} image file(s) per case, got "
                         f"{len(images)}: {images}")
@@ -272,10 +272,10 @@ def check_pair(image, label, task: str | None = None, deep: bool = False) -> dic
         if not np.all(np.isfinite(data)) or not np.all(data == np.round(data)):
             raise DataError(f"label {label} contains non-integer values; expected class indices")
     values = np.unique(data)
-    ok, bad = label_values_ok(task, values)
-    if not ok:
+    bad = task_facts(task).check_mask_values(values)
+    if bad:
         msg = (f"label {label} contains unknown values {bad} for task {task!r} "
-               f"(allowed: {sorted(LABEL_VALUES[task])})")
+               f"(allowed: {_allowed_text(task)})")
         if task == "brain3d" and 4 in bad:
             msg += ("; value 4 is the old BraTS (2017-2023) 'enhancing tumour' label: remap "
                     "4 -> 3 for BraTS 2024 numbering (1 NETC, 2 SNFH, 3 ET)")

@@ -27,6 +27,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.metrics import PSNRMetric, SSIMMetric
 
+from adpfl.modes import MODES
 from adpfl.privacy.config import PrivacyConfig
 from adpfl.privacy.ledger import PrivacyLedger
 from adpfl.privacy.mechanisms import make_generator, seeded_generators
@@ -44,8 +45,6 @@ __all__ = [
     "small_attack_net",
     "total_variation",
 ]
-
-MODES = ("npfl", "dpfl", "adpfl", "dpsgd")
 
 
 def small_attack_net(in_channels: int = 3, out_channels: int = 2, spatial_dims: int = 2) -> torch.nn.Module:
@@ -149,14 +148,19 @@ def invert_gradient(
     return best, best_cost
 
 
-def image_metrics(recon: torch.Tensor, truth: torch.Tensor, baseline: Optional[torch.Tensor] = None) -> Dict[str, float]:
+def image_metrics(
+    recon: torch.Tensor, truth: torch.Tensor, baseline: Optional[torch.Tensor] = None
+) -> Dict[str, float]:
     """PSNR/SSIM (MONAI, data range 1) of ``recon`` vs ``truth`` and, with a baseline
     image, the baseline's PSNR/SSIM and the relative leakage
     ``(SSIM(recon) - SSIM(baseline)) / SSIM(baseline)``."""
     dims = truth.dim() - 2
     ssim = SSIMMetric(spatial_dims=dims, data_range=1.0)
     psnr = PSNRMetric(max_val=1.0)
-    out = {"psnr": float(psnr(recon.float(), truth.float()).mean()), "ssim": float(ssim(recon.float(), truth.float()).mean())}
+    out = {
+        "psnr": float(psnr(recon.float(), truth.float()).mean()),
+        "ssim": float(ssim(recon.float(), truth.float()).mean()),
+    }
     if baseline is not None:
         b = baseline.expand_as(truth).float()
         out["psnr_baseline"] = float(psnr(b, truth.float()).mean())

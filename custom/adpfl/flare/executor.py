@@ -37,12 +37,12 @@ from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.app_constant import AppConstants
 
+from adpfl.flare.site_config import is_simulation, read_site_config, resolve_data_root, resolve_ledger_dir
+from adpfl.privacy.config import DPSGDConfig
+from adpfl.privacy.errors import PrivacyConfigError
 from adpfl.privacy.metadata import RECORD_PRIVACY_META_KEY
 from adpfl.privacy.public_signals import PUBLIC_INFO_PROP, public_signals
-from adpfl.flare.site_config import is_simulation, read_site_config, resolve_data_root, resolve_ledger_dir
-from adpfl.privacy.errors import PrivacyConfigError
 from adpfl.training import TrainConfig
-from adpfl.privacy.config import DPSGDConfig
 from adpfl.training.site import RoundResult, SiteConfig, SiteSession
 
 # the job-config surface below defaults from these (the one registry of names, defaults and

@@ -18,9 +18,6 @@ import os
 import tempfile
 from typing import Dict, Optional
 
-TASKS = ("skin2d", "kidney3d", "brain3d")
-MODES = ("npfl", "dpfl", "adpfl", "dpsgd")
-
 #: per-task federation, local-training and task-specific privacy settings
 #: (simulator defaults sized for a CPU machine; raise image_size/epochs on a GPU)
 TASK_DEFAULTS: Dict[str, dict] = {

@@ -264,8 +264,10 @@ class PrivacyAccountingWidget(Widget):
                     self._tb(fl_ctx, f"privacy_record/{site}/epsilon_rdp", info["epsilon_rdp"], int(current_round))
                     rec_summary.append(f"{site} eps={info['epsilon_rdp']:.4g} (z={info['noise_multiplier']:.3g}, "
                                        f"q={info['sample_rate']:.3g})")
-                    projected = projected_record_epsilon(info["history"], info["noise_multiplier"],
-                                                         info["sample_rate"], info["steps_per_round"], self.record_delta)
+                    projected = projected_record_epsilon(
+                        info["history"], info["noise_multiplier"], info["sample_rate"], info["steps_per_round"],
+                        self.record_delta,
+                    )
                     if projected > record_limit(self.record_target_epsilon):
                         stop_sites.append(("record", site, projected))
                 self.log_info(

@@ -15,7 +15,6 @@ model. FLARE 2.9 itself cannot resume a job: its component snapshots are disable
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Optional
@@ -25,6 +24,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileName
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
+
+from adpfl._io import write_json_atomic
 
 PROGRESS_FILE = "run_progress.json"
 PROGRESS_FORMAT = "adpfl-run-progress"
@@ -39,7 +40,9 @@ class RunProgressWidget(Widget):
         """
         super().__init__()
         if int(num_rounds) < 1 or not 0 <= int(start_round) < int(num_rounds):
-            raise ValueError(f"need 0 <= start_round < num_rounds, got start_round={start_round}, num_rounds={num_rounds}")
+            raise ValueError(
+                f"need 0 <= start_round < num_rounds, got start_round={start_round}, num_rounds={num_rounds}"
+            )
         self.task = task
         self.mode = mode
         self.num_rounds = int(num_rounds)
@@ -69,10 +72,4 @@ class RunProgressWidget(Widget):
                 "best_model": os.path.join(self._app_dir, DefaultCheckpointFileName.BEST_GLOBAL_MODEL),
                 "time": time.time(),
             }
-            path = os.path.join(self._run_dir, PROGRESS_FILE)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(progress, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_json_atomic(os.path.join(self._run_dir, PROGRESS_FILE), progress)

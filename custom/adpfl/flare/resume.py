@@ -25,12 +25,13 @@ again (and accounted again) in the resumed job: nothing is counted twice, nothin
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Optional, Tuple
 
+from adpfl._io import read_json, write_json_atomic
 from adpfl.flare.progress import PROGRESS_FILE, PROGRESS_FORMAT
+from adpfl.flare.simulator import result_dir
 
 SAG_SUFFIX = "ScatterAndGather"
 PERSISTOR_SUFFIX = "PTFileModelPersistor"
@@ -51,8 +52,7 @@ def read_progress(path: str) -> dict:
             f"nothing to resume: {path} does not exist (the run completed no round, or it is not an adpfl run folder)"
         )
     try:
-        with open(path) as f:
-            progress = json.load(f)
+        progress = read_json(path)
     except (OSError, ValueError) as e:
         raise ResumeError(f"{path} is not readable JSON: {e}") from None
     if not isinstance(progress, dict) or progress.get("format") != PROGRESS_FORMAT:
@@ -111,8 +111,7 @@ def make_resume_job(job_dir: str, out_dir: str, progress: dict, checkpoint: str,
     shutil.copytree(job_dir, out_dir)
     servers, clients = _app_configs(out_dir)
     for path in servers:
-        with open(path) as f:
-            cfg = json.load(f)
+        cfg = read_json(path)
         sags = _find(cfg, SAG_SUFFIX)
         if len(sags) != 1:
             raise ResumeError(f"{path}: expected one ScatterAndGather workflow, found {len(sags)}")
@@ -129,25 +128,20 @@ def make_resume_job(job_dir: str, out_dir: str, progress: dict, checkpoint: str,
         persistors[0].setdefault("args", {})["source_ckpt_file_full_name"] = checkpoint
         for widget in _find(cfg, PROGRESS_SUFFIX):
             widget.setdefault("args", {})["start_round"] = start
-        with open(path, "w") as f:
-            json.dump(cfg, f, indent=4)
+        write_json_atomic(path, cfg, indent=4)
     for path in clients:
-        with open(path) as f:
-            cfg = json.load(f)
+        cfg = read_json(path)
         for ex in _find(cfg, EXECUTOR_SUFFIX):
             a = ex.setdefault("args", {})
             if a.get("dpsgd") and not a.get("dpsgd_noise_multiplier"):
                 a["dpsgd_planned_rounds"] = total - start
-        with open(path, "w") as f:
-            json.dump(cfg, f, indent=4)
+        write_json_atomic(path, cfg, indent=4)
     meta_path = os.path.join(out_dir, "meta.json")
     job_name = name or f"{os.path.basename(os.path.normpath(job_dir))}_from_round{start}"
     if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_json(meta_path)
         meta["name"] = job_name
-        with open(meta_path, "w") as f:
-            json.dump(meta, f, indent=4)
+        write_json_atomic(meta_path, meta, indent=4)
     return {"job": out_dir, "name": job_name, "start_round": start, "rounds_left": total - start,
             "num_rounds": total, "checkpoint": checkpoint, "resumed_job_id": progress.get("job_id")}
 
@@ -161,11 +155,11 @@ def prepare_simulator_resume(workspace: str, jobs_dir: str, task: Optional[str] 
     ``task``/``mode`` default to the stopped run's; the original job is
     ``<jobs_dir>/<task>_<mode>``. Returns :func:`make_resume_job`'s summary.
     """
-    run_dirs = sorted(p for p in (os.path.join(workspace, "server", n) for n in ("simulate_job", "simulate_job_0"))
-                      if os.path.isdir(p))
-    if not run_dirs:
-        raise ResumeError(f"nothing to resume: no simulator run under {workspace}/server")
-    progress = read_progress(run_dirs[0])
+    try:
+        run_dir = result_dir(workspace)
+    except FileNotFoundError as e:
+        raise ResumeError(f"nothing to resume: {e}") from None
+    progress = read_progress(str(run_dir))
     for key, given in (("task", task), ("mode", mode)):
         if given and progress.get(key) and given != progress[key]:
             raise ResumeError(f"the stopped run in {workspace} is {key} {progress[key]!r}, not {given!r}")
@@ -187,7 +181,7 @@ def prepare_simulator_resume(workspace: str, jobs_dir: str, task: Optional[str] 
     shutil.copyfile(progress["model"], checkpoint)
     if os.path.isfile(progress.get("best_model") or ""):
         shutil.copyfile(progress["best_model"], os.path.join(keep, f"round{k}_best_FL_global_model.pt"))
-    with open(os.path.join(keep, f"round{k}_{PROGRESS_FILE}"), "w") as f:
-        json.dump({k2: v for k2, v in progress.items() if not k2.startswith("_")}, f, indent=2)
+    write_json_atomic(os.path.join(keep, f"round{k}_{PROGRESS_FILE}"),
+                      {k2: v for k2, v in progress.items() if not k2.startswith("_")})
     out = os.path.join(keep, "job", f"{task}_{mode}_from_round{k + 1}")
     return make_resume_job(job_dir, out, progress, checkpoint)

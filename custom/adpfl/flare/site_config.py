@@ -19,9 +19,10 @@ A real site (startup kit) therefore points the bundle at its data without editin
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
+
+from adpfl._io import read_json
 
 SITE_CONFIG_NAME = "adpfl_site.json"
 _KNOWN_KEYS = {"data_root", "ledger_dir", "max_epsilon"}
@@ -34,8 +35,7 @@ def read_site_config(workspace_root: Optional[str]) -> dict:
     if not os.path.exists(path):
         return {}
     try:
-        with open(path) as f:
-            cfg = json.load(f)
+        cfg = read_json(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"site config {path} is not readable JSON: {e}") from None
     if not isinstance(cfg, dict):

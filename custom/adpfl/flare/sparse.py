@@ -36,7 +36,7 @@ controller disregards (``ignore_result_error``).
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from nvflare.apis.filter import Filter

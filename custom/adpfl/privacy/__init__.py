@@ -43,6 +43,7 @@ __all__ = [
     "clip_l1",
     "clip_l2",
     "effective_noise_multiplier",
+    "update_noise_multiplier_for",
     "epsilon_gaussian",
     "epsilon_prv",
     "epsilon_rdp",

@@ -200,7 +200,7 @@ class PrivacyLedger:
         """Load a saved ledger; PrivacyError naming the file if it is corrupt
         (FileNotFoundError if absent; see :meth:`load_or_create`)."""
         path = os.fspath(path)
-        with open(path, "r", encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             text = fh.read()
         try:
             return cls.from_dict(json.loads(text))

@@ -35,7 +35,6 @@ from .adaptive import AdaptiveClipper, update_noise_multiplier_for
 from .config import PrivacyConfig
 from .errors import BudgetExhausted, PrivacyConfigError, PrivacyError
 from .ledger import PrivacyLedger
-from .metadata import NO_MASK
 from .mechanisms import (
     FlatSpec,
     GeneratorFactory,
@@ -50,6 +49,7 @@ from .mechanisms import (
     sparsify_mask,
     unflatten_update,
 )
+from .metadata import NO_MASK
 from .schedule import AdaptiveNoiseSchedule, FixedNoise
 
 SENSITIVITY_CONVENTION = "replace-one, sensitivity = 2 * clip_norm"

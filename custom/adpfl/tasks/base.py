@@ -1,16 +1,20 @@
 """What a segmentation task is: channels, labels, evaluation regions, transforms, network.
 
-A task is one module in this package that defines ``TASK`` (a :class:`SegTask`).
-Nothing here imports nvflare.
+This package is the one task registry: a task is one module in it that defines ``TASK``
+(a :class:`SegTask`), and :data:`TASK_NAMES` lists them. The data layer reads its facts
+(image files per case, label values a mask file may hold, spatial dimensions) from here.
+Importing a task is cheap: torch and MONAI are imported only when a network or a transform
+chain is built. Nothing here imports nvflare.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Tuple
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SegTask", "get_task", "TASK_NAMES", "labels_to_regions"]
 
@@ -38,6 +42,11 @@ class SegTask:
     num_res_units: int = 2
     # patch size for random-crop training (3D tasks); None = whole image
     patch_size: Tuple[int, ...] | None = None
+    # the label values a mask file may hold, when they are not the class indices: the mask's
+    # values must all lie in one of these sets (the transforms map them to class indices)
+    mask_value_sets: Tuple[FrozenSet[int], ...] = ()
+    # one image file per entry (these are the file-name suffixes) instead of one file per case
+    image_files: Tuple[str, ...] = ()
     # builders for the MONAI transform chains (set by each task module)
     make_train_transforms: Callable[["SegTask", Tuple[int, ...]], object] | None = field(default=None, compare=False)
     make_val_transforms: Callable[["SegTask", Tuple[int, ...]], object] | None = field(default=None, compare=False)
@@ -54,7 +63,25 @@ class SegTask:
     def label_values(self) -> Tuple[int, ...]:
         return tuple(sorted(self.label_names))
 
-    def build_network(self) -> torch.nn.Module:
+    @property
+    def num_image_files(self) -> int:
+        """Image files per case (brain3d: one per MRI sequence)."""
+        return len(self.image_files) or 1
+
+    @property
+    def mask_values(self) -> List[int]:
+        """Every value a mask file of this task may hold."""
+        return sorted(set().union(*self.mask_value_sets)) if self.mask_value_sets else list(self.label_values)
+
+    def check_mask_values(self, values) -> List[int]:
+        """The values of ``values`` a mask file of this task may not hold (empty: all fine)."""
+        vals = {int(v) for v in values}
+        allowed = self.mask_value_sets or (frozenset(self.label_values),)
+        if any(vals <= s for s in allowed):
+            return []
+        return sorted(vals - set(self.mask_values)) or sorted(vals - set(allowed[0]))
+
+    def build_network(self) -> "torch.nn.Module":
         """The MONAI UNet of this task (wrapped by :class:`adpfl.tasks.network.TaskNetwork`)."""
         from monai.networks.nets import UNet
 
@@ -87,8 +114,10 @@ class SegTask:
         return self.make_val_transforms(self, self.resolve_size(size))
 
 
-def labels_to_regions(labels: torch.Tensor, task: SegTask) -> torch.Tensor:
+def labels_to_regions(labels: "torch.Tensor", task: SegTask) -> "torch.Tensor":
     """Map an integer label map (B,1,*spatial) to binary region channels (B,R,*spatial)."""
+    import torch
+
     if labels.shape[1] != 1:
         raise ValueError(f"expected a single-channel label map, got shape {tuple(labels.shape)}")
     lab = labels[:, 0]
@@ -117,7 +146,3 @@ def get_task(name: str) -> SegTask:
             f"task must be one of {TASK_NAMES}, got {name!r} (module adpfl.tasks.{name} does not define TASK)"
         )
     return task
-
-
-def region_names(task: SegTask) -> Sequence[str]:
-    return list(task.regions)

@@ -15,12 +15,13 @@ tumour/brain in a 2:1 ratio, with mirroring and small intensity jitter.
 
 from __future__ import annotations
 
-from monai import transforms as mt
-
 from adpfl.tasks import volume3d
 from adpfl.tasks.base import SegTask
 
+
 def _load_and_normalize(size):
+    from monai import transforms as mt
+
     # a list of 4 files is loaded as one image with a leading channel axis
     return volume3d.load_oriented() + [
         mt.CropForegroundd(keys=["image", "label"], source_key="image", margin=2, allow_smaller=True),
@@ -40,6 +41,7 @@ TASK = SegTask(
     regions={"ET": (3,), "NETC": (1,), "SNFH": (2,), "TC": (1, 3), "WT": (1, 2, 3)},
     key_region="WT",
     **volume3d.UNET_3D,
+    image_files=("t1n", "t1c", "t2w", "t2f"),
     make_train_transforms=_train,
     make_val_transforms=_val,
 )

@@ -12,8 +12,6 @@ validation uses the whole volume (sliding-window inference when it exceeds the p
 
 from __future__ import annotations
 
-from monai import transforms as mt
-
 from adpfl.tasks import volume3d
 from adpfl.tasks.base import SegTask
 
@@ -23,6 +21,8 @@ HU_MIN, HU_MAX = -200.0, 300.0
 
 
 def _load_and_normalize(size):
+    from monai import transforms as mt
+
     return volume3d.load_oriented() + [
         volume3d.resize(size),
         mt.ScaleIntensityRanged(keys="image", a_min=HU_MIN, a_max=HU_MAX, b_min=0.0, b_max=1.0, clip=True),

@@ -1,19 +1,21 @@
 """Skin lesion segmentation on 2D RGB dermoscopy (HAM10000 / ISIC 2018 Task 1 style).
 
-Images: RGB PNG/JPEG, masks: single-channel PNG with 0 (skin) / 255 (lesion), as in ISIC.
+Images: RGB PNG/JPEG, masks: single-channel PNG with 0 (skin) / 255 (lesion), as in ISIC;
+a 0/1 mask is accepted too. The transforms map either to class indices 0 / 1.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from monai import transforms as mt
 
 from adpfl.tasks.base import SegTask
 
 
 def _binarize_mask(x):
-    # ISIC masks are 0/255 (sometimes with JPEG-like halo values); lesion = above half range.
-    return (x > 127).astype(np.float32) if isinstance(x, np.ndarray) else (x > 127).float()
+    # ISIC masks are 0/255 (sometimes with JPEG-like halo values): lesion = above half range;
+    # a 0/1 mask (maximum 1): lesion = 1
+    threshold = 0.5 if float(x.max()) <= 1 else 127
+    return (x > threshold).astype(np.float32) if isinstance(x, np.ndarray) else (x > threshold).float()
 
 
 def _first_channel(x):
@@ -25,6 +27,8 @@ def _rgb(x):
 
 
 def _load_and_normalize(task: SegTask, size):
+    from monai import transforms as mt
+
     return [
         mt.LoadImaged(keys=["image", "label"], image_only=True),
         mt.EnsureChannelFirstd(keys=["image", "label"]),
@@ -38,6 +42,8 @@ def _load_and_normalize(task: SegTask, size):
 
 
 def _train(task: SegTask, size):
+    from monai import transforms as mt
+
     return mt.Compose(
         _load_and_normalize(task, size)
         + [
@@ -50,6 +56,8 @@ def _train(task: SegTask, size):
 
 
 def _val(task: SegTask, size):
+    from monai import transforms as mt
+
     return mt.Compose(_load_and_normalize(task, size) + [mt.EnsureTyped(keys=["image", "label"], track_meta=False)])
 
 
@@ -60,6 +68,7 @@ TASK = SegTask(
     label_names={0: "background", 1: "lesion"},
     regions={"lesion": (1,)},
     key_region="lesion",
+    mask_value_sets=(frozenset({0, 255}), frozenset({0, 1})),
     default_size=(128, 128),
     unet_channels=(16, 32, 64, 128),
     unet_strides=(2, 2, 2),

@@ -1,12 +1,11 @@
 """Transform pieces shared by the 3D tasks (kidney3d, brain3d): orientation, resampling,
 random foreground/background patches with mirroring and intensity jitter, typed output.
-Each task module adds only its own loading/normalisation steps."""
+Each task module adds only its own loading/normalisation steps. MONAI and torch are imported
+when a chain is built, so importing a task stays cheap."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-from monai import transforms as mt
 
 from adpfl.tasks.base import SegTask
 
@@ -26,6 +25,8 @@ UNET_3D = {
 
 def load_oriented():
     """Load image(s) and label channel-first in RAS (a list of files becomes channels)."""
+    from monai import transforms as mt
+
     return [
         mt.LoadImaged(keys=["image", "label"], image_only=True),
         mt.EnsureChannelFirstd(keys=["image", "label"]),
@@ -34,6 +35,8 @@ def load_oriented():
 
 
 def resize(size):
+    from monai import transforms as mt
+
     return mt.Resized(
         keys=["image", "label"],
         spatial_size=size,
@@ -51,6 +54,9 @@ def patch_size(task: SegTask, size):
 
 
 def finish():
+    import torch
+    from monai import transforms as mt
+
     return [
         mt.EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
         mt.EnsureTyped(keys="label", dtype=torch.uint8, track_meta=False),
@@ -60,6 +66,8 @@ def finish():
 def train_chain(task: SegTask, size, load_and_normalize, intensity_shift: float):
     """Random patches centred on foreground/background 2:1, mirroring on all axes, small
     intensity scale/shift jitter, after the task's own loading and normalisation."""
+    from monai import transforms as mt
+
     return mt.Compose(
         load_and_normalize
         + [
@@ -84,6 +92,8 @@ def train_chain(task: SegTask, size, load_and_normalize, intensity_shift: float)
 
 
 def val_chain(load_and_normalize):
+    from monai import transforms as mt
+
     return mt.Compose(load_and_normalize + finish())
 
 

@@ -27,10 +27,10 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from adpfl.tasks.base import get_task
-from adpfl.tasks.network import TaskNetwork
 from adpfl.privacy.config import DPSGDConfig
 from adpfl.privacy.record import RecordLedger
+from adpfl.tasks.base import get_task
+from adpfl.tasks.network import TaskNetwork
 from adpfl.training.dpsgd import DPSGDTrainer
 from adpfl.training.loop import LocalTrainer, TrainConfig
 

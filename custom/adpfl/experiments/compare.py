@@ -20,11 +20,9 @@ runs of one epsilon share ``privacy.target_epsilon``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -32,22 +30,23 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from adpfl._io import read_json, write_json_atomic
+from adpfl.flare.simulator import last_started_round, result_dir, server_log, simulator_command, simulator_env
+from adpfl.modes import MODES
+from adpfl.tasks.base import TASK_NAMES
+
 #: tiny CPU settings (--tiny): seconds per round on a laptop
 TINY_EXECUTOR = {"num_train": 6, "num_val": 3, "image_size": 32, "local_epochs": 1, "batch_size": 3}
-ROUND_RE = re.compile(r"Round (\d+) started")
 
 
 def run_id(mode: str, seed: int, epsilon: Optional[float]) -> str:
     return f"npfl_seed{seed}" if mode == "npfl" else f"{mode}_eps{epsilon:g}_seed{seed}"
 
 
-ALL_MODES = ("npfl", "dpfl", "adpfl", "dpsgd")
-
-
-def plan_runs(seeds, epsilons, dpsgd_epsilons=(), modes=ALL_MODES) -> List[dict]:
-    unknown = set(modes) - set(ALL_MODES)
+def plan_runs(seeds, epsilons, dpsgd_epsilons=(), modes=MODES) -> List[dict]:
+    unknown = set(modes) - set(MODES)
     if unknown:
-        raise ValueError(f"--modes: unknown {sorted(unknown)}; known: {list(ALL_MODES)}")
+        raise ValueError(f"--modes: unknown {sorted(unknown)}; known: {list(MODES)}")
     runs = []
     for seed in seeds:
         if "npfl" in modes:
@@ -88,16 +87,6 @@ def run_overrides(spec: dict, rounds: int, executor: dict, delta: float) -> dict
 
 
 # ---------------------------------------------------------------------------- collection
-def _run_dir(ws: Path) -> Path:
-    for name in ("simulate_job", "simulate_job_0"):
-        if (ws / "server" / name).is_dir():
-            return ws / "server" / name
-    cands = sorted((ws / "server").glob("simulate_job*")) if (ws / "server").is_dir() else []
-    if not cands:
-        raise FileNotFoundError(f"no simulator result under {ws}/server")
-    return cands[-1]
-
-
 def read_site_curves(tb_dir: Path, prefix: str = "val_global/") -> Dict[str, Dict[str, Dict[str, float]]]:
     """{site: {metric: {round: value}}} of the ``prefix`` scalars in tb_events/<site>/."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -122,11 +111,11 @@ def read_site_curves(tb_dir: Path, prefix: str = "val_global/") -> Dict[str, Dic
 
 def collect_run(ws: Path, spec: dict) -> dict:
     """The run.json content of a finished simulator workspace."""
-    rd = _run_dir(ws)
+    rd = result_dir(ws)
     cv_path = rd / "cross_site_val" / "cross_val_results.json"
     if not cv_path.is_file():
         raise FileNotFoundError(f"{cv_path} missing: the run did not reach the final evaluation")
-    cv = json.loads(cv_path.read_text())
+    cv = read_json(cv_path)
     final = {}
     for site, models in cv.items():
         m = models.get("SRV_FL_global_model.pt") or next(iter(models.values()), None)
@@ -136,9 +125,9 @@ def collect_run(ws: Path, spec: dict) -> dict:
     privacy = None
     pr = rd / "privacy_report.json"
     if pr.is_file() and spec.get("mode") == "dpsgd":
-        privacy = _record_privacy(json.loads(pr.read_text()))
+        privacy = _record_privacy(read_json(pr))
     elif pr.is_file():
-        rep = json.loads(pr.read_text())
+        rep = read_json(pr)
         privacy = {
             "delta": rep.get("delta"),
             "target_epsilon": rep.get("target_epsilon"),
@@ -180,7 +169,8 @@ def _record_privacy(rep: dict) -> dict:
         # the site's ledger may hold earlier jobs first: this run's rounds are the last entries
         offset = len(hist) - len(rounds)
         per_round = [{"round": r, "epsilon_rdp": opacus_rdp_epsilon(hist[: offset + i + 1], delta),
-                      "epsilon_prv": None, "noise_multiplier": hist[offset + i][0], "clip_norm": info.get("max_grad_norm")}
+                      "epsilon_prv": None, "noise_multiplier": hist[offset + i][0],
+                      "clip_norm": info.get("max_grad_norm")}
                      for i, r in enumerate(rounds)]
         sites[site] = {"releases": len(rounds), "epsilon_rdp": info.get("epsilon_rdp"), "epsilon_prv": None,
                        "per_round": per_round}
@@ -195,24 +185,6 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _server_log(ws: Path) -> Optional[Path]:
-    for p in (ws / "server" / "simulate_job" / "log.txt", ws / "server" / "log.txt"):
-        if p.is_file():
-            return p
-    return None
-
-
-def _current_round(ws: Path) -> Optional[int]:
-    log = _server_log(ws)
-    if log is None:
-        return None
-    try:
-        found = ROUND_RE.findall(log.read_text(errors="replace"))
-    except OSError:
-        return None
-    return int(found[-1]) if found else None
-
-
 def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: List[float], k: int, n: int,
                 remaining_after: int) -> Optional[dict]:
     from adpfl.flare.jobs import export_job, job_settings
@@ -225,20 +197,17 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: List[fl
     settings = job_settings(args.task, spec["mode"], **overrides)
     job_dir = Path(export_job(args.task, spec["mode"], str(rdir / "job"), **overrides))
     ws = rdir / "ws"
-    env = dict(os.environ)
-    env["ADPFL_DATA_ROOT"] = str(out / "data" / f"seed{spec['seed']}")
-    env.pop("ADPFL_LEDGER_DIR", None)  # each run's ledgers live in its own workspace
-    env.setdefault("OMP_NUM_THREADS", "1")
-    nvflare = shutil.which("nvflare") or os.path.join(os.path.dirname(sys.executable), "nvflare")
     threads = args.threads or args.sites
-    cmd = [nvflare, "simulator", str(job_dir), "-w", str(ws), "-n", str(args.sites), "-t", str(threads)]
+    env = simulator_env(threads, {"ADPFL_DATA_ROOT": str(out / "data" / f"seed{spec['seed']}")})
+    env.pop("ADPFL_LEDGER_DIR", None)  # each run's ledgers live in its own workspace
+    cmd = simulator_command(job_dir, ws, args.sites, threads)
     t0 = time.perf_counter()
     last_round = None
     with open(rdir / "simulator.log", "w") as logf:
         proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             time.sleep(args.poll)
-            r = _current_round(ws)
+            r = last_started_round(server_log(ws))
             if r is not None and r != last_round:
                 last_round = r
                 elapsed = time.perf_counter() - t0
@@ -255,7 +224,8 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: List[fl
                       flush=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        print(f"    [{k}/{n}] {spec['run_id']} FAILED (exit {proc.returncode}); see {rdir / 'simulator.log'}", flush=True)
+        print(f"    [{k}/{n}] {spec['run_id']} FAILED (exit {proc.returncode}); see {rdir / 'simulator.log'}",
+              flush=True)
         return None
     try:
         result = collect_run(ws, spec)
@@ -276,14 +246,12 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: List[fl
         "workspace": str(ws.relative_to(out)),
         **result,
     }
-    tmp = rdir / "run.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=float))
-    os.replace(tmp, rdir / "run.json")
+    write_json_atomic(rdir / "run.json", record, indent=1, default=float)
     return record
 
 
 def cmd_compare(args) -> int:
-    from adpfl.evaluation.report import write_report
+    from adpfl.experiments.report import write_report
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -296,7 +264,7 @@ def cmd_compare(args) -> int:
     }
     prev = out / "compare.json"
     if prev.is_file():
-        old = json.loads(prev.read_text())
+        old = read_json(prev)
         for key in ("task", "rounds", "sites", "delta", "executor"):
             if old.get(key) != settings[key]:
                 raise ValueError(
@@ -306,7 +274,7 @@ def cmd_compare(args) -> int:
         settings["epsilons"] = sorted(set(old.get("epsilons", [])) | set(settings["epsilons"]))
         settings["seeds"] = sorted(set(old.get("seeds", [])) | set(settings["seeds"]))
         settings["dpsgd_epsilons"] = sorted(set(old.get("dpsgd_epsilons", [])) | set(settings["dpsgd_epsilons"]))
-    prev.write_text(json.dumps(settings, indent=2))
+    write_json_atomic(prev, settings)
 
     runs = plan_runs(args.seeds, args.epsilons, args.dpsgd_epsilons, args.modes)
     done_walls = []
@@ -314,7 +282,7 @@ def cmd_compare(args) -> int:
     for spec in runs:
         p = out / "runs" / spec["run_id"] / "run.json"
         if p.is_file():
-            done_walls.append(float(json.loads(p.read_text()).get("wall_time_s", 0.0)))
+            done_walls.append(float(read_json(p).get("wall_time_s", 0.0)))
         else:
             todo.append(spec)
     n = len(runs)
@@ -347,7 +315,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from adpfl.evaluation.report import write_report
+    from adpfl.experiments.report import write_report
 
     paths = write_report(Path(args.out).resolve())
     print(Path(paths["markdown"]).read_text())
@@ -358,12 +326,12 @@ def cmd_report(args) -> int:
 def add_compare_parsers(sub) -> None:
     """Register ``compare`` and ``report`` on the ``adpfl`` command's sub-parsers."""
     c = sub.add_parser("compare", help="NP-FL vs DP-FL vs ADP-FL over epsilons and seeds (simulator runs + report)")
-    c.add_argument("--task", default="skin2d", choices=["skin2d", "kidney3d", "brain3d"])
+    c.add_argument("--task", default="skin2d", choices=TASK_NAMES)
     c.add_argument("--epsilons", type=float, nargs="+", default=[1e4, 1e5], help="target epsilons (per site)")
     c.add_argument("--dpsgd-epsilons", type=float, nargs="*", default=[8.0],
                    help="record-level targets of the DP-SGD runs (one training image; a different unit from "
                         "--epsilons; none: no DP-SGD runs)")
-    c.add_argument("--modes", nargs="+", default=list(ALL_MODES), choices=list(ALL_MODES),
+    c.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                    help="methods to run (default: all four)")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     c.add_argument("--rounds", type=int, default=5)
@@ -387,14 +355,3 @@ def _compare_entry(args) -> int:
     if args.rounds < 1 or args.sites < 1:
         raise ValueError("--rounds and --sites must be >= 1")
     return cmd_compare(args)
-
-
-def main(argv: Optional[List[str]] = None) -> int:  # python -m adpfl.evaluation.compare
-    p = argparse.ArgumentParser(prog="adpfl")
-    add_compare_parsers(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-MODE_LABEL = {"npfl": "NP-FL", "dpfl": "DP-FL", "adpfl": "ADP-FL", "dpsgd": "DP-SGD (record-level)"}
-MODE_ORDER = {"npfl": 0, "dpfl": 1, "adpfl": 2, "dpsgd": 3}
+from adpfl.modes import MODE_LABELS, MODES
+
 REACH_FRACTION = 0.9
 
 
@@ -43,12 +43,12 @@ def method_key(run: dict) -> Tuple[str, Optional[float]]:
 
 def method_label(key) -> str:
     mode, eps = key
-    return MODE_LABEL.get(mode, mode) if eps is None else f"{MODE_LABEL.get(mode, mode)} eps={eps:g}"
+    return MODE_LABELS.get(mode, mode) if eps is None else f"{MODE_LABELS.get(mode, mode)} eps={eps:g}"
 
 
 def _sort_key(key):
     mode, eps = key
-    return (MODE_ORDER.get(mode, 9), eps if eps is not None else -1.0)
+    return (MODES.index(mode) if mode in MODES else len(MODES), eps if eps is not None else -1.0)
 
 
 def _finite(xs) -> List[float]:
@@ -137,7 +137,8 @@ def summarize(runs: Sequence[dict]) -> dict:
             row[kind] = (_mean(vals), _std(vals)) if vals else None
         row["target_epsilon"] = key[1]
         row["wall_time_s"] = _mean(r.get("wall_time_s") for r in group)
-        row["dice_fraction_of_npfl"] = row["dice_mean"][0] / npfl_mean if npfl_mean and math.isfinite(npfl_mean) else float("nan")
+        known = npfl_mean and math.isfinite(npfl_mean)
+        row["dice_fraction_of_npfl"] = row["dice_mean"][0] / npfl_mean if known else float("nan")
         rows.append(row)
     return {"regions": regions, "rows": rows, "npfl_dice": npfl_mean, "statements": _statements(rows)}
 
@@ -189,7 +190,8 @@ def table_columns(regions: Sequence[str]) -> List[str]:
         ["method", "target_epsilon", "seeds", "dice_mean"]
         + [f"dice_{g}" for g in regions]
         + [f"hd95_{g}" for g in regions]
-        + ["rounds_to_90pct_npfl", "epsilon_rdp_max_site", "epsilon_prv_max_site", "dice_fraction_of_npfl", "wall_time_s"]
+        + ["rounds_to_90pct_npfl", "epsilon_rdp_max_site", "epsilon_prv_max_site", "dice_fraction_of_npfl",
+           "wall_time_s"]
     )
 
 
@@ -200,7 +202,8 @@ def markdown(summary: dict, title: str = "ADP-FL comparison") -> str:
     lines = [f"# {title}", "", "Mean +- std over seeds; per seed, Dice/HD95 are means over sites of the final global "
              "model's validation; epsilon is the spend of the most-spent site (site-level update DP, at the run's "
              "delta; for DP-SGD rows: record-level DP, one training image, a different unit that is not "
-             "comparable with, and never added to, the update-level figures).", "", "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+             "comparable with, and never added to, the update-level figures).", "",
+             "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         cells = [r["method"], str(len(r["seeds"])), _pm(r["dice_mean"])]
         cells += [_pm(r[f"dice_{g}"]) for g in regions] + [_pm(r[f"hd95_{g}"], 2) for g in regions]
@@ -279,7 +282,7 @@ def plot_all(runs: Sequence[dict], summary: dict, folder: Path) -> List[str]:
         rows = [r for r in summary["rows"] if r["mode"] == mode]
         if rows:
             ax.errorbar([r["epsilon"] for r in rows], [r["dice_mean"][0] for r in rows],
-                        yerr=[r["dice_mean"][1] for r in rows], marker="o", capsize=3, label=MODE_LABEL[mode])
+                        yerr=[r["dice_mean"][1] for r in rows], marker="o", capsize=3, label=MODE_LABELS[mode])
     if math.isfinite(summary["npfl_dice"]):
         ax.axhline(summary["npfl_dice"], color="k", lw=1, label="NP-FL")
     ax.set_xscale("log")
