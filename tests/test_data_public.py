@@ -309,20 +309,26 @@ def test_brats_missing_modality(tmp_path):
     assert "BraTS-GLI-00003-000" in str(ei.value) and "t2f" in str(ei.value)
 
 
-def test_brats_old_label_4(tmp_path):
+def test_brats_2024_label_4_is_resection_cavity(tmp_path):
+    """BraTS 2024 GLI label 4 (resection cavity) is accepted; an unknown label still stops."""
     src = make_brats(tmp_path / "brats", n=2)
     seg = np.zeros((8, 8, 8), np.uint8)
     seg[2, 2, 2] = 4
     _nii(src / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-seg.nii.gz", seg)
+    paths = prepare_public_dataset("brain3d", src, tmp_path / "fl", 1)
+    assert 4 in validate_site(load_site_datalist(tmp_path / "fl", paths[0].parent.name))["label_counts"]
+    seg[3, 3, 3] = 6
+    _nii(src / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-seg.nii.gz", seg)
     with pytest.raises(DataError) as ei:
-        prepare_public_dataset("brain3d", src, tmp_path / "fl", 1)
-    assert "BraTS-GLI-00001-000" in str(ei.value) and "remap 4 -> 3" in str(ei.value)
+        prepare_public_dataset("brain3d", src, tmp_path / "fl2", 1)
+    msg = str(ei.value)
+    assert "BraTS-GLI-00001-000" in msg and "unknown values [6]" in msg and "remap" not in msg
 
 
 def test_brats_old_layout_hint(tmp_path):
     d = tmp_path / "BraTS2021_00000"
     _nii(d / "BraTS2021_00000_t1.nii.gz", np.zeros((4, 4, 4), np.int16))
-    with pytest.raises(DataError, match="BraTS-GLI-00000-000.*BraTS2021_00000.*4 -> 3"):
+    with pytest.raises(DataError, match="BraTS-GLI-00000-000.*BraTS2021_00000.*pre-2023"):
         prepare_public_dataset("brain3d", tmp_path, tmp_path / "fl", 1)
 
 

@@ -44,7 +44,7 @@ def datalists(tmp_path_factory):
     [
         ("skin2d", 2, 3, 2, "lesion"),
         ("kidney3d", 3, 1, 4, "kidney_tumor_cyst"),
-        ("brain3d", 3, 4, 4, "WT"),
+        ("brain3d", 3, 4, 5, "WT"),
     ],
 )
 def test_get_task(name, dims, channels, classes, key):
@@ -84,7 +84,7 @@ def test_3d_settings():
     assert kid.channel_names == ("CT",)
     assert kid.label_names == {0: "background", 1: "kidney", 2: "tumor", 3: "cyst"}
     assert brain.channel_names == ("T1n", "T1c", "T2w", "FLAIR")
-    assert brain.label_names == {0: "background", 1: "NETC", 2: "SNFH", 3: "ET"}
+    assert brain.label_names == {0: "background", 1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"}
     for t in (kid, brain):
         assert t.default_size == (64, 64, 64)
         # the UNet must reduce the default size and the patch evenly
@@ -117,16 +117,17 @@ def test_kits_hierarchical_regions():
 
 def test_brats2024_regions():
     task = get_task("brain3d")
-    assert list(task.regions) == ["ET", "NETC", "SNFH", "TC", "WT"]
-    reg = labels_to_regions(_label_map([0, 1, 2, 3, 3, 0]), task)
-    assert reg.shape == (1, 5, 1, 1, 6)
+    assert list(task.regions) == ["ET", "NETC", "SNFH", "RC", "TC", "WT"]
+    reg = labels_to_regions(_label_map([0, 1, 2, 3, 4, 0]), task)
+    assert reg.shape == (1, 6, 1, 1, 6)
     expected = torch.tensor(
         [
-            [0, 0, 0, 1, 1, 0],  # ET
+            [0, 0, 0, 1, 0, 0],  # ET
             [0, 1, 0, 0, 0, 0],  # NETC
             [0, 0, 1, 0, 0, 0],  # SNFH
-            [0, 1, 0, 1, 1, 0],  # TC = NETC + ET
-            [0, 1, 1, 1, 1, 0],  # WT = NETC + SNFH + ET
+            [0, 0, 0, 0, 1, 0],  # RC (label 4): its own region, in neither TC nor WT
+            [0, 1, 0, 1, 0, 0],  # TC = NETC + ET
+            [0, 1, 1, 1, 0, 0],  # WT = NETC + SNFH + ET
         ],
         dtype=torch.float32,
     )
@@ -139,6 +140,7 @@ def test_regions_are_nested_as_hierarchies():
     assert set(brain["ET"]) < set(brain["TC"]) < set(brain["WT"])
     assert set(brain["NETC"]) < set(brain["TC"])
     assert set(brain["SNFH"]) | set(brain["TC"]) == set(brain["WT"])
+    assert not set(brain["RC"]) & set(brain["WT"])  # BraTS 2024 GLI: RC outside the tumour regions
 
 
 def test_labels_to_regions_rejects_multichannel():

@@ -7,7 +7,7 @@ task       image                                       label values
 =========  ==========================================  =============================
 skin2d     RGB PNG/JPEG (ISIC 2018 style)              {0, 255}  (also {0, 1})
 kidney3d   1-channel CT NIfTI (HU)                     0 bg, 1 kidney, 2 tumour, 3 cyst
-brain3d    4 NIfTI files: T1n, T1c, T2w, T2-FLAIR      0 bg, 1 NETC, 2 SNFH, 3 ET
+brain3d    4 NIfTI files: T1n, T1c, T2w, T2-FLAIR      0 bg, 1 NETC, 2 SNFH, 3 ET, 4 RC
 =========  ==========================================  =============================
 
 Site index
@@ -43,12 +43,12 @@ SPATIAL_DIMS = {"skin2d": 2, "kidney3d": 3, "brain3d": 3}
 LABEL_VALUES = {
     "skin2d": frozenset({0, 255}),
     "kidney3d": frozenset({0, 1, 2, 3}),
-    "brain3d": frozenset({0, 1, 2, 3}),
+    "brain3d": frozenset({0, 1, 2, 3, 4}),  # BraTS 2024 GLI: 4 = resection cavity
 }
 LABEL_NAMES = {
     "skin2d": {0: "background", 255: "lesion"},
     "kidney3d": {0: "background", 1: "kidney", 2: "tumour", 3: "cyst"},
-    "brain3d": {0: "background", 1: "NETC", 2: "SNFH", 3: "ET"},
+    "brain3d": {0: "background", 1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"},
 }
 BRAIN_MODALITIES = ("t1n", "t1c", "t2w", "t2f")
 
