@@ -12,8 +12,16 @@ from adpfl.tasks.base import SegTask
 
 
 def _binarize_mask(x):
-    # ISIC masks are 0/255 (sometimes with JPEG-like halo values); lesion = above half range.
-    return (x > 127).astype(np.float32) if isinstance(x, np.ndarray) else (x > 127).float()
+    # ISIC masks are 0/255 (sometimes with JPEG-like halo values): lesion = above half range;
+    # a {0, 1} mask (accepted by the data checks) has its lesion at 1
+    cut = 127 if float(x.max()) > 1 else 0
+    return (x > cut).astype(np.float32) if isinstance(x, np.ndarray) else (x > cut).float()
+
+
+def mask_to_classes(x):
+    """Class indices (0 skin, 1 lesion) of a mask as loaded, channel first (as validation
+    reads it; used to score on the original image)."""
+    return _binarize_mask(_first_channel(x))
 
 
 def _first_channel(x):
@@ -50,7 +58,8 @@ def _train(task: SegTask, size):
 
 
 def _val(task: SegTask, size):
-    return mt.Compose(_load_and_normalize(task, size) + [mt.EnsureTyped(keys=["image", "label"], track_meta=False)])
+    # metadata kept: predictions are resampled back to the original image for scoring
+    return mt.Compose(_load_and_normalize(task, size) + [mt.EnsureTyped(keys=["image", "label"], track_meta=True)])
 
 
 TASK = SegTask(
