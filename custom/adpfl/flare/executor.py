@@ -93,7 +93,7 @@ class SegmentationExecutor(Executor):
             num_train / num_val / image_size / data_seed: synthetic data settings.
             local_epochs, batch_size, learning_rate, max_steps_per_round, amp, device,
             num_workers: local training settings.
-            hd95: also compute HD95 on validation.
+            hd95: also compute HD95 (voxel-wise, and lesion-wise for brain3d) on validation.
             dpsgd: train with record-level DP-SGD (Opacus) instead of plain local training.
             dpsgd_target_epsilon / dpsgd_delta: the record-level budget of this site's data
                 (cumulative over every DP-SGD job on it; the site's ``max_epsilon`` in
@@ -304,10 +304,10 @@ class SegmentationExecutor(Executor):
             new_state[k] = t.to(own[k].dtype)
         self._model.load_state_dict(new_state)
 
-    def _send_metrics(self, fl_ctx: FLContext, prefix: str, metrics: Dict[str, float], step: int) -> None:
+    def _send_metrics(self, fl_ctx: FLContext, prefix: str, metrics: Dict[str, Optional[float]], step: int) -> None:
         for key, value in metrics.items():
             if value is None or not np.isfinite(value):
-                continue
+                continue  # "no cases": nothing is plotted rather than a fake 0
             dxo = create_analytic_dxo(
                 tag=f"{prefix}/{key}", value=float(value), data_type=AnalyticsDataType.SCALAR, global_step=int(step)
             )
@@ -345,8 +345,8 @@ class SegmentationExecutor(Executor):
                 self._send_metrics(fl_ctx, "train", {"loss": stats["loss"]}, current_round)
             self.log_info(
                 fl_ctx,
-                f"round {current_round}: global dice {global_metrics['dice_mean']:.4f} -> local "
-                f"{local_metrics['dice_mean']:.4f}, loss {stats['loss']:.4f}, {stats['steps']} steps "
+                f"round {current_round}: global dice {_fmt(global_metrics.get('dice_mean'))} -> local "
+                f"{_fmt(local_metrics.get('dice_mean'))}, loss {stats['loss']:.4f}, {stats['steps']} steps "
                 f"in {stats['seconds']:.1f}s"
                 + (f"; record-level epsilon {record_meta['epsilon_rdp']:.4g} at delta={record_meta['delta']}"
                    if record_meta else ""),
@@ -373,16 +373,13 @@ class SegmentationExecutor(Executor):
         elif fault == "weights_kind":
             kind = DataKind.WEIGHTS
             diff = {k: local_state[k].detach().cpu().float().numpy() for k in global_weights}
-        out = DXO(
-            data_kind=kind,
-            data=diff,
-            meta={
-                MetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"],
-                # global model's Dice on this site's validation set, read by the server's
-                # model selector (an uncovered output: see the README's privacy section)
-                MetaKey.INITIAL_METRICS: float(global_metrics["dice_mean"]),
-            },
-        )
+        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"]}
+        if global_metrics.get("dice_mean") is not None:
+            # global model's Dice (adpfl.metrics conventions, mean over regions) on this site's
+            # validation set, read by the server's model selector (an uncovered output: see the
+            # README's privacy section); "no cases" sends none rather than a fake 0
+            meta[MetaKey.INITIAL_METRICS] = float(global_metrics["dice_mean"])
+        out = DXO(data_kind=kind, data=diff, meta=meta)
         if record_meta is not None:
             out.set_meta_prop(RECORD_PRIVACY_META_KEY, record_meta)
         result = out.to_shareable()
@@ -424,3 +421,7 @@ class SegmentationExecutor(Executor):
             info["public_scores"] = {k: np.abs(v.astype(np.float32)) for k, v in global_weights.items()}
         self._prev_global = {k: v.astype(np.float32).copy() for k, v in global_weights.items()}
         fl_ctx.set_prop(PUBLIC_INFO_PROP, info, private=True, sticky=False)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "no cases" if value is None else f"{value:.4f}"
