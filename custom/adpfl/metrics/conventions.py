@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional
 
-__all__ = ["LesionWiseSpec", "TaskScoring", "SCORING", "scoring_for", "BRATS_PENALTY_MM"]
+__all__ = ["LesionWiseSpec", "TaskScoring", "SCORING", "scoring_for", "BRATS_PENALTY_MM", "FAMILY_LABELS", "describe"]
 
 #: BraTS 2023/2024 penalty distance (mm) for a missed lesion, a false positive lesion or an
 #: empty-vs-non-empty region
@@ -106,3 +106,49 @@ def scoring_for(task_name: str) -> TaskScoring:
         return SCORING[task_name]
     except KeyError:
         raise ValueError(f"no scoring convention for task {task_name!r}; known: {sorted(SCORING)}") from None
+
+
+#: display names of the metric families (key prefixes) of :mod:`adpfl.metrics.scoring`
+FAMILY_LABELS = {
+    "dice": "Dice",
+    "hd95": "HD95",
+    "lesion_dice": "Lesion-wise Dice",
+    "lesion_hd95": "Lesion-wise HD95",
+    "sdice": "Surface Dice",
+    "tjaccard": "Thresholded Jaccard",
+}
+
+
+def describe(task_name: str) -> list:
+    """One sentence per metric the task reports: its definition, empty cases and units
+    (printed in the comparison report)."""
+    s = scoring_for(task_name)
+    u = s.distance_unit
+    pen = (f"{s.hd95_penalty:g} {u}" if s.hd95_penalty is not None
+           else f"the diagonal of the image in {u}")
+    lines = [
+        f"Scoring follows {s.challenge}, on the original image grid (predictions resampled back), "
+        f"distances in {u} from the image spacing; every case counts for every region, and a "
+        "figure over no case is printed as 'no cases'.",
+        "Dice: voxel-wise per case and region (MONAI); both masks empty 1, one empty 0; mean over cases.",
+        "HD95: MONAI's symmetric 95th-percentile Hausdorff distance (the larger of the two directed 95th "
+        f"percentiles of boundary-voxel distances); both empty 0, one empty {pen}.",
+    ]
+    if s.lesion_wise is not None:
+        lw = s.lesion_wise
+        small = ", ".join(f"{r} {v:g}" for r, v in sorted(lw.min_volume_mm3.items()))
+        lines.append(
+            "Lesion-wise Dice / HD95 (BraTS 2023/2024): ground-truth lesions = 26-connected components merged "
+            f"when within {lw.dilation_iterations} dilations; predicted components touching a lesion dilated "
+            f"{lw.dilation_iterations} times are matched to it; missed lesions and unmatched predicted components "
+            f"score Dice 0 and HD95 {lw.penalty_mm:g} mm; lesions of {lw.default_min_volume_mm3:g} mm^3 or less "
+            f"({small} mm^3) are not scored; per case the mean over lesions and false positives (none: 1 and 0). "
+            "RC (label 4) is its own region, outside TC and WT.")
+    if s.surface_dice_tolerance is not None:
+        tol = ", ".join(f"{r} {v:.4f} {u}" for r, v in s.surface_dice_tolerance.items())
+        lines.append(f"Surface Dice (KiTS23): boundary fraction within the tolerance ({tol}), surface elements "
+                     "weighted by area (MONAI, DeepMind convention); both empty 1, one empty 0.")
+    if s.jaccard_threshold is not None:
+        lines.append(f"Thresholded Jaccard (ISIC 2018 Task 1): per-image Jaccard, 0 when below "
+                     f"{s.jaccard_threshold:g}; both empty 1.")
+    return lines
