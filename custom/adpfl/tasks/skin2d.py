@@ -41,7 +41,7 @@ def _load_and_normalize(task: SegTask, size):
         mt.Lambdad(keys="label", func=_binarize_mask),
         mt.Lambdad(keys="image", func=_rgb),
         mt.ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
-        mt.Resized(keys=["image", "label"], spatial_size=size, mode=("bilinear", "nearest")),
+        mt.Resized(keys=["image", "label"], spatial_size=size, mode=("bilinear", "nearest-exact")),
     ]
 
 

@@ -37,7 +37,7 @@ def resize(size):
     return mt.Resized(
         keys=["image", "label"],
         spatial_size=size,
-        mode=("trilinear", "nearest"),
+        mode=("trilinear", "nearest-exact"),  # nearest-exact: no half-voxel shift of the labels
         anti_aliasing=(True, False),
         dtype=(np.float32, np.float32),
     )

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
+from monai.transforms.utils import convert_applied_interp_mode
 
 from adpfl.tasks.base import SegTask
 
@@ -35,7 +36,8 @@ class OriginalGrid:
 
     def __init__(self, task: SegTask, val_transform: mt.Compose):
         self.task = task
-        self.inverter = mt.Invertd(keys="pred", transform=val_transform, orig_keys="image", nearest_interp=True,
+        # labels are taken back with "nearest-exact": torch's legacy "nearest" shifts by up to a voxel
+        self.inverter = mt.Invertd(keys="pred", transform=val_transform, orig_keys="image", nearest_interp=False,
                                    to_tensor=True)
         self.loader = mt.Compose([mt.LoadImaged(keys="label", image_only=True),
                                   mt.EnsureChannelFirstd(keys="label")])
@@ -59,5 +61,15 @@ class OriginalGrid:
         if not isinstance(image, MetaTensor) or not image.applied_operations:
             raise ValueError(f"task {self.task.name}: validation images carry no transform record; "
                              "cannot take predictions back to the original grid")
-        out = self.inverter({"pred": pred.detach().float().cpu(), "image": image})["pred"]
-        return np.rint(np.asarray(out.detach().cpu().numpy())[0]).astype(np.int16)
+        # a MetaTensor: Invertd takes the image's transform record for it (a plain tensor is skipped)
+        p = MetaTensor(torch.as_tensor(pred).detach().float().cpu())
+        record = MetaTensor(image.as_tensor()[:0], meta=image.meta,
+                            applied_operations=convert_applied_interp_mode(image.applied_operations, mode="nearest-exact",
+                                                                           align_corners=None))
+        out = self.inverter({"pred": p, "image": record})["pred"]
+        arr = np.rint(np.asarray(out.detach().cpu().numpy())[0]).astype(np.int16)
+        original = image.meta.get("spatial_shape")
+        if original is not None and tuple(arr.shape) != tuple(int(v) for v in np.asarray(original)):
+            raise ValueError(f"prediction taken back to shape {arr.shape}, the original image has "
+                             f"{tuple(np.asarray(original).tolist())}")
+        return arr
