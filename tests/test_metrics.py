@@ -196,4 +196,13 @@ def test_agrees_with_surface_distance(spacing):
         # HD95: both take the larger directed 95th percentile; surface-distance weights surface
         # elements by area, MONAI counts boundary voxels: close, not identical
         ref = sd.compute_robust_hausdorff(dist, 95)
-        assert hd95(pred, gt, spacing, 374) == pytest.approx(ref, rel=0.35, abs=max(spacing))
+        assert hd95(pred, gt, spacing, 374) == pytest.approx(ref, rel=0.15)  # measured: at most 9.3 % apart
+
+
+def test_metrics_package_imports_no_flare():
+    import subprocess
+    import sys
+
+    code = "import sys, adpfl.metrics; print([m for m in sys.modules if m.split('.')[0] == 'nvflare'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
