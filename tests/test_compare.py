@@ -113,6 +113,24 @@ def test_write_report_files(synthetic):
         assert Path(p).stat().st_size > 1000 and Path(p).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_names_the_scoring_and_prints_no_cases(tmp_path):
+    """The report's header defines every metric (which HD95 included); a figure no site had
+    reads "no cases", never 0; the task's challenge metric gets its own columns."""
+    runs = [_fake_run("npfl", 0, None, 0.8, [0.5, 0.8])]
+    for site in runs[0]["final"].values():
+        site.update(hd95_tumor=None, sdice_kidney=0.7, sdice_tumor=None)
+    _write(tmp_path, runs)
+    md = Path(write_report(tmp_path)["markdown"]).read_text()
+    assert "## Scoring" in md and "KiTS23" in md and "larger of the two directed 95th" in md
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    assert "Surface Dice kidney" in header and "HD95 tumor" in header
+    row = next(line for line in md.splitlines() if line.startswith("| NP-FL"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[cols.index("HD95 tumor")] == "no cases" and cells[cols.index("Surface Dice tumor")] == "no cases"
+    assert cells[cols.index("Surface Dice kidney")].startswith("0.700")
+
+
 def test_report_cli(synthetic):
     from adpfl.cli import main
 

@@ -250,11 +250,14 @@ def test_check_pair_brain(tmp_path):
     with pytest.raises(DataError) as ei:
         check_pair(chans[:3] + [odd], lab, task="brain3d")
     assert odd in str(ei.value)
-    seg[3, 3, 3] = 4
-    old = _nii(tmp_path / "old.nii.gz", seg)
-    with pytest.raises(DataError, match="remap 4 -> 3") as ei:
-        check_pair(chans, old, task="brain3d")
-    assert old in str(ei.value)
+    seg[3, 3, 3] = 4  # BraTS 2024 GLI resection cavity: a valid label
+    rc = _nii(tmp_path / "rc.nii.gz", seg)
+    assert check_pair(chans, rc, task="brain3d")["labels"] == [0, 3, 4]
+    seg[4, 4, 4] = 5  # genuinely unknown
+    bad = _nii(tmp_path / "bad.nii.gz", seg)
+    with pytest.raises(DataError, match=r"unknown values \[5\].*4 RC") as ei:
+        check_pair(chans, bad, task="brain3d")
+    assert bad in str(ei.value) and "remap" not in str(ei.value)
 
 
 def test_empty_mask_warns_and_all_empty_site_fails(tmp_path):

@@ -308,20 +308,26 @@ def test_brats_missing_modality(tmp_path):
     assert "BraTS-GLI-00003-000" in str(ei.value) and "t2f" in str(ei.value)
 
 
-def test_brats_old_label_4(tmp_path):
+def test_brats_2024_label_4_is_resection_cavity(tmp_path):
+    """BraTS 2024 GLI label 4 (resection cavity) is accepted; an unknown label still stops."""
     src = make_brats(tmp_path / "brats", n=2)
     seg = np.zeros((8, 8, 8), np.uint8)
     seg[2, 2, 2] = 4
     _nii(src / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-seg.nii.gz", seg)
+    paths = prepare_public_dataset("brain3d", src, tmp_path / "fl", 1)
+    assert 4 in validate_site(load_site_datalist(tmp_path / "fl", paths[0].parent.name))["label_counts"]
+    seg[3, 3, 3] = 6
+    _nii(src / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-seg.nii.gz", seg)
     with pytest.raises(DataError) as ei:
-        prepare_public_dataset("brain3d", src, tmp_path / "fl", 1)
-    assert "BraTS-GLI-00001-000" in str(ei.value) and "remap 4 -> 3" in str(ei.value)
+        prepare_public_dataset("brain3d", src, tmp_path / "fl2", 1)
+    msg = str(ei.value)
+    assert "BraTS-GLI-00001-000" in msg and "unknown values [6]" in msg and "remap" not in msg
 
 
 def test_brats_old_layout_hint(tmp_path):
     d = tmp_path / "BraTS2021_00000"
     _nii(d / "BraTS2021_00000_t1.nii.gz", np.zeros((4, 4, 4), np.int16))
-    with pytest.raises(DataError, match="BraTS-GLI-00000-000.*BraTS2021_00000.*4 -> 3"):
+    with pytest.raises(DataError, match="BraTS-GLI-00000-000.*BraTS2021_00000.*pre-2023"):
         prepare_public_dataset("brain3d", tmp_path, tmp_path / "fl", 1)
 
 
@@ -332,3 +338,79 @@ def test_brats_modality_shape_mismatch(tmp_path):
     with pytest.raises(DataError) as ei:
         prepare_public_dataset("brain3d", src, tmp_path / "fl", 1)
     assert f"case {cid}" in str(ei.value) and "t1c" in str(ei.value)
+
+
+def test_brats_2024_case_with_rc_is_scored_on_its_original_grid(tmp_path):
+    """A BraTS 2024-layout case with label 4 (RC) and anisotropic spacing loads, trains at the
+    validation size and is scored on its own grid, distances in mm from its header."""
+    import torch
+
+    from adpfl.metrics import score_case, scoring_for
+    from adpfl.tasks.base import get_task
+    from adpfl.tasks.network import TaskNetwork
+    from adpfl.training.loop import LocalTrainer, TrainConfig
+
+    shape, spacing = (22, 20, 12), (1.0, 1.2, 2.5)
+    affine = np.diag([*spacing, 1.0])
+    src = tmp_path / "brats"
+    for i in range(3):
+        cid = f"BraTS-GLI-{i:05d}-000"
+        brain = np.zeros(shape, np.int16)
+        brain[2:20, 2:18, 1:11] = 100 + 10 * i  # background 0 outside: the brain crop applies
+        seg = np.zeros(shape, np.uint8)
+        seg[4:12, 4:12, 3:8] = 2
+        seg[6:10, 6:10, 4:7] = 3
+        seg[7:9, 7:9, 5] = 1
+        seg[14:19, 12:17, 3:9] = 4  # resection cavity
+        for m in ("t1n", "t1c", "t2w", "t2f"):
+            (src / cid).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(brain + seg * (3 + "t1n t1c t2w t2f".split().index(m)), affine),
+                     str(src / cid / f"{cid}-{m}.nii.gz"))
+        nib.save(nib.Nifti1Image(seg, affine), str(src / cid / f"{cid}-seg.nii.gz"))
+    paths = prepare_public_dataset("brain3d", src, tmp_path / "fl", 1, val_fraction=0.34)
+    dl = load_site_datalist(tmp_path / "fl", paths[0].parent.name, "brain3d")
+    assert 4 in validate_site(dl)["label_counts"]
+    task = get_task("brain3d")
+    trainer = LocalTrainer(task, dl, TrainConfig(local_epochs=1, batch_size=2, image_size=16, device="cpu",
+                                                 amp=False))
+    d, item = trainer.val_ds[0], trainer.val_items[0]
+    assert tuple(d["label"].shape[1:]) == (16, 16, 16)  # the validation grid
+    # the resampled ground truth as a "prediction": back on the 22 x 20 x 12 grid it nearly matches
+    pred = trainer._grid.prediction(d["label"].as_tensor().long(), d)
+    gt, sp = trainer._grid.label(item)
+    assert pred.shape == gt.shape == shape and sp == pytest.approx(spacing)
+    assert {0, 2, 3, 4} <= set(np.unique(pred).tolist())  # (the 4-voxel NETC may vanish at 16^3)
+    s = score_case(pred, gt, task.regions, scoring_for("brain3d"), sp)
+    assert s["dice_WT"] > 0.85 and s["dice_RC"] > 0.85 and s["lesion_dice_RC"] > 0.85
+    assert 0 <= s["hd95_WT"] <= 2.5  # mm: at most one slice off
+    torch.manual_seed(0)
+    model = TaskNetwork("brain3d")
+    trainer.train(model)
+    metrics = trainer.evaluate(model)
+    assert {"dice_RC", "hd95_RC", "lesion_dice_RC", "lesion_hd95_RC", "lesion_dice_mean"} <= set(metrics)
+    assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
+
+
+def test_isic_case_is_scored_on_its_original_image(tmp_path):
+    """skin2d: the 12 x 16 ISIC mask is scored at its own size (pixels), with the ISIC
+    thresholded Jaccard beside Dice; a {0, 1} mask reads as lesion, not as empty."""
+    from adpfl.tasks.base import get_task
+    from adpfl.tasks.network import TaskNetwork
+    from adpfl.training.loop import LocalTrainer, TrainConfig
+
+    src = make_isic(tmp_path / "isic", n=4, metadata=False)
+    m01 = np.zeros((12, 16), np.uint8)
+    m01[3:8, 4:10] = 1
+    Image.fromarray(m01).save(src / "ISIC2018_Task1_Training_GroundTruth" / "ISIC_0000000_segmentation.png")
+    paths = prepare_public_dataset("skin2d", src, tmp_path / "fl", 1, val_fraction=0.5)
+    dl = load_site_datalist(tmp_path / "fl", paths[0].parent.name, "skin2d")
+    trainer = LocalTrainer(get_task("skin2d"), dl, TrainConfig(local_epochs=1, batch_size=2, image_size=32,
+                                                               device="cpu", amp=False))
+    for d, item in zip(trainer.val_ds, trainer.val_items):
+        pred = trainer._grid.prediction(d["label"].as_tensor().long(), d)
+        gt, sp = trainer._grid.label(item)
+        assert pred.shape == gt.shape == (16, 12) and sp == (1.0, 1.0)  # MONAI reads PNGs as (W, H)
+        assert gt.sum() == 30 and (pred == gt).all()
+    metrics = trainer.evaluate(TaskNetwork("skin2d"))
+    assert set(metrics) == {"dice_lesion", "hd95_lesion", "tjaccard_lesion", "dice_mean", "hd95_mean",
+                            "tjaccard_mean"}

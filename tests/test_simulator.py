@@ -105,6 +105,11 @@ def test_3d_adpfl_job_runs_one_round(tmp_path, task):
     assert set(final) == {"site-1", "site-2"}
     regions = {"kidney3d": "dice_kidney_tumor_cyst", "brain3d": "dice_WT"}[task]
     assert regions in final["site-1"]["SRV_FL_global_model.pt"]
+    # the challenge's own metrics travel with the final evaluation; every value is a number
+    challenge = {"kidney3d": ["sdice_tumor"], "brain3d": ["dice_RC", "lesion_dice_ET", "lesion_dice_RC"]}[task]
+    for site in final.values():
+        m = site["SRV_FL_global_model.pt"]
+        assert set(challenge) <= set(m) and all(isinstance(v, float) for v in m.values()), m
     report = load_json(run_dir(ws) / "privacy_report.json")
     assert {s: i["releases"] for s, i in report["sites"].items()} == {"site-1": 1, "site-2": 1}
 

@@ -40,7 +40,8 @@ def test_mask_values_per_task():
     assert skin.check_mask_values([0, 1, 255]) == [1]
     assert skin.check_mask_values([0, 128]) == [128]
     assert get_task("kidney3d").check_mask_values([0, 1, 2, 3]) == []
-    assert get_task("brain3d").check_mask_values([0, 4]) == [4]
+    assert get_task("brain3d").check_mask_values([0, 4]) == []  # BraTS 2024 GLI: 4 = resection cavity
+    assert get_task("brain3d").check_mask_values([0, 5]) == [5]
 
 
 def test_skin_mask_of_zeros_and_ones_trains_as_lesion():

@@ -44,7 +44,7 @@ def datalists(tmp_path_factory):
     [
         ("skin2d", 2, 3, 2, "lesion"),
         ("kidney3d", 3, 1, 4, "kidney_tumor_cyst"),
-        ("brain3d", 3, 4, 4, "WT"),
+        ("brain3d", 3, 4, 5, "WT"),
     ],
 )
 def test_get_task(name, dims, channels, classes, key):
@@ -84,7 +84,7 @@ def test_3d_settings():
     assert kid.channel_names == ("CT",)
     assert kid.label_names == {0: "background", 1: "kidney", 2: "tumor", 3: "cyst"}
     assert brain.channel_names == ("T1n", "T1c", "T2w", "FLAIR")
-    assert brain.label_names == {0: "background", 1: "NETC", 2: "SNFH", 3: "ET"}
+    assert brain.label_names == {0: "background", 1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"}
     for t in (kid, brain):
         assert t.default_size == (64, 64, 64)
         # the UNet must reduce the default size and the patch evenly
@@ -117,16 +117,17 @@ def test_kits_hierarchical_regions():
 
 def test_brats2024_regions():
     task = get_task("brain3d")
-    assert list(task.regions) == ["ET", "NETC", "SNFH", "TC", "WT"]
-    reg = labels_to_regions(_label_map([0, 1, 2, 3, 3, 0]), task)
-    assert reg.shape == (1, 5, 1, 1, 6)
+    assert list(task.regions) == ["ET", "NETC", "SNFH", "RC", "TC", "WT"]
+    reg = labels_to_regions(_label_map([0, 1, 2, 3, 4, 0]), task)
+    assert reg.shape == (1, 6, 1, 1, 6)
     expected = torch.tensor(
         [
-            [0, 0, 0, 1, 1, 0],  # ET
+            [0, 0, 0, 1, 0, 0],  # ET
             [0, 1, 0, 0, 0, 0],  # NETC
             [0, 0, 1, 0, 0, 0],  # SNFH
-            [0, 1, 0, 1, 1, 0],  # TC = NETC + ET
-            [0, 1, 1, 1, 1, 0],  # WT = NETC + SNFH + ET
+            [0, 0, 0, 0, 1, 0],  # RC (label 4): its own region, in neither TC nor WT
+            [0, 1, 0, 1, 0, 0],  # TC = NETC + ET
+            [0, 1, 1, 1, 0, 0],  # WT = NETC + SNFH + ET
         ],
         dtype=torch.float32,
     )
@@ -139,6 +140,7 @@ def test_regions_are_nested_as_hierarchies():
     assert set(brain["ET"]) < set(brain["TC"]) < set(brain["WT"])
     assert set(brain["NETC"]) < set(brain["TC"])
     assert set(brain["SNFH"]) | set(brain["TC"]) == set(brain["WT"])
+    assert not set(brain["RC"]) & set(brain["WT"])  # BraTS 2024 GLI: RC outside the tumour regions
 
 
 def test_labels_to_regions_rejects_multichannel():
@@ -242,12 +244,12 @@ def test_local_trainer_one_epoch(name, datalists):
     assert res["steps"] == 1 and res["samples"] == 2 and not res["aborted"]
     assert math.isfinite(res["loss"]) and res["loss"] > 0
     metrics = trainer.evaluate(model)
-    expected = {f"dice_{r}" for r in task.regions} | {f"hd95_{r}" for r in task.regions} | {"dice_mean"}
+    families = {"kidney3d": ["dice", "hd95", "sdice"], "brain3d": ["dice", "hd95", "lesion_dice", "lesion_hd95"]}[name]
+    expected = {f"{f}_{r}" for f in families for r in task.regions} | {f"{f}_mean" for f in families}
     assert set(metrics) == expected
-    for r in task.regions:
+    for r in task.regions:  # the one validation case is scored for every region (no NaN, no skipped case)
         assert 0.0 <= metrics[f"dice_{r}"] <= 1.0
-        hd = metrics[f"hd95_{r}"]
-        assert math.isnan(hd) or hd >= 0.0
+        assert math.isfinite(metrics[f"hd95_{r}"]) and metrics[f"hd95_{r}"] >= 0.0
     assert metrics["dice_mean"] == pytest.approx(sum(metrics[f"dice_{r}"] for r in task.regions) / len(task.regions))
 
 
@@ -263,4 +265,4 @@ def test_local_trainer_sliding_window_when_image_exceeds_patch(datalists):
         x = trainer.val_ds[0]["image"][None]
         assert tuple(trainer._predict(model.eval(), x).shape) == (1, task.num_classes, SIZE, SIZE, SIZE)
     metrics = trainer.evaluate(model, with_hd95=False)
-    assert set(metrics) == {f"dice_{r}" for r in task.regions} | {"dice_mean"}
+    assert set(metrics) == {f"{f}_{r}" for f in ("dice", "sdice") for r in task.regions} | {"dice_mean", "sdice_mean"}

@@ -80,7 +80,8 @@ def print_summary(summary: dict) -> None:
             parts = []
             for model_name in sorted(models):
                 m = models[model_name]
-                parts.append(f"{model_name}: dice_mean={m.get('dice_mean', float('nan')):.4f}")
+                v = m.get("dice_mean")
+                parts.append(f"{model_name}: dice_mean=" + ("no cases" if v is None else f"{v:.4f}"))
             print(f"  {site}: " + "; ".join(parts))
     else:
         print("final validation: none recorded (run failed or stopped before global evaluation)")

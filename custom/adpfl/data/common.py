@@ -11,7 +11,7 @@ task       image                                       mask values
 =========  ==========================================  =============================
 skin2d     RGB PNG/JPEG (ISIC 2018 style)              {0, 255}  (also {0, 1})
 kidney3d   1-channel CT NIfTI (HU)                     0 bg, 1 kidney, 2 tumor, 3 cyst
-brain3d    4 NIfTI files: T1n, T1c, T2w, T2-FLAIR      0 bg, 1 NETC, 2 SNFH, 3 ET
+brain3d    4 NIfTI files: T1n, T1c, T2w, T2-FLAIR      0 bg, 1 NETC, 2 SNFH, 3 ET, 4 RC (BraTS 2024 GLI)
 =========  ==========================================  =============================
 
 Site index

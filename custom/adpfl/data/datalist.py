@@ -12,8 +12,8 @@ with ``"empty": True``.  This is normal for e.g. healthy 3D cases, but ``validat
 raises if *every* training mask of a site is empty (nothing to learn).  A kidney3d case
 without tumour (labels {0, 1} only) or a brain3d case without NETC is not even a warning.
 
-Allowed label values: skin2d {0, 255} (a {0, 1} mask is also accepted), kidney3d and brain3d
-{0, 1, 2, 3}.  Value 4 in brain3d is reported as old (pre-2024) BraTS numbering.
+Allowed label values: skin2d {0, 255} (a {0, 1} mask is also accepted), kidney3d {0, 1, 2, 3},
+brain3d {0, 1, 2, 3, 4} (BraTS 2024 GLI: 4 is the resection cavity).
 """
 
 from __future__ import annotations
@@ -276,9 +276,8 @@ def check_pair(image, label, task: str | None = None, deep: bool = False) -> dic
     if bad:
         msg = (f"label {label} contains unknown values {bad} for task {task!r} "
                f"(allowed: {_allowed_text(task)})")
-        if task == "brain3d" and 4 in bad:
-            msg += ("; value 4 is the old BraTS (2017-2023) 'enhancing tumour' label: remap "
-                    "4 -> 3 for BraTS 2024 numbering (1 NETC, 2 SNFH, 3 ET)")
+        if task == "brain3d":
+            msg += "; brain3d expects BraTS 2024 GLI numbering (1 NETC, 2 SNFH, 3 ET, 4 RC)"
         if task == "skin2d":
             msg += "; masks must be binary 0/255 PNG (lossless, not JPEG)"
         raise DataError(msg)

@@ -16,7 +16,8 @@ Supported layouts
   (``<root>/dataset/`` of the kits23 repository is also found).
 * ``brain3d`` — BraTS 2024 GLI: ``<root>/BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-{t1n,t1c,t2w,
   t2f,seg}.nii.gz`` (case folders may also sit one level below ``<root>``).  Labels must use
-  BraTS 2024 numbering; old label 4 is rejected with a remapping hint when ``validate=True``.
+  BraTS 2024 GLI numbering (1 NETC, 2 SNFH, 3 ET, 4 RC = resection cavity); other values are
+  rejected when ``validate=True``.
 
 Split schemes (``split_sites``)
 -------------------------------
@@ -252,8 +253,9 @@ def find_brats_cases(source_root) -> list[dict]:
             }, str(d))
     if not cases:
         old = [p.name for r in roots for p in r.iterdir() if _OLD_BRATS.match(p.name)]
-        hint = (f"; found older BraTS folders such as {old[0]!r} (pre-2024 naming with label 4 "
-                f"= enhancing tumour): rename to the 2024 layout and remap label 4 -> 3"
+        hint = (f"; found older BraTS folders such as {old[0]!r} (pre-2023 releases, whose label 4 "
+                f"is enhancing tumour, not the 2024 resection cavity): this adapter reads the "
+                f"BraTS 2024 GLI release"
                 if old else "")
         raise DataError(f"brain3d: no BraTS 2024 case folders found under "
                         f"{', '.join(map(str, roots))}; expected <root>/BraTS-GLI-00000-000/"

@@ -5,7 +5,10 @@ DIR`` regenerates it at any time. Figures per method (NP-FL; DP-FL and ADP-FL pe
 mean +- std over seeds:
 
 - final Dice per region and its mean (each seed: mean over sites of the final global
-  model's cross-site validation), HD95 per region likewise;
+  model's cross-site validation), HD95 per region likewise, and the task's challenge
+  metrics (lesion-wise Dice/HD95, Surface Dice or thresholded Jaccard) likewise; every
+  figure follows the task's scoring convention (:mod:`adpfl.metrics`, named in the
+  report's header); a figure over no case reads "no cases";
 - rounds to reach 90 % of NP-FL's final Dice (same seed): the first round r whose global
   model (validated at the start of round r, mean over sites; the final model counts as
   round R) reaches it; "not reached" if no seed reaches it;
@@ -24,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from adpfl.metrics.conventions import FAMILY_LABELS, SCORING, describe
 from adpfl.modes import MODE_LABELS, MODES
 
 REACH_FRACTION = 0.9
@@ -111,10 +115,32 @@ def regions_of(runs: Sequence[dict]) -> List[str]:
     return sorted({r for run in runs for r in run.get("regions", [])})
 
 
+#: challenge metric families shown after Dice and HD95, in this order
+CHALLENGE_FAMILIES = ("lesion_dice", "lesion_hd95", "sdice", "tjaccard")
+
+
+def metric_keys(runs: Sequence[dict], regions: Sequence[str]) -> List[str]:
+    """Every per-region metric of the table: Dice, HD95, then the challenge metrics the runs report."""
+    present = {k for run in runs for site in run.get("final", {}).values() for k in site}
+    keys = [f"dice_{g}" for g in regions] + [f"hd95_{g}" for g in regions]
+    for fam in CHALLENGE_FAMILIES:
+        if any(f"{fam}_{g}" in present for g in regions):
+            keys += [f"{fam}_{g}" for g in regions]
+    return keys
+
+
+def metric_label(key: str) -> str:
+    for fam in sorted(FAMILY_LABELS, key=len, reverse=True):
+        if key.startswith(fam + "_"):
+            return f"{FAMILY_LABELS[fam]} {key[len(fam) + 1:]}"
+    return key
+
+
 # ---------------------------------------------------------------------------- aggregation
 def summarize(runs: Sequence[dict]) -> dict:
     """Per method: mean/std over seeds of every figure of the table (see module docstring)."""
     regions = regions_of(runs)
+    keys = metric_keys(runs, regions)
     npfl_final = {run["seed"]: final_metric(run, "dice_mean") for run in runs if run["mode"] == "npfl"}
     npfl_mean = _mean(npfl_final.values())
     groups: Dict[tuple, List[dict]] = {}
@@ -124,7 +150,7 @@ def summarize(runs: Sequence[dict]) -> dict:
     for key in sorted(groups, key=_sort_key):
         group = sorted(groups[key], key=lambda r: r["seed"])
         row = {"method": method_label(key), "mode": key[0], "epsilon": key[1], "seeds": [r["seed"] for r in group]}
-        for metric in ["dice_mean"] + [f"dice_{g}" for g in regions] + [f"hd95_{g}" for g in regions]:
+        for metric in ["dice_mean"] + keys:
             vals = [final_metric(r, metric) for r in group]
             row[metric] = (_mean(vals), _std(vals))
         reached = []
@@ -140,7 +166,8 @@ def summarize(runs: Sequence[dict]) -> dict:
         known = npfl_mean and math.isfinite(npfl_mean)
         row["dice_fraction_of_npfl"] = row["dice_mean"][0] / npfl_mean if known else float("nan")
         rows.append(row)
-    return {"regions": regions, "rows": rows, "npfl_dice": npfl_mean, "statements": _statements(rows)}
+    return {"regions": regions, "metric_keys": keys, "rows": rows, "npfl_dice": npfl_mean,
+            "statements": _statements(rows)}
 
 
 def _statements(rows: List[dict]) -> List[str]:
@@ -173,7 +200,7 @@ def _pm(v, digits=3) -> str:
         return "-"
     m, s = v
     if not math.isfinite(m):
-        return "n/a"
+        return "no cases"
     return f"{m:.{digits}f} +- {s:.{digits}f}"
 
 
@@ -185,28 +212,33 @@ def _reach(vals: List[Optional[int]]) -> str:
     return txt if len(got) == len(vals) else f"{txt} ({len(got)}/{len(vals)} seeds; others not reached)"
 
 
-def table_columns(regions: Sequence[str]) -> List[str]:
+def table_columns(regions: Sequence[str], keys: Optional[Sequence[str]] = None) -> List[str]:
+    keys = list(keys) if keys is not None else [f"dice_{g}" for g in regions] + [f"hd95_{g}" for g in regions]
     return (
         ["method", "target_epsilon", "seeds", "dice_mean"]
-        + [f"dice_{g}" for g in regions]
-        + [f"hd95_{g}" for g in regions]
+        + keys
         + ["rounds_to_90pct_npfl", "epsilon_rdp_max_site", "epsilon_prv_max_site", "dice_fraction_of_npfl",
            "wall_time_s"]
     )
 
 
-def markdown(summary: dict, title: str = "ADP-FL comparison") -> str:
+def markdown(summary: dict, title: str = "ADP-FL comparison", task: str = "") -> str:
     regions, rows = summary["regions"], summary["rows"]
-    hdr = (["Method", "Seeds", "Dice (mean)"] + [f"Dice {g}" for g in regions] + [f"HD95 {g}" for g in regions]
+    keys = summary.get("metric_keys") or [f"dice_{g}" for g in regions] + [f"hd95_{g}" for g in regions]
+    hdr = (["Method", "Seeds", "Dice (mean)"] + [metric_label(k) for k in keys]
            + ["Rounds to 90% NP-FL", "eps RDP (max site)", "eps PRV (max site)", "Dice / NP-FL"])
     lines = [f"# {title}", "", "Mean +- std over seeds; per seed, Dice/HD95 are means over sites of the final global "
              "model's validation; epsilon is the spend of the most-spent site (site-level update DP, at the run's "
              "delta; for DP-SGD rows: record-level DP, one training image, a different unit that is not "
-             "comparable with, and never added to, the update-level figures).", "",
-             "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+             "comparable with, and never added to, the update-level figures).", ""]
+    if task in SCORING:
+        lines += ["## Scoring", ""] + [f"- {d}" for d in describe(task)] + [
+            "- Model selection and 'rounds to 90 % of NP-FL' use Dice (mean), the mean over regions of the "
+            "voxel-wise Dice above.", ""]
+    lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         cells = [r["method"], str(len(r["seeds"])), _pm(r["dice_mean"])]
-        cells += [_pm(r[f"dice_{g}"]) for g in regions] + [_pm(r[f"hd95_{g}"], 2) for g in regions]
+        cells += [_pm(r[k], 2 if "hd95" in k else 3) for k in keys]
         cells += [_reach(r["rounds_to_90"]), _pm(r["epsilon_rdp"], 4 if _small(r["epsilon_rdp"]) else 1),
                   _pm(r["epsilon_prv"], 4 if _small(r["epsilon_prv"]) else 1),
                   "n/a" if not math.isfinite(r["dice_fraction_of_npfl"]) else f"{r['dice_fraction_of_npfl']:.1%}"]
@@ -224,7 +256,8 @@ def _small(v) -> bool:
 
 def write_csv(summary: dict, path: Path) -> None:
     regions = summary["regions"]
-    cols = table_columns(regions)
+    keys = summary.get("metric_keys") or [f"dice_{g}" for g in regions] + [f"hd95_{g}" for g in regions]
+    cols = table_columns(regions, keys)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         header = []
@@ -234,8 +267,8 @@ def write_csv(summary: dict, path: Path) -> None:
         w.writerow(header)
         for r in summary["rows"]:
             line = [r["method"], "" if r["epsilon"] is None else r["epsilon"], len(r["seeds"])]
-            for m in ["dice_mean"] + [f"dice_{g}" for g in regions] + [f"hd95_{g}" for g in regions]:
-                line += list(r[m])
+            for m in ["dice_mean"] + keys:
+                line += [("" if not math.isfinite(v) else v) for v in r[m]]  # "" = no cases
             line.append(_reach(r["rounds_to_90"]))
             for k in ("epsilon_rdp", "epsilon_prv"):
                 line += list(r[k]) if r[k] is not None else ["", ""]
@@ -341,7 +374,7 @@ def write_report(out_dir) -> dict:
     summary = summarize(runs)
     task = runs[0].get("task", "")
     md = markdown(summary, title=f"ADP-FL comparison: {task}, {runs[0].get('rounds')} rounds, "
-                                 f"{runs[0].get('sites')} sites, delta={runs[0].get('delta')}")
+                                 f"{runs[0].get('sites')} sites, delta={runs[0].get('delta')}", task=task)
     (out / "report.md").write_text(md)
     write_csv(summary, out / "summary.csv")
     plots = plot_all(runs, summary, out / "plots")

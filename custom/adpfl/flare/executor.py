@@ -190,10 +190,10 @@ class SegmentationExecutor(Executor):
                 return self._validate(session, fl_ctx)
             return self._train(session, global_weights, shareable, fl_ctx, abort_signal)
 
-    def _send_metrics(self, fl_ctx: FLContext, prefix: str, metrics: Dict[str, float], step: int) -> None:
+    def _send_metrics(self, fl_ctx: FLContext, prefix: str, metrics: Dict[str, Optional[float]], step: int) -> None:
         for key, value in metrics.items():
             if value is None or not np.isfinite(value):
-                continue
+                continue  # "no cases": nothing is plotted rather than a fake 0
             dxo = create_analytic_dxo(
                 tag=f"{prefix}/{key}", value=float(value), data_type=AnalyticsDataType.SCALAR, global_step=int(step)
             )
@@ -231,16 +231,13 @@ class SegmentationExecutor(Executor):
         """The round's outgoing DXO: ``WEIGHT_DIFF`` with the step count, the global model's
         Dice on this site (read by the server's model selector) and, under DP-SGD, the
         public record-level accounting."""
-        out = DXO(
-            data_kind=DataKind.WEIGHT_DIFF,
-            data=result.diff,
-            meta={
-                MetaKey.NUM_STEPS_CURRENT_ROUND: result.steps,
-                # global model's Dice on this site's validation set, read by the server's
-                # model selector (an uncovered output: see the README's privacy section)
-                MetaKey.INITIAL_METRICS: float(result.global_metrics["dice_mean"]),
-            },
-        )
+        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: result.steps}
+        if result.global_metrics.get("dice_mean") is not None:
+            # global model's Dice (adpfl.metrics conventions, mean over regions) on this site's
+            # validation set, read by the server's model selector (an uncovered output: see the
+            # README's privacy section); "no cases" sends none rather than a fake 0
+            meta[MetaKey.INITIAL_METRICS] = float(result.global_metrics["dice_mean"])
+        out = DXO(data_kind=DataKind.WEIGHT_DIFF, data=result.diff, meta=meta)
         if result.record_meta is not None:
             out.set_meta_prop(RECORD_PRIVACY_META_KEY, result.record_meta)
         return out
@@ -257,3 +254,7 @@ class SegmentationExecutor(Executor):
         filter; they never leave the site."""
         info, self._prev_global = public_signals(global_weights, self._prev_global, current_round)
         fl_ctx.set_prop(PUBLIC_INFO_PROP, info, private=True, sticky=False)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "no cases" if value is None else f"{value:.4f}"

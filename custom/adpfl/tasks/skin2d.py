@@ -18,6 +18,12 @@ def _binarize_mask(x):
     return (x > threshold).astype(np.float32) if isinstance(x, np.ndarray) else (x > threshold).float()
 
 
+def mask_to_classes(x):
+    """Class indices (0 skin, 1 lesion) of a mask as loaded, channel first (as validation
+    reads it; used to score on the original image)."""
+    return _binarize_mask(_first_channel(x))
+
+
 def _first_channel(x):
     return x[:1]
 
@@ -37,7 +43,7 @@ def _load_and_normalize(task: SegTask, size):
         mt.Lambdad(keys="label", func=_binarize_mask),
         mt.Lambdad(keys="image", func=_rgb),
         mt.ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
-        mt.Resized(keys=["image", "label"], spatial_size=size, mode=("bilinear", "nearest")),
+        mt.Resized(keys=["image", "label"], spatial_size=size, mode=("bilinear", "nearest-exact")),
     ]
 
 
@@ -58,7 +64,8 @@ def _train(task: SegTask, size):
 def _val(task: SegTask, size):
     from monai import transforms as mt
 
-    return mt.Compose(_load_and_normalize(task, size) + [mt.EnsureTyped(keys=["image", "label"], track_meta=False)])
+    # metadata kept: predictions are resampled back to the original image for scoring
+    return mt.Compose(_load_and_normalize(task, size) + [mt.EnsureTyped(keys=["image", "label"], track_meta=True)])
 
 
 TASK = SegTask(

@@ -40,7 +40,7 @@ def resize(size):
     return mt.Resized(
         keys=["image", "label"],
         spatial_size=size,
-        mode=("trilinear", "nearest"),
+        mode=("trilinear", "nearest-exact"),  # nearest-exact: no half-voxel shift of the labels
         anti_aliasing=(True, False),
         dtype=(np.float32, np.float32),
     )
@@ -53,13 +53,15 @@ def patch_size(task: SegTask, size):
     return tuple(min(int(p), int(s)) for p, s in zip(task.patch_size, size))
 
 
-def finish():
+def finish(track_meta: bool = False):
+    """Typed output; validation keeps the metadata (``track_meta``) so predictions can be
+    resampled back to the original image grid for scoring (``Invertd``)."""
     import torch
     from monai import transforms as mt
 
     return [
-        mt.EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
-        mt.EnsureTyped(keys="label", dtype=torch.uint8, track_meta=False),
+        mt.EnsureTyped(keys="image", dtype=torch.float32, track_meta=track_meta),
+        mt.EnsureTyped(keys="label", dtype=torch.uint8, track_meta=track_meta),
     ]
 
 
@@ -94,7 +96,7 @@ def train_chain(task: SegTask, size, load_and_normalize, intensity_shift: float)
 def val_chain(load_and_normalize):
     from monai import transforms as mt
 
-    return mt.Compose(load_and_normalize + finish())
+    return mt.Compose(load_and_normalize + finish(track_meta=True))
 
 
 def transform_builders(load_and_normalize, intensity_shift: float):

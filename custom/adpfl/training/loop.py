@@ -3,8 +3,8 @@
 The FLARE executor is a thin adapter over :class:`LocalTrainer`: it hands in the global
 weights, calls :meth:`LocalTrainer.train` and :meth:`LocalTrainer.evaluate`, and ships the
 result. Everything numeric here is MONAI/PyTorch: UNet (from the task), DiceCE loss,
-DiceMetric and HD95 (HausdorffDistanceMetric, percentile 95), sliding-window inference for
-patch-trained 3D tasks, AMP on CUDA.
+sliding-window inference for patch-trained 3D tasks, AMP on CUDA; validation scores the way
+the task's challenge does (:mod:`adpfl.metrics`, on the original image grid).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import torch
 from monai.data import CacheDataset, DataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
-from adpfl.tasks.base import SegTask, labels_to_regions
+from adpfl.metrics import ScoreAccumulator, score_case, scoring_for
+from adpfl.tasks.base import SegTask
+from adpfl.training.original_grid import OriginalGrid
 
 __all__ = ["TrainConfig", "LocalTrainer", "resolve_device"]
 
@@ -99,16 +100,19 @@ class LocalTrainer:
             raise ValueError(f"site has no training cases (task {task.name})")
         self.num_train = len(train_items)
         self.num_val = len(val_items)
+        self.val_items = val_items
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.train_ds = CacheDataset(
                 train_items, transform=task.train_transforms(self.size), cache_rate=1.0, progress=False
             )
+            val_transform = task.val_transforms(self.size)
             self.val_ds = (
-                CacheDataset(val_items, transform=task.val_transforms(self.size), cache_rate=1.0, progress=False)
+                CacheDataset(val_items, transform=val_transform, cache_rate=1.0, progress=False)
                 if val_items
                 else None
             )
+        self._grid = OriginalGrid(task, val_transform)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.use_amp = bool(config.amp) and self.device.type == "cuda"
         self._optimizer: Optional[torch.optim.Optimizer] = None
@@ -181,43 +185,30 @@ class LocalTrainer:
             return model(x)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, with_hd95: bool = True) -> Dict[str, float]:
-        """Dice (and HD95) per evaluation region on the site's validation set.
+    def evaluate(self, model: torch.nn.Module, with_hd95: bool = True) -> Dict[str, Optional[float]]:
+        """Scores of the site's validation set, the way the task's challenge scores
+        (:mod:`adpfl.metrics`): each prediction is taken back to the case's original grid
+        and compared with its original label, distances in mm from the file's spacing.
 
-        Keys: ``dice_<region>``, ``hd95_<region>``, ``dice_mean`` (mean over regions).
-        Regions that are empty in both prediction and ground truth of a case are ignored
-        for that case (MONAI ``ignore_empty``); HD95 is NaN-skipped likewise.
+        Keys: ``dice_<region>``, ``hd95_<region>`` (voxel-wise: both empty Dice 1 / HD95 0,
+        one empty Dice 0 / HD95 the task's penalty), the task's challenge metrics
+        (``lesion_dice_<region>``/``lesion_hd95_<region>`` for BraTS, ``sdice_<region>`` for
+        KiTS, ``tjaccard_<region>`` for ISIC), and ``<family>_mean`` over regions. A value
+        over no case is ``None`` ("no cases"), never 0.
         """
         if self.val_ds is None:
             raise ValueError(f"site has no validation cases (task {self.task.name}); cannot evaluate")
         model.to(self.device).eval()
-        dice = DiceMetric(include_background=True, reduction="mean_batch", ignore_empty=True)
-        hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="mean_batch") if with_hd95 else None
-        for batch in self._loader(False, self.val_ds, 1):
-            x = batch["image"].to(self.device)
-            y = batch["label"].to(self.device)
-            logits = self._predict(model, x).float()
-            pred = logits.argmax(dim=1, keepdim=True)
-            p_reg = labels_to_regions(pred, self.task)
-            y_reg = labels_to_regions(y.round().long(), self.task)
-            dice(p_reg, y_reg)
-            if hd is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    hd(p_reg, y_reg)
-        out: Dict[str, float] = {}
-        d = dice.aggregate()
-        for i, name in enumerate(self.task.regions):
-            out[f"dice_{name}"] = _finite_or_zero(d[i])
-        if hd is not None:
-            h = hd.aggregate()
-            for i, name in enumerate(self.task.regions):
-                v = float(h[i])
-                out[f"hd95_{name}"] = v if math.isfinite(v) else float("nan")
-        out["dice_mean"] = sum(out[f"dice_{n}"] for n in self.task.regions) / len(self.task.regions)
-        return out
-
-
-def _finite_or_zero(v) -> float:
-    v = float(v)
-    return v if math.isfinite(v) else 0.0
+        scoring = scoring_for(self.task.name)
+        acc = ScoreAccumulator(self.task.regions, scoring, with_hd95=with_hd95)
+        for i, item in enumerate(self.val_items):
+            d = self.val_ds[i]
+            x = torch.as_tensor(d["image"]).unsqueeze(0).to(self.device)
+            pred = self._predict(model, x).float().argmax(dim=1, keepdim=True)[0]
+            gt, spacing = self._grid.label(item)
+            try:
+                case = score_case(self._grid.prediction(pred, d), gt, self.task.regions, scoring, spacing, with_hd95)
+            except ValueError as e:
+                raise ValueError(f"validation case {item.get('label')}: {e}") from e
+            acc.add(case)
+        return acc.summary()

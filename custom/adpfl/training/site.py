@@ -93,8 +93,8 @@ class RoundResult:
     record_meta: Optional[dict] = None  # public record-level accounting (DP-SGD only)
 
     def summary(self, current_round: int) -> str:
-        text = (f"round {current_round}: global dice {self.global_metrics['dice_mean']:.4f} -> local "
-                f"{self.local_metrics['dice_mean']:.4f}, {self.steps} steps in {self.seconds:.1f}s")
+        text = (f"round {current_round}: global dice {_fmt(self.global_metrics.get('dice_mean'))} -> local "
+                f"{_fmt(self.local_metrics.get('dice_mean'))}, {self.steps} steps in {self.seconds:.1f}s")
         if self.loss is not None:
             text += f", loss {self.loss:.4f}"
         if self.record_meta:
@@ -295,3 +295,8 @@ class SiteSession:
             "epsilon_rdp": float(ledger.epsilon()),
             "target_epsilon": float(trainer.dp.target_epsilon),
         }
+
+
+def _fmt(value: Optional[float]) -> str:
+    """A metric for the log: "no cases" when no case could be scored (never a fake 0)."""
+    return "no cases" if value is None else f"{value:.4f}"
