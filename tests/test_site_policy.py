@@ -262,3 +262,11 @@ def test_write_privacy_json_needs_a_startup_kit(tmp_path):
     with pytest.raises(ValueError, match="local/"):
         write_privacy_json(str(tmp_path / "nowhere"), 8.0, 10)
     assert not os.path.exists(tmp_path / "nowhere")
+
+
+def test_poc_prepare_refuses_an_unreachable_site_budget_before_writing_anything(tmp_path):
+    from adpfl import poc
+
+    with pytest.raises(poc.PocError, match="site privacy policy .*unreachable"):
+        poc.prepare(str(tmp_path / "ws"), sites=1, home=str(tmp_path / "home"), site_epsilon=1e-6, site_rounds=50)
+    assert not (tmp_path / "ws").exists()

@@ -11,7 +11,9 @@ Steps (each is one function here and one ``adpfl poc`` sub-command):
 
 ``prepare``   ``nvflare poc prepare`` from a generated project.yml: server + site-1..site-N
               + one project admin, on a free port; writes each site's
-              ``local/adpfl_site.json`` (where its data and ledger live)
+              ``local/adpfl_site.json`` (where its data and ledger live) and, unless opted
+              out, ``local/privacy.json``: the site's own privacy policy on every job
+              (:mod:`adpfl.flare.site_policy`)
 ``start``     ``nvflare poc start --no-wait`` (server and sites only, no admin console),
               then waits until every site is connected (FLARE's session API)
 ``submit``    submits a job folder, prints its id
@@ -214,8 +216,14 @@ def prepare(
     ledger_dir: Optional[str] = None,
     allow_list: bool = False,
     log: Callable[[str], None] = print,
+    site_epsilon: Optional[float] = 8.0,
+    site_rounds: int = 20,
 ) -> dict:
-    """Create (or re-create) the POC workspace; returns its state (port, sites, folders)."""
+    """Create (or re-create) the POC workspace; returns its state (port, sites, folders).
+
+    ``site_epsilon``/``site_rounds``: each site's own budget (site-level update DP at delta
+    1e-5, Opacus RDP) over that many releases in total, enforced on every job through the
+    site's ``local/privacy.json``; ``site_epsilon=None`` writes no policy (the jobs decide)."""
     workspace = os.path.abspath(workspace)
     if sites < 1:
         raise PocError("a POC system needs at least one site (--sites N, N >= 1)")
@@ -228,6 +236,13 @@ def prepare(
             raise PocError(f"port {port} is already in use; pick another with --port, or --port 0 for a free one")
     else:
         port = free_port()
+    if site_epsilon is not None:
+        from adpfl.flare.site_policy import privacy_json_document
+
+        try:  # a bad budget fails before anything is written
+            privacy_json_document(site_epsilon, site_rounds)
+        except Exception as e:
+            raise PocError(f"site privacy policy (--site-epsilon {site_epsilon}, --site-rounds {site_rounds}): {e}") from None
     names = site_names(sites)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="adpfl_poc_") as tmp:
@@ -248,6 +263,10 @@ def prepare(
         cfg_path.write_text(json.dumps(site_config(data_root, ledger_dir), indent=2))
         if allow_list:
             write_allow_list(str(prod / name))
+        if site_epsilon is not None:
+            from adpfl.flare.site_policy import write_privacy_json
+
+            write_privacy_json(str(prod / name), site_epsilon, site_rounds)
     if allow_list:
         write_allow_list(str(prod / SERVER_NAME))
     state = {
@@ -266,7 +285,9 @@ def prepare(
     log(f"POC workspace {workspace}: server on port {port}, sites {', '.join(names)} "
         f"(prepared in {time.perf_counter() - t0:.0f}s)")
     for name in names:
-        log(f"  {name}: site config {prod / name / 'local' / 'adpfl_site.json'}")
+        log(f"  {name}: site config {prod / name / 'local' / 'adpfl_site.json'}"
+            + (f"; privacy policy {prod / name / 'local' / 'privacy.json'} (epsilon {site_epsilon} over "
+               f"{site_rounds} releases)" if site_epsilon is not None else "; no site privacy policy"))
     return state
 
 
@@ -706,7 +727,14 @@ def add_parser(sub) -> None:
     q.add_argument("--ledger-dir", default=None, help="sites' privacy ledger folder (default: each site's workspace)")
     q.add_argument("--allow-list", action="store_true",
                    help="allow-list adpfl.* in every site's local/resources.json (jobs without app/custom/)")
-    q.set_defaults(func=_cli(lambda a: prepare(a.workspace, a.sites, a.home, a.port, a.data_root, a.ledger_dir, a.allow_list)))
+    q.add_argument("--site-epsilon", type=float, default=8.0,
+                   help="each site's own budget (site-level update DP, delta 1e-5) enforced on every job "
+                        "through its local/privacy.json (default 8)")
+    q.add_argument("--site-rounds", type=int, default=20, help="releases the site's budget covers in total (default 20)")
+    q.add_argument("--no-site-policy", action="store_true", help="write no local/privacy.json: each job decides")
+    q.set_defaults(func=_cli(lambda a: prepare(a.workspace, a.sites, a.home, a.port, a.data_root, a.ledger_dir,
+                                               a.allow_list, site_epsilon=None if a.no_site_policy else a.site_epsilon,
+                                               site_rounds=a.site_rounds)))
 
     q = psub.add_parser("start", help="start server and sites; wait until all sites are connected")
     common(q)
