@@ -38,6 +38,9 @@ _D = PrivacyConfig()  # the defaults of every privacy setting (one source: adpfl
 
 
 class ADPFilter(DXOFilter):
+    #: True only for the site's own filter attached by its privacy scope (SitePolicyFilter)
+    enforced_by_site = False
+
     def __init__(
         self,
         mode: str = _D.mode,
@@ -121,6 +124,14 @@ class ADPFilter(DXOFilter):
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         """Never returns the clean update: either the protected release or an empty error reply."""
         try:
+            if not self.enforced_by_site:
+                # a site whose privacy scope already protected this result: pass its verified
+                # release on, never noise and spend a second time (adpfl.flare.site_policy)
+                from adpfl.flare.site_policy import defer_to_site_policy
+
+                deferred = defer_to_site_policy(self, shareable, fl_ctx)
+                if deferred is not None:
+                    return deferred
             with self._lock:
                 return self._protect(shareable, fl_ctx)
         except BudgetExhausted as e:

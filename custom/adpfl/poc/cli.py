@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 from adpfl.poc.admin import abort, download, resume, submit, wait
 from adpfl.poc.processes import start, stop
-from adpfl.poc.project import ADPFL_ALLOW_LIST, prepare, write_allow_list
+from adpfl.poc.project import ADPFL_ALLOW_LIST, DEFAULT_SITE_EPSILON, DEFAULT_SITE_ROUNDS, prepare, write_allow_list
 from adpfl.poc.state import DEFAULT_WORKSPACE, PocError
 
 
@@ -55,8 +55,15 @@ def add_parser(sub) -> None:
     q.add_argument("--ledger-dir", default=None, help="sites' privacy ledger folder (default: each site's workspace)")
     q.add_argument("--allow-list", action="store_true",
                    help="allow-list adpfl.* in every site's local/resources.json (jobs without app/custom/)")
+    q.add_argument("--site-epsilon", type=float, default=DEFAULT_SITE_EPSILON,
+                   help="each site's own budget (site-level update DP, delta 1e-5) enforced on every job through "
+                        f"its local/privacy.json (default {DEFAULT_SITE_EPSILON:g}, the bundled jobs' budget)")
+    q.add_argument("--site-rounds", type=int, default=DEFAULT_SITE_ROUNDS,
+                   help=f"releases the site's budget covers in total (default {DEFAULT_SITE_ROUNDS})")
+    q.add_argument("--no-site-policy", action="store_true", help="write no local/privacy.json: each job decides")
     q.set_defaults(func=_cli(lambda a: prepare(a.workspace, a.sites, a.home, a.port, a.data_root, a.ledger_dir,
-                                               a.allow_list)))
+                                               a.allow_list, site_epsilon=None if a.no_site_policy else a.site_epsilon,
+                                               site_rounds=a.site_rounds)))
 
     q = psub.add_parser("start", help="start server and sites; wait until all sites are connected")
     common(q)

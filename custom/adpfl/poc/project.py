@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from adpfl._io import read_json, write_json_atomic
+from adpfl.flare.site_policy import privacy_json_document, write_privacy_json
 from adpfl.poc.processes import free_port, live_pids, port_in_use, run_nvflare
 from adpfl.poc.state import (
     ADMIN_USER,
@@ -25,6 +26,11 @@ from adpfl.poc.state import (
     tail,
 )
 from adpfl.tasks.base import TASK_NAMES
+
+#: each POC site's own update-level budget (epsilon at delta 1e-5, over DEFAULT_SITE_ROUNDS
+#: releases in total): the bundled jobs' default budget, so POC models stay usable
+DEFAULT_SITE_EPSILON = 1e5
+DEFAULT_SITE_ROUNDS = 20
 
 #: classes a site must allow when it refuses custom code (jobs without app/custom/):
 #: the bundle's own package plus the FLARE classes its jobs use that are not on FLARE's
@@ -97,8 +103,17 @@ def prepare(
     ledger_dir: Optional[str] = None,
     allow_list: bool = False,
     log: Callable[[str], None] = print,
+    site_epsilon: Optional[float] = DEFAULT_SITE_EPSILON,
+    site_rounds: int = DEFAULT_SITE_ROUNDS,
 ) -> dict:
-    """Create (or re-create) the POC workspace; returns its state (port, sites, folders)."""
+    """Create (or re-create) the POC workspace; returns its state (port, sites, folders).
+
+    ``site_epsilon``/``site_rounds``: each site's own budget (site-level update DP at delta
+    1e-5, Opacus RDP) over that many releases in total, enforced on every job through the
+    site's ``local/privacy.json`` (:mod:`adpfl.flare.site_policy`); ``site_epsilon=None``
+    writes no policy (the jobs decide). The default mirrors the bundled jobs' update-level
+    budget (epsilon 1e5: no meaningful formal guarantee, a usable model); a hospital sets
+    its own (README, "Deploy to real sites")."""
     workspace = os.path.abspath(workspace)
     if sites < 1:
         raise PocError("a POC system needs at least one site (--sites N, N >= 1)")
@@ -111,6 +126,13 @@ def prepare(
             raise PocError(f"port {port} is already in use; pick another with --port, or --port 0 for a free one")
     else:
         port = free_port()
+    if site_epsilon is not None:
+        try:  # a bad budget fails before anything is written
+            privacy_json_document(site_epsilon, site_rounds)
+        except Exception as e:
+            raise PocError(
+                f"site privacy policy (--site-epsilon {site_epsilon}, --site-rounds {site_rounds}): {e}"
+            ) from None
     names = site_names(sites)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="adpfl_poc_") as tmp:
@@ -131,6 +153,8 @@ def prepare(
         write_json_atomic(cfg_path, site_config(data_root, ledger_dir))
         if allow_list:
             write_allow_list(str(prod / name))
+        if site_epsilon is not None:
+            write_privacy_json(str(prod / name), site_epsilon, site_rounds)
     if allow_list:
         write_allow_list(str(prod / SERVER_NAME))
     state = {
@@ -149,6 +173,8 @@ def prepare(
     log(f"POC workspace {workspace}: server on port {port}, sites {', '.join(names)} "
         f"(prepared in {time.perf_counter() - t0:.0f}s)")
     for name in names:
-        log(f"  {name}: site config {prod / name / 'local' / 'adpfl_site.json'}")
+        log(f"  {name}: site config {prod / name / 'local' / 'adpfl_site.json'}"
+            + (f"; privacy policy {prod / name / 'local' / 'privacy.json'} (epsilon {site_epsilon:g} over "
+               f"{site_rounds} releases)" if site_epsilon is not None else "; no site privacy policy"))
     return state
 
