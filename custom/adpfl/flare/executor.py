@@ -41,6 +41,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from adpfl.flare.privacy_meta import RECORD_PRIVACY_META_KEY
 from adpfl.flare.site_config import is_simulation, read_site_config, resolve_data_root, resolve_ledger_dir
+from adpfl.privacy.reservation import reserve_record_round, settle_record_round, sync_record_ledger
 from adpfl.tasks.base import get_task
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training import LocalTrainer, TrainConfig
@@ -237,7 +238,9 @@ class SegmentationExecutor(Executor):
         path = os.path.join(folder, f"{self.dpsgd_ledger_name}.json")
         ledger = RecordLedger.load_or_create(path, delta=dp.delta)
         trainer = DPSGDTrainer(self._task_spec, datalist, self._train_config, dp, prior_history=ledger.history())
-        ledger.save(path)  # fail now, before any training, if the ledger cannot be written
+        # fail now, before any training, if the ledger cannot be locked, read or written
+        # (H5: under its lock, re-read first, so other jobs' entries are never overwritten)
+        sync_record_ledger(ledger, path)
         self._record_ledger = ledger
         self.log_info(
             fl_ctx,
@@ -247,16 +250,26 @@ class SegmentationExecutor(Executor):
         )
         return trainer
 
-    def _account_dpsgd(self, fl_ctx: FLContext, current_round: int) -> dict:
-        """Write every DP-SGD step the trainer took into the record-level ledger (also the
-        steps of a round that failed or was aborted: they were computed) and return the
-        public accounting for the result's metadata."""
+    # --- H5 (issue 12): the round is reserved in the record-level ledger before training
+    def _reserve_dpsgd(self, fl_ctx: FLContext, current_round: int) -> tuple:
+        """Reserve this round's DP-SGD steps in the site's record-level ledger, under its file
+        lock and checked against every job's spend (BudgetExhausted: not trained). Returns
+        ``(reservation id, the trainer's step count before the round)``."""
+        trainer = self._trainer
+        rid = reserve_record_round(
+            self._record_ledger, target_epsilon=trainer.dp.target_epsilon, job_id=fl_ctx.get_job_id(),
+            round=current_round, noise_multiplier=trainer.noise_multiplier, sample_rate=trainer.sample_rate,
+            steps=trainer.steps_per_round,
+        )
+        return rid, sum(int(h[2]) for h in trainer.history)
+
+    def _account_dpsgd(self, fl_ctx: FLContext, current_round: int, reservation: tuple) -> dict:
+        """Settle the round's reservation with the DP-SGD steps the trainer took (also the
+        steps of a round that failed or was aborted: they were computed; none taken: rolled
+        back) and return the public accounting for the result's metadata."""
         ledger, trainer = self._record_ledger, self._trainer
-        done = sum(int(h[2]) for h in trainer.history) - sum(int(e["steps"]) for e in ledger.entries)
-        if done > 0:
-            ledger.record(job_id=fl_ctx.get_job_id(), round=current_round, noise_multiplier=trainer.noise_multiplier,
-                          sample_rate=trainer.sample_rate, steps=done)
-            ledger.save()
+        rid, steps_before = reservation
+        settle_record_round(ledger, rid, sum(int(h[2]) for h in trainer.history) - steps_before)
         return {
             "unit": "record",
             "mechanism": "dpsgd",
@@ -329,13 +342,14 @@ class SegmentationExecutor(Executor):
             global_metrics = self._trainer.evaluate(self._model, with_hd95=self.hd95)
             self._send_metrics(fl_ctx, "val_global", global_metrics, current_round)
             record_meta = None
+            reservation = self._reserve_dpsgd(fl_ctx, current_round) if self.dpsgd else None
             try:
                 stats = self._trainer.train(self._model, should_stop=lambda: abort_signal.triggered)
             finally:
                 if self.dpsgd:
                     # every computed DP-SGD step is accounted, whatever happens next; an
                     # unwritable ledger raises here and nothing is sent
-                    record_meta = self._account_dpsgd(fl_ctx, current_round)
+                    record_meta = self._account_dpsgd(fl_ctx, current_round, reservation)
             if stats["aborted"]:
                 return make_reply(ReturnCode.TASK_ABORTED)
             local_metrics = self._trainer.evaluate(self._model, with_hd95=self.hd95)

@@ -13,7 +13,8 @@ Mechanism, per optimizer step (Abadi et al. 2016, as implemented by Opacus):
 * per-sample gradients (Opacus ``GradSampleModule``, hooks), each clipped to L2 norm
   ``max_grad_norm`` (flat clipping over all parameters);
 * Gaussian noise ``N(0, (z * max_grad_norm)^2)`` on the summed clipped gradient, divided
-  by the expected batch size (Opacus ``DPOptimizer``, loss reduction "mean"); the noise
+  by the expected batch size (Opacus ``DPOptimizer``, loss reduction "mean"; drawn and added
+  in float64, see below); the noise
   generator is seeded from the OS entropy at each round;
 * accounting: one Opacus ``RDPAccountant`` per trainer, appended to by the optimizer's
   step hook with ``(z, q)`` at every step and **kept across rounds** (the FL client
@@ -22,9 +23,16 @@ Mechanism, per optimizer step (Abadi et al. 2016, as implemented by Opacus):
 
 Calibration: ``z`` is calibrated once with ``opacus.accountants.utils.get_noise_multiplier``
 so that the *whole planned training* (``planned_rounds * steps_per_round`` steps at sample
-rate ``q``) meets ``(target_epsilon, delta)``. Before each round the trainer projects the
-epsilon after this round's steps and refuses to train (:class:`BudgetExhausted`) if it would
-exceed the target by more than the calibration tolerance.
+rate ``q``) meets ``(target_epsilon, delta)``, landing at most ``CALIBRATION_MARGIN``
+(relative 1e-9) below it. Before each round the trainer projects the epsilon after this
+round's steps and refuses to train (:class:`BudgetExhausted`) if it would exceed the target
+at all (a fixed ``z`` whose plan overshoots, e.g. 8.018 for a target of 8, is refused at the
+round that crosses it). The executor additionally reserves each round in the site's
+record-level ledger under its file lock, checked against every job's spend
+(:func:`adpfl.privacy.reservation.reserve_record_round`).
+
+Noise: :class:`adpfl.training.dp_noise.Float64NoiseDPOptimizer` (Opacus' ``DPOptimizer``
+with each step's Gaussian drawn and added in float64, rounded to the gradient's dtype).
 
 Opacus compatibility of the project's MONAI UNet (measured with Opacus 1.6.0, MONAI 1.6.1):
 ``ModuleValidator.validate`` reports no error for the task UNet (InstanceNorm without affine
@@ -52,7 +60,6 @@ from monai.data.utils import list_data_collate
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 
@@ -60,6 +67,7 @@ from adpfl._io import write_json_atomic
 from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError, PrivacyError
 from adpfl.privacy.mechanisms import make_generator
 from adpfl.tasks.base import SegTask
+from adpfl.training.dp_noise import Float64NoiseDPOptimizer
 from adpfl.training.loop import LocalTrainer, TrainConfig
 
 __all__ = [
@@ -74,6 +82,10 @@ __all__ = [
 ]
 
 PRIVACY_UNIT = "record-level DP: one training image/patient"
+#: H5 (issue 12): calibration aims this far (relative) below the target, so the float
+#: round-off of recomputing the same epsilon (other grouping/summation order) never makes
+#: the strict budget check refuse a calibrated round; the check itself refuses any excess.
+CALIBRATION_MARGIN = 1e-9
 
 
 def dpsgd_network(task: SegTask, act: Optional[str] = None) -> torch.nn.Module:
@@ -138,7 +150,9 @@ def calibrate_with_prior(
     ``target_epsilon`` at ``delta`` (Opacus RDP). Without prior history this is Opacus'
     ``get_noise_multiplier``; with one, Opacus has no helper (it calibrates from zero spend),
     so this bisects on Opacus' own accountant. Raises BudgetExhausted when the prior spend
-    alone already reaches the target."""
+    alone already reaches the target. The result lands on the safe side: its epsilon is at most
+    ``target_epsilon * (1 - CALIBRATION_MARGIN)``."""
+    target_epsilon = float(target_epsilon) * (1.0 - CALIBRATION_MARGIN)  # H5 (issue 12)
     prior = [tuple(h) for h in prior_history or []]
     if not prior:
         with warnings.catch_warnings():
@@ -190,7 +204,9 @@ class RecordLedger:
     across jobs and restarts (every job that trains on the same records composes).
 
     Every training counts, also a retried one (its noisy gradients were computed anew);
-    nothing is ever removed. Atomic writes; a corrupt file is an error naming it.
+    nothing computed is ever removed (a round reserved but stopped before its first step is
+    rolled back). Atomic writes; a corrupt file is an error naming it. Concurrent jobs
+    change the file only under its lock (:mod:`adpfl.privacy.reservation`).
     """
 
     def __init__(self, delta: float, entries: Optional[List[dict]] = None, path: Optional[str] = None):
@@ -398,9 +414,9 @@ class DPSGDTrainer:
         ``target_epsilon`` (nothing trained, accountant unchanged).
         """
         if self.dp.target_epsilon is not None:
+            # H5 (issue 12): any excess is refused (calibration lands CALIBRATION_MARGIN below)
             projected = self.projected_epsilon()
-            limit = float(self.dp.target_epsilon) * (1.0 + self.dp.epsilon_tolerance) + 1e-9
-            if projected > limit:
+            if projected > float(self.dp.target_epsilon):
                 raise BudgetExhausted(
                     f"DP-SGD round would bring record-level epsilon to {projected:.4f} > target "
                     f"{self.dp.target_epsilon} (delta={self.dp.delta}); not training"
@@ -410,7 +426,7 @@ class DPSGDTrainer:
         gen = make_generator(self.device)  # OS entropy: Poisson sampling and noise
         sample_gen = make_generator("cpu")
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        opt = DPOptimizer(
+        opt = Float64NoiseDPOptimizer(  # H5 (issue 12): Opacus' DPOptimizer, noise drawn/added in float64
             base_opt,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.dp.max_grad_norm,
