@@ -5,13 +5,13 @@ import warnings
 
 import pytest
 import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 
 from adpfl.data import ensure_site_data, load_site_datalist
 from adpfl.tasks.base import get_task
 from adpfl.training.dpsgd import PRIVACY_UNIT, DPSGDConfig, DPSGDTrainer, dpsgd_network
 from adpfl.training.loop import TrainConfig
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")

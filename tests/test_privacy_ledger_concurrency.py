@@ -6,16 +6,14 @@ the file with the accountant), and no entry may be lost (entries == successful r
 import multiprocessing as mp
 import os
 import threading
-import time
 
 import pytest
 
-from adpfl._io import FileLockError, file_lock, json_transaction
+import ledger_workers
+from adpfl._io import file_lock, json_transaction
 from adpfl.privacy import BudgetExhausted, PrivacyConfig, PrivacyError, PrivacyLedger, PrivacyPipeline, epsilon_rdp
 from adpfl.privacy.reservation import RESERVATION_KEY, reserve_record_round, settle_record_round
 from adpfl.training.dpsgd import RecordLedger, calibrate_with_prior, opacus_rdp_epsilon
-
-import ledger_workers
 
 TARGET, DELTA = 8.0, 1e-5
 
@@ -72,8 +70,9 @@ def test_concurrent_record_level_jobs_never_overspend_nor_lose_entries(tmp_path)
 def test_reservation_is_on_disk_before_the_release_is_computed(tmp_path, monkeypatch):
     """The spend is saved before the update is touched; a failed computation rolls back
     exactly its own entry."""
-    import adpfl.privacy.pipeline as pipeline_mod
     import torch
+
+    import adpfl.privacy.pipeline as pipeline_mod
 
     path = str(tmp_path / "ledger.json")
     pipe = PrivacyPipeline(PrivacyConfig(mode="dpfl", clip_norm=1.0, noise_multiplier=2.0, delta=DELTA,

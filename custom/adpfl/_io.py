@@ -72,8 +72,8 @@ def file_lock(path: str | os.PathLike, timeout: float | None = None) -> Iterator
     """Hold an exclusive OS lock for ``path`` (on the sidecar ``<path>.lock``) for the
     ``with`` block; yields the lock file's path.
 
-    Blocks up to ``timeout`` seconds (default :data:`LOCK_TIMEOUT_S`), then raises :class:`FileLockError` naming the file
-    (fail closed: the caller must not go on without the lock). Exclusive between
+    Blocks up to ``timeout`` seconds (default :data:`LOCK_TIMEOUT_S`), then raises
+    :class:`FileLockError` naming the file (fail closed: the caller must not go on without the lock). Exclusive between
     processes and between threads that enter separately (each entry opens its own file
     description). Not re-entrant: do not nest two locks on the same path in one thread.
     """

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import torch
@@ -48,10 +48,8 @@ from .mechanisms import (
     clip_l2,
     first_nonfinite_key,
     flatten_update,
-    keep_count,
     make_generator,
     mask_is_covered,
-    release_dtype,
     sparsify_mask,
     unflatten_update,
 )

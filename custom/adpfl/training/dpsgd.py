@@ -13,8 +13,7 @@ Mechanism, per optimizer step (Abadi et al. 2016, as implemented by Opacus):
 * per-sample gradients (Opacus ``GradSampleModule``, hooks), each clipped to L2 norm
   ``max_grad_norm`` (flat clipping over all parameters);
 * Gaussian noise ``N(0, (z * max_grad_norm)^2)`` on the summed clipped gradient, divided
-  by the expected batch size (Opacus ``DPOptimizer``, loss reduction "mean"; drawn and added
-  in float64, see below); the noise
+  by the expected batch size (Opacus ``DPOptimizer``, loss reduction "mean"); the noise
   generator is seeded from the OS entropy at each round;
 * accounting: one Opacus ``RDPAccountant`` per trainer, appended to by the optimizer's
   step hook with ``(z, q)`` at every step and **kept across rounds** (the FL client
@@ -23,16 +22,10 @@ Mechanism, per optimizer step (Abadi et al. 2016, as implemented by Opacus):
 
 Calibration: ``z`` is calibrated once with ``opacus.accountants.utils.get_noise_multiplier``
 so that the *whole planned training* (``planned_rounds * steps_per_round`` steps at sample
-rate ``q``) meets ``(target_epsilon, delta)``, landing at most ``CALIBRATION_MARGIN``
-(relative 1e-9) below it. Before each round the trainer projects the epsilon after this
-round's steps and refuses to train (:class:`BudgetExhausted`) if it would exceed the target
-at all (a fixed ``z`` whose plan overshoots, e.g. 8.018 for a target of 8, is refused at the
-round that crosses it). The executor additionally reserves each round in the site's
-record-level ledger under its file lock, checked against every job's spend
-(:func:`adpfl.privacy.reservation.reserve_record_round`).
-
-Noise: :class:`adpfl.training.dp_noise.Float64NoiseDPOptimizer` (Opacus' ``DPOptimizer``
-with each step's Gaussian drawn and added in float64, rounded to the gradient's dtype).
+rate ``q``) meets ``(target_epsilon, delta)``, landing ``CALIBRATION_MARGIN`` below it. Before
+each round the trainer refuses to train (:class:`BudgetExhausted`) if the projected epsilon
+exceeds the target at all; the executor also reserves the round in the site's record ledger
+under its lock (:mod:`adpfl.privacy.reservation`). Noise: :mod:`adpfl.training.dp_noise`.
 
 Opacus compatibility of the project's MONAI UNet (measured with Opacus 1.6.0, MONAI 1.6.1):
 ``ModuleValidator.validate`` reports no error for the task UNet (InstanceNorm without affine
@@ -82,9 +75,8 @@ __all__ = [
 ]
 
 PRIVACY_UNIT = "record-level DP: one training image/patient"
-#: H5 (issue 12): calibration aims this far (relative) below the target, so the float
-#: round-off of recomputing the same epsilon (other grouping/summation order) never makes
-#: the strict budget check refuse a calibrated round; the check itself refuses any excess.
+#: H5 (issue 12): calibration aims this far (relative) below the target, so float round-off
+#: never makes the strict budget check (any excess refused) refuse a calibrated round.
 CALIBRATION_MARGIN = 1e-9
 
 
