@@ -178,12 +178,13 @@ def check_record_meta(meta: Any, delta: float) -> Dict[str, Any]:
         if not (z > 0 and math.isfinite(z) and 0 < q <= 1 and n >= 0):
             raise ValueError(f"record-level history entry {i} has invalid (z, q, steps) = ({z}, {q}, {n})")
         clean.append((z, q, n))
-    last_z, last_q, _ = clean[-1]
-    if not (math.isclose(last_z, float(meta["noise_multiplier"]), rel_tol=_AGREE)
-            and math.isclose(last_q, float(meta["sample_rate"]), rel_tol=_AGREE)):
+    z_meta, q_meta = float(meta["noise_multiplier"]), float(meta["sample_rate"])
+    if not any(math.isclose(z, z_meta, rel_tol=_AGREE) and math.isclose(q, q_meta, rel_tol=_AGREE)
+               for z, q, n in clean if n > 0):
+        # this round's steps are in the history (other jobs' rounds on the same data may follow them)
         raise ValueError(
-            f"record-level metadata (z={meta['noise_multiplier']}, q={meta['sample_rate']}) contradicts the last "
-            f"history entry (z={last_z}, q={last_q})"
+            f"record-level metadata (z={z_meta}, q={q_meta}) contradicts its history: no entry has those "
+            "steps"
         )
     out = dict(meta)
     out["epsilon_recomputed"] = opacus_rdp_epsilon(clean, float(delta))

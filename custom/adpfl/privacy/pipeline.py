@@ -13,13 +13,18 @@ the effective ``z_t`` that also covers the adaptive clipper's noisy indicator);
 unkept coordinates are exactly 0 in the release. Laplace (pure DP, L1 clip, scale
 ``b = z * 2 * C``, ``epsilon_round = 1 / z``) is supported in dpfl mode only.
 
-Order inside :meth:`PrivacyPipeline.release`: refuse a repeated round; choose ``z_t``;
-refuse with :class:`BudgetExhausted` if the ledger's projected epsilon would exceed
-``target_epsilon`` (nothing computed, ledger unchanged); validate and flatten the
+Order inside :meth:`PrivacyPipeline.release`: under the ledger file's lock (when
+``ledger_path`` is given; :mod:`adpfl.privacy.reservation`), re-read the ledger from disk
+(other jobs' releases included), refuse a repeated round, choose ``z_t`` with that spend,
+refuse with :class:`BudgetExhausted` if the projected epsilon would exceed
+``target_epsilon`` (nothing computed, ledger unchanged), else record the entry and save
+it -- the spend is reserved before the update is touched; then validate and flatten the
 update (non-float entries -> ValueError naming the key, the caller drops them
-beforehand; NaN/Inf -> PrivacyError naming the key); mask; clip; noise; record in the
-ledger (and save it if ``ledger_path`` is given, before returning); adaptive-clip step
-for the next round. Any exception propagates and nothing is returned.
+beforehand; NaN/Inf -> PrivacyError naming the key); mask; clip; noise (float64 draw and
+sum, rounded to the wire dtype); adaptive-clip step for the next round. If anything fails
+before the adaptive-clip step, the reservation is rolled back under the lock (nothing was
+released); any exception propagates and nothing is returned. A lock or I/O error of the
+ledger raises before anything is computed (fail closed).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from .mechanisms import (
     unflatten_update,
 )
 from .metadata import NO_MASK
+from .reservation import RESERVATION_KEY, reserve_update_release, rollback_update_release
 from .schedule import AdaptiveNoiseSchedule, FixedNoise
 
 SENSITIVITY_CONVENTION = "replace-one, sensitivity = 2 * clip_norm"
@@ -191,72 +197,43 @@ class PrivacyPipeline:
             )
         # 1. noise level and budget check, before touching the update
         clip_norm = self.clip_norm
-        z_eff = float(self.schedule.next_noise_multiplier(self.ledger, round_index, global_change))
-        z_update = update_noise_multiplier_for(z_eff, cfg.clip_indicator_noise) if self.clipper else z_eff
-        projected = self.ledger.projected_epsilon(z_eff, mechanism=self.mechanism)
-        if self.ledger.target_epsilon is not None and projected > self.ledger.target_epsilon:
-            raise BudgetExhausted(
-                f"releasing round {round_index} at noise multiplier {z_eff:.4g} would bring epsilon to "
-                f"{projected:.4f} > target_epsilon={self.ledger.target_epsilon} (delta={cfg.delta}, "
-                f"{self.ledger.accountant}); nothing was released"
-            )
-        # 2. flatten and validate
-        flat, spec = flatten_update(update)
-        bad = first_nonfinite_key(flat, spec)
-        if bad is not None:
-            raise PrivacyError(f"update entry {bad!r} contains NaN or Inf; refusing to release")
-        numel = spec.numel
-        seeded = self.generator_factory is not None
-        gen = self.generator_factory(flat.device, round_index) if seeded else make_generator(flat.device)
-        # 3. mask (drawn first, from fresh randomness or public scores only)
         keep_fraction = float(cfg.keep_fraction) if cfg.mode == "adpfl" else 1.0
         policy = cfg.mask_policy if keep_fraction < 1.0 else NO_MASK
-        if keep_fraction < 1.0:
-            scores = None
-            if policy == "topk_public":
-                if public_scores is None:
-                    raise PrivacyConfigError("mask_policy='topk_public' needs public_scores (e.g. the last global change)")
-                missing = [k for k in spec.keys if k not in public_scores]
-                if missing:
-                    raise PrivacyConfigError(f"public_scores lacks update entries: {missing[:5]}")
-                scores = torch.cat([public_scores[k].detach().reshape(-1).to(flat.device, torch.float32) for k in spec.keys])
-            mask = sparsify_mask(
-                numel, keep_fraction, policy, gen, public_scores=scores,
-                private_values=flat if policy == "topk_private" else None,
-            )
-            indices = mask.nonzero().squeeze(1)
-            kept = flat[indices]
-        else:
-            indices = torch.arange(numel, device=flat.device)
-            kept = flat
         covered = mask_is_covered(policy)
-        # 4. clip and 5. noise
-        std = z_update * 2.0 * clip_norm  # Gaussian std, or Laplace scale b
-        if self.mechanism == "gaussian":
-            clipped, pre_norm = clip_l2(kept, clip_norm)
-            values = add_gaussian_noise(clipped, std, gen)
-        else:
-            clipped, pre_norm = clip_l1(kept, clip_norm)
-            values = add_laplace_noise(clipped, std, gen)
-        del clipped, kept
-        # 6. ledger (persisted before anything is returned)
-        entry = self.ledger.record(
-            round=round_index,
-            noise_multiplier=z_eff,
-            update_noise_multiplier=z_update,
-            clip_norm=clip_norm,
-            keep_fraction=keep_fraction,
-            mask_policy=policy,
-            mask_covered=covered,
-            mechanism=self.mechanism,
-            job_id=job_id,
-        )
-        if self.ledger_path is not None:
-            try:
-                self.ledger.save(self.ledger_path)
-            except BaseException:
-                self.ledger.entries.pop()
-                raise
+        # --- H5 (issue 12): 1. noise level, budget check and RESERVATION of the spend, in one
+        # hold of the ledger file's lock, planned on the ledger as re-read from disk (other
+        # jobs' entries included), saved before the update is touched (privacy/reservation.py)
+        planned: dict[str, float] = {}
+
+        def plan(ledger: PrivacyLedger) -> dict[str, Any]:
+            if ledger.has_round(round_index, job_id):
+                raise PrivacyError(
+                    f"round {round_index} of job {job_id!r} was already released; a second noisy release would "
+                    "cost privacy again (resend the cached release instead)"
+                )
+            z_eff = float(self.schedule.next_noise_multiplier(ledger, round_index, global_change))
+            z_update = update_noise_multiplier_for(z_eff, cfg.clip_indicator_noise) if self.clipper else z_eff
+            projected = ledger.projected_epsilon(z_eff, mechanism=self.mechanism)
+            if ledger.target_epsilon is not None and projected > ledger.target_epsilon:
+                raise BudgetExhausted(
+                    f"releasing round {round_index} at noise multiplier {z_eff:.4g} would bring epsilon to "
+                    f"{projected:.4f} > target_epsilon={ledger.target_epsilon} (delta={cfg.delta}, "
+                    f"{ledger.accountant}); nothing was released"
+                )
+            planned.update(z_eff=z_eff, z_update=z_update)
+            return dict(round=round_index, noise_multiplier=z_eff, update_noise_multiplier=z_update,
+                        clip_norm=clip_norm, keep_fraction=keep_fraction, mask_policy=policy,
+                        mask_covered=covered, mechanism=self.mechanism, job_id=job_id)
+
+        entry = reserve_update_release(self.ledger, self.ledger_path, plan)
+        z_eff, z_update = planned["z_eff"], planned["z_update"]
+        try:  # steps 2-5 compute the release; on failure nothing left the site: roll back
+            values, indices, spec, pre_norm, std, seeded, gen = self._compute_release(
+                update, round_index, public_scores, clip_norm, keep_fraction, policy, z_update)
+        except BaseException:
+            rollback_update_release(self.ledger, self.ledger_path, entry[RESERVATION_KEY])
+            raise
+        # --- end H5
         # 7. adaptive clip step for the next round (noisy indicator, accounted in z_eff)
         if self.clipper is not None:
             self.clipper.update(pre_norm, gen)
@@ -286,5 +263,46 @@ class PrivacyPipeline:
             metadata["noise_std"] = std * math.sqrt(2.0)
             metadata["epsilon_round"] = entry["epsilon_round"]
         return SparseRelease(indices=indices, values=values, spec=spec), metadata
+
+    def _compute_release(self, update, round_index, public_scores, clip_norm, keep_fraction, policy, z_update):
+        """Steps 2-5 of :meth:`release_sparse` (flatten, validate, mask, clip, float-safe noise);
+        touches no state, so a failure here leaves nothing behind but the reservation."""
+        # 2. flatten and validate
+        flat, spec = flatten_update(update)
+        bad = first_nonfinite_key(flat, spec)
+        if bad is not None:
+            raise PrivacyError(f"update entry {bad!r} contains NaN or Inf; refusing to release")
+        numel = spec.numel
+        seeded = self.generator_factory is not None
+        gen = self.generator_factory(flat.device, round_index) if seeded else make_generator(flat.device)
+        # 3. mask (drawn first, from fresh randomness or public scores only)
+        if keep_fraction < 1.0:
+            scores = None
+            if policy == "topk_public":
+                if public_scores is None:
+                    raise PrivacyConfigError("mask_policy='topk_public' needs public_scores (e.g. the last global change)")
+                missing = [k for k in spec.keys if k not in public_scores]
+                if missing:
+                    raise PrivacyConfigError(f"public_scores lacks update entries: {missing[:5]}")
+                scores = torch.cat([public_scores[k].detach().reshape(-1).to(flat.device, torch.float32) for k in spec.keys])
+            mask = sparsify_mask(
+                numel, keep_fraction, policy, gen, public_scores=scores,
+                private_values=flat if policy == "topk_private" else None,
+            )
+            indices = mask.nonzero().squeeze(1)
+            kept = flat[indices]
+        else:
+            indices = torch.arange(numel, device=flat.device)
+            kept = flat
+        # 4. clip and 5. noise (float64 draw and sum, rounded to the wire dtype: issue 12)
+        if self.mechanism == "gaussian":
+            clipped, pre_norm = clip_l2(kept, clip_norm)
+            std = z_update * 2.0 * clip_norm
+            values = add_gaussian_noise(clipped, std, gen)
+        else:
+            clipped, pre_norm = clip_l1(kept, clip_norm)
+            std = z_update * 2.0 * clip_norm  # Laplace scale b
+            values = add_laplace_noise(clipped, std, gen)
+        return values, indices, spec, pre_norm, std, seeded, gen
 
 __all__ = ["PrivacyPipeline", "SENSITIVITY_CONVENTION", "SparseRelease"]

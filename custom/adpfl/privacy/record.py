@@ -44,6 +44,11 @@ def opacus_rdp_epsilon(history, delta: float) -> float:
         return float(acc.get_epsilon(delta=delta))
 
 
+#: calibration aims this far (relative) below the target, so float round-off never makes the
+#: strict budget check (any excess refused) refuse a calibrated round
+CALIBRATION_MARGIN = 1e-9
+
+
 def calibrate_with_prior(
     prior_history, target_epsilon: float, delta: float, sample_rate: float, steps: int, tolerance: float = 0.01
 ) -> float:
@@ -52,7 +57,10 @@ def calibrate_with_prior(
     ``target_epsilon`` at ``delta`` (Opacus RDP). Without prior history this is Opacus'
     ``get_noise_multiplier``; with one, Opacus has no helper (it calibrates from zero spend),
     so this runs :func:`adpfl.privacy.analysis.calibrate` on Opacus' own RDP analysis.
-    Raises BudgetExhausted when the prior spend alone already reaches the target."""
+    Raises BudgetExhausted when the prior spend alone already reaches the target. The result
+    lands on the safe side: its epsilon is at most ``target_epsilon * (1 - CALIBRATION_MARGIN)``
+    (the trainer refuses any excess over the target, so round-off must never cross it)."""
+    target_epsilon = float(target_epsilon) * (1.0 - CALIBRATION_MARGIN)
     prior = [tuple(h) for h in prior_history or []]
     if not prior:
         with warnings.catch_warnings():
@@ -94,7 +102,9 @@ class RecordLedger:
     across jobs and restarts (every job that trains on the same records composes).
 
     Every training counts, also a retried one (its noisy gradients were computed anew);
-    nothing is ever removed. Atomic writes; a corrupt file is an error naming it.
+    nothing computed is ever removed (a round reserved but stopped before its first step is
+    rolled back). Atomic writes; a corrupt file is an error naming it. Concurrent jobs
+    change the file only under its lock (:mod:`adpfl.privacy.reservation`).
     """
 
     def __init__(self, delta: float, entries: Optional[List[dict]] = None, path: Optional[str] = None):

@@ -22,9 +22,10 @@ Mechanism, per optimizer step (Abadi et al. 2016, as implemented by Opacus):
 
 Calibration: ``z`` is calibrated once with ``opacus.accountants.utils.get_noise_multiplier``
 so that the *whole planned training* (``planned_rounds * steps_per_round`` steps at sample
-rate ``q``) meets ``(target_epsilon, delta)``. Before each round the trainer projects the
-epsilon after this round's steps and refuses to train (:class:`BudgetExhausted`) if it would
-exceed the target by more than the calibration tolerance.
+rate ``q``) meets ``(target_epsilon, delta)``, landing ``CALIBRATION_MARGIN`` below it. Before
+each round the trainer refuses to train (:class:`BudgetExhausted`) if the projected epsilon
+exceeds the target at all; the executor also reserves the round in the site's record ledger
+under its lock (:mod:`adpfl.privacy.reservation`). Noise: :mod:`adpfl.training.dp_noise`.
 
 Opacus compatibility of the project's MONAI UNet (measured with Opacus 1.6.0, MONAI 1.6.1):
 ``ModuleValidator.validate`` reports no error for the task UNet (InstanceNorm without affine
@@ -46,7 +47,6 @@ from monai.data import DataLoader
 from monai.data.utils import list_data_collate
 from opacus.accountants import RDPAccountant
 from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 
@@ -55,6 +55,7 @@ from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError
 from adpfl.privacy.mechanisms import make_generator
 from adpfl.privacy.record import PRIVACY_UNIT, RecordLedger, calibrate_with_prior, opacus_rdp_epsilon
 from adpfl.tasks.base import SegTask
+from adpfl.training.dp_noise import Float64NoiseDPOptimizer
 from adpfl.training.loop import LocalTrainer, TrainConfig
 
 __all__ = [
@@ -216,9 +217,9 @@ class DPSGDTrainer:
         ``target_epsilon`` (nothing trained, accountant unchanged).
         """
         if self.dp.target_epsilon is not None:
+            # any excess is refused (calibration lands privacy.record.CALIBRATION_MARGIN below the target)
             projected = self.projected_epsilon()
-            limit = float(self.dp.target_epsilon) * (1.0 + self.dp.epsilon_tolerance) + 1e-9
-            if projected > limit:
+            if projected > float(self.dp.target_epsilon):
                 raise BudgetExhausted(
                     f"DP-SGD round would bring record-level epsilon to {projected:.4f} > target "
                     f"{self.dp.target_epsilon} (delta={self.dp.delta}); not training"
@@ -228,7 +229,7 @@ class DPSGDTrainer:
         gen = make_generator(self.device)  # OS entropy: Poisson sampling and noise
         sample_gen = make_generator("cpu")
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        opt = DPOptimizer(
+        opt = Float64NoiseDPOptimizer(  # Opacus' DPOptimizer with the noise drawn and added in float64
             base_opt,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.dp.max_grad_norm,

@@ -29,6 +29,7 @@ import torch
 
 from adpfl.privacy.config import DPSGDConfig
 from adpfl.privacy.record import RecordLedger
+from adpfl.privacy.reservation import reserve_record_round, settle_record_round, sync_record_ledger
 from adpfl.tasks.base import get_task
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training.dpsgd import DPSGDTrainer
@@ -191,7 +192,9 @@ class SiteSession:
         path = os.path.join(ledger_folder, self.site, f"{self.config.ledger_name}.json")
         ledger = RecordLedger.load_or_create(path, delta=dp.delta)
         trainer = DPSGDTrainer(self.task, datalist, self.train_config, dp, prior_history=ledger.history())
-        ledger.save(path)  # fail now, before any training, if the ledger cannot be written
+        # fail now, before any training, if the ledger cannot be locked, read or written (under
+        # its lock and re-read first, so other jobs' entries are never overwritten)
+        sync_record_ledger(ledger, path)
         self.record_ledger = ledger
         line = (f"{self.site}: record-level DP-SGD, ledger {path} ({len(ledger.entries)} earlier rounds, epsilon "
                 f"{ledger.epsilon():.4g} of {dp.target_epsilon} at delta={dp.delta}); z={trainer.noise_multiplier:.4g}, "
@@ -240,8 +243,10 @@ class SiteSession:
 
         ``global_weights`` must already be loaded (:meth:`load_global`). ``report(prefix,
         metrics)`` receives ``val_global``, ``val_local`` and (without DP-SGD) ``train``
-        metrics as soon as they exist. Under DP-SGD every computed step is written to the
-        record-level ledger, also when training fails or is aborted; an unwritable ledger
+        metrics as soon as they exist. Under DP-SGD the round's steps are reserved in the
+        record-level ledger before training (under its file lock, checked against every job's
+        spend: :class:`~adpfl.privacy.errors.BudgetExhausted` trains nothing), and settled with
+        the steps computed, also when training fails or is aborted; an unwritable ledger
         raises and nothing is returned.
         """
         self._require_ready()
@@ -249,11 +254,12 @@ class SiteSession:
         global_metrics = self.validate()
         report("val_global", global_metrics)
         record_meta = None
+        reservation = self.reserve_dpsgd(current_round, job_id) if self.config.dpsgd else None
         try:
             stats = self.trainer.train(self.model, should_stop=should_stop)
         finally:
-            if self.config.dpsgd:
-                record_meta = self.account_dpsgd(current_round, job_id)
+            if reservation is not None:
+                record_meta = self.account_dpsgd(current_round, reservation)
         if stats["aborted"]:
             return RoundResult(diff=None, steps=int(stats["steps"]), global_metrics=global_metrics, aborted=True,
                                seconds=float(stats["seconds"]), record_meta=record_meta)
@@ -272,16 +278,25 @@ class SiteSession:
                            local_metrics=local_metrics, loss=loss, seconds=float(stats["seconds"]),
                            record_meta=record_meta)
 
-    def account_dpsgd(self, current_round: int, job_id: Optional[str] = None) -> dict:
-        """Write every DP-SGD step the trainer took into the record-level ledger (also the
-        steps of a round that failed or was aborted: they were computed) and return the
-        public accounting for the result's metadata."""
+    def reserve_dpsgd(self, current_round: int, job_id: Optional[str] = None) -> tuple:
+        """Reserve this round's DP-SGD steps in the site's record-level ledger, under its file
+        lock and checked against every job's spend (BudgetExhausted: not trained). Returns
+        ``(reservation id, the trainer's step count before the round)``."""
+        trainer = self.trainer
+        rid = reserve_record_round(
+            self.record_ledger, target_epsilon=trainer.dp.target_epsilon, job_id=job_id, round=current_round,
+            noise_multiplier=trainer.noise_multiplier, sample_rate=trainer.sample_rate,
+            steps=trainer.steps_per_round,
+        )
+        return rid, sum(int(h[2]) for h in trainer.history)
+
+    def account_dpsgd(self, current_round: int, reservation: tuple) -> dict:
+        """Settle the round's reservation with the DP-SGD steps the trainer took (also the
+        steps of a round that failed or was aborted: they were computed; none taken: rolled
+        back) and return the public accounting for the result's metadata."""
         ledger, trainer = self.record_ledger, self.trainer
-        done = sum(int(h[2]) for h in trainer.history) - sum(int(e["steps"]) for e in ledger.entries)
-        if done > 0:
-            ledger.record(job_id=job_id, round=current_round, noise_multiplier=trainer.noise_multiplier,
-                          sample_rate=trainer.sample_rate, steps=done)
-            ledger.save()
+        rid, steps_before = reservation
+        settle_record_round(ledger, rid, sum(int(h[2]) for h in trainer.history) - steps_before)
         return {
             "unit": "record",
             "mechanism": "dpsgd",
