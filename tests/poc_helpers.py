@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from adpfl._io import read_json, write_json_atomic
 from adpfl.poc import ADPFL_ALLOW_LIST, load_state
 
 
-def remove_allow_list(participant_dir: str, extra: Iterable[str] = ADPFL_ALLOW_LIST) -> Optional[Path]:
+def remove_allow_list(participant_dir: str, extra: Iterable[str] = ADPFL_ALLOW_LIST) -> Path | None:
     target = Path(participant_dir) / "local" / "resources.json"
     if not target.is_file():
         return None

@@ -22,8 +22,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = ["FileLockError", "JsonTransaction", "LOCK_TIMEOUT_S", "file_lock", "json_transaction", "read_json",
            "write_json_atomic"]

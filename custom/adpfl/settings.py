@@ -26,7 +26,7 @@ import inspect
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 __all__ = ["COMPONENTS", "Setting", "settings", "defaults", "render_table", "update_readme", "main"]
 
@@ -99,7 +99,7 @@ class Setting:
         return self.field.metadata.get("unit", "")
 
 
-def _group(owner: str, names: str, prefix: str = "", rename: Optional[Dict[str, str]] = None) -> List[Tuple]:
+def _group(owner: str, names: str, prefix: str = "", rename: dict[str, str] | None = None) -> list[tuple]:
     rename = rename or {}
     return [(prefix + rename.get(n, n), owner, n) for n in names.split()]
 
@@ -110,7 +110,7 @@ def _group(owner: str, names: str, prefix: str = "", rename: Optional[Dict[str, 
 _SITE, _TRAIN = "adpfl.training.site:SiteConfig", "adpfl.training.loop:TrainConfig"
 _DPSGD, _PRIV = "adpfl.privacy.config:DPSGDConfig", "adpfl.privacy.config:PrivacyConfig"
 _HERE = __name__
-COMPONENTS: Dict[str, dict] = {
+COMPONENTS: dict[str, dict] = {
     "executor": {
         "component": "adpfl.flare.executor:SegmentationExecutor",
         "args": _group(_SITE, "task data_root synthetic num_train num_val")
@@ -143,14 +143,14 @@ def _load(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def settings(key: str) -> List[Setting]:
+def settings(key: str) -> list[Setting]:
     """The registry's settings of component ``key`` (executor, filter, widget), in order."""
     if key not in COMPONENTS:
         raise ValueError(f"unknown component {key!r}; known: {sorted(COMPONENTS)}")
     return [Setting(arg, _load(owner), name) for arg, owner, name in COMPONENTS[key]["args"]]
 
 
-def defaults(key: str) -> Dict[str, Any]:
+def defaults(key: str) -> dict[str, Any]:
     """{argument: default} of component ``key`` from the dataclasses."""
     return {s.arg: s.default for s in settings(key)}
 
@@ -159,7 +159,7 @@ def component(key: str):
     return _load(COMPONENTS[key]["component"])
 
 
-def signature_defaults(key: str) -> Dict[str, Any]:
+def signature_defaults(key: str) -> dict[str, Any]:
     """{argument: default} as the component's constructor declares them."""
     params = inspect.signature(component(key).__init__).parameters
     return {n: p.default for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
@@ -190,7 +190,7 @@ def _block_re(key: str) -> re.Pattern:
     return re.compile(rf"(<!-- settings:{key} -->\n)(.*?)(<!-- /settings:{key} -->)", re.S)
 
 
-def readme_block(text: str, key: str) -> Optional[str]:
+def readme_block(text: str, key: str) -> str | None:
     """The text between the component's markers in ``text`` (None when they are missing)."""
     m = _block_re(key).search(text)
     return m.group(2) if m else None

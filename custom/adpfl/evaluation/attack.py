@@ -20,8 +20,9 @@ the dataset mean). Pure PyTorch; nothing is downloaded.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 from monai.losses import DiceCELoss
@@ -71,7 +72,7 @@ def default_loss() -> Callable:
 
 
 def model_gradient(model: torch.nn.Module, loss_fn: Callable, image: torch.Tensor, label: torch.Tensor,
-                   create_graph: bool = False) -> List[torch.Tensor]:
+                   create_graph: bool = False) -> list[torch.Tensor]:
     """Gradient of ``loss_fn(model(image), label)`` w.r.t. the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     loss = loss_fn(model(image), label)
@@ -100,9 +101,9 @@ def invert_gradient(
     target_grads: Sequence[torch.Tensor],
     label: torch.Tensor,
     image_shape: Sequence[int],
-    loss_fn: Optional[Callable] = None,
-    config: Optional[AttackConfig] = None,
-    masks: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    loss_fn: Callable | None = None,
+    config: AttackConfig | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Reconstruct an image whose gradient matches ``target_grads`` in cosine similarity.
 
@@ -149,8 +150,8 @@ def invert_gradient(
 
 
 def image_metrics(
-    recon: torch.Tensor, truth: torch.Tensor, baseline: Optional[torch.Tensor] = None
-) -> Dict[str, float]:
+    recon: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor | None = None
+) -> dict[str, float]:
     """PSNR/SSIM (MONAI, data range 1) of ``recon`` vs ``truth`` and, with a baseline
     image, the baseline's PSNR/SSIM and the relative leakage
     ``(SSIM(recon) - SSIM(baseline)) / SSIM(baseline)``."""
@@ -173,9 +174,9 @@ def image_metrics(
 @dataclass
 class AttackResult:
     reconstruction: torch.Tensor
-    metrics: Dict[str, float]
+    metrics: dict[str, float]
     mode: str
-    privacy: Dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
     attack_cost: float = float("nan")
 
 
@@ -186,9 +187,9 @@ def observed_gradient(
     mode: str,
     privacy: Any = None,
     lr: float = 0.1,
-    loss_fn: Optional[Callable] = None,
-    seed: Optional[int] = None,
-) -> tuple[List[torch.Tensor], List[Optional[torch.Tensor]], Dict[str, Any]]:
+    loss_fn: Callable | None = None,
+    seed: int | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], dict[str, Any]]:
     """What the attacker observes for one local step on ``image``, as a gradient.
 
     * ``"npfl"``: the true gradient (update ``-lr * g`` sent in the clear).
@@ -209,8 +210,8 @@ def observed_gradient(
     model.eval()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     grads = [g.detach() for g in model_gradient(model, loss_fn, image, label)]
-    masks: List[Optional[torch.Tensor]] = [None] * len(grads)
-    info: Dict[str, Any] = {"mode": mode}
+    masks: list[torch.Tensor | None] = [None] * len(grads)
+    info: dict[str, Any] = {"mode": mode}
     if mode == "npfl":
         info.update(epsilon=float("inf"), unit="none (no privacy)")
         return grads, masks, info
@@ -263,10 +264,10 @@ def attack_release(
     mode: str,
     privacy: Any = None,
     lr: float = 0.1,
-    attack: Optional[AttackConfig] = None,
-    baseline: Optional[torch.Tensor] = None,
-    loss_fn: Optional[Callable] = None,
-    noise_seed: Optional[int] = None,
+    attack: AttackConfig | None = None,
+    baseline: torch.Tensor | None = None,
+    loss_fn: Callable | None = None,
+    noise_seed: int | None = None,
 ) -> AttackResult:
     """Compute the true one-step gradient on ``image`` (shape (1, C, *spatial), values in
     [0, 1]) with ``label`` (1, 1, *spatial), pass it through the ``mode``'s release

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ def _best_threshold(s_pos: np.ndarray, s_neg: np.ndarray, delta: float) -> tuple
     return best[1], best[2]
 
 
-def epsilon_lower_bound(s_pos: np.ndarray, s_neg: np.ndarray, delta: float, alpha: float = 0.05) -> Dict[str, Any]:
+def epsilon_lower_bound(s_pos: np.ndarray, s_neg: np.ndarray, delta: float, alpha: float = 0.05) -> dict[str, Any]:
     """Held-out Clopper-Pearson epsilon lower bound from scores under D (``s_pos``) and
     D' (``s_neg``), both directions of the game (D vs D' and D' vs D)."""
     s_pos, s_neg = np.asarray(s_pos, float), np.asarray(s_neg, float)
@@ -124,13 +124,13 @@ class AuditResult:
     epsilon_accounted: float  # ledger's claim for one release (RDP)
     epsilon_lb: float
     epsilon_cap: float  # best possible lower bound with these held-out trials
-    detail: Dict[str, Any]
+    detail: dict[str, Any]
 
     @property
     def violation(self) -> bool:
         return self.epsilon_lb > self.epsilon_accounted
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["violation"] = self.violation
         return d
@@ -157,7 +157,7 @@ def audit_gaussian_release(
     under_noise: float = 1.0,
     dim: int = 64,
     alpha: float = 0.05,
-    seed: Optional[int] = None,
+    seed: int | None = None,
     chunk: int = 50_000,
 ) -> AuditResult:
     """Run the distinguishing game ``trials`` times per side on one Gaussian release at
@@ -192,7 +192,7 @@ def audit_gaussian_release(
 
 
 def pipeline_projection_std(noise_multiplier: float, clip_norm: float = 1.0, releases: int = 300, dim: int = 1000,
-                            delta: float = 1e-5) -> Dict[str, float]:
+                            delta: float = 1e-5) -> dict[str, float]:
     """Release a norm-C update ``releases`` times through :class:`PrivacyPipeline` (dpfl
     mode, OS-entropy noise, a fresh ledger per release) and return the empirical std of
     the projection on the update's direction next to ``z * 2 * C`` (the formula the audit

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from adpfl._io import read_json, write_json_atomic
 from adpfl.flare.simulator import last_started_round, result_dir, server_log, simulator_command, simulator_env
@@ -39,11 +38,11 @@ from adpfl.tasks.base import TASK_NAMES
 TINY_EXECUTOR = {"num_train": 6, "num_val": 3, "image_size": 32, "local_epochs": 1, "batch_size": 3}
 
 
-def run_id(mode: str, seed: int, epsilon: Optional[float]) -> str:
+def run_id(mode: str, seed: int, epsilon: float | None) -> str:
     return f"npfl_seed{seed}" if mode == "npfl" else f"{mode}_eps{epsilon:g}_seed{seed}"
 
 
-def plan_runs(seeds, epsilons, dpsgd_epsilons=(), modes=MODES) -> List[dict]:
+def plan_runs(seeds, epsilons, dpsgd_epsilons=(), modes=MODES) -> list[dict]:
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"--modes: unknown {sorted(unknown)}; known: {list(MODES)}")
@@ -63,7 +62,7 @@ def plan_runs(seeds, epsilons, dpsgd_epsilons=(), modes=MODES) -> List[dict]:
     return runs
 
 
-def parse_kv(items: Optional[List[str]]) -> dict:
+def parse_kv(items: list[str] | None) -> dict:
     """``key=value`` pairs; values parsed as JSON when they parse (numbers, true/false), else strings."""
     out = {}
     for item in items or []:
@@ -87,15 +86,15 @@ def run_overrides(spec: dict, rounds: int, executor: dict, delta: float) -> dict
 
 
 # ---------------------------------------------------------------------------- collection
-def read_site_curves(tb_dir: Path, prefix: str = "val_global/") -> Dict[str, Dict[str, Dict[str, float]]]:
+def read_site_curves(tb_dir: Path, prefix: str = "val_global/") -> dict[str, dict[str, dict[str, float]]]:
     """{site: {metric: {round: value}}} of the ``prefix`` scalars in tb_events/<site>/."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[str, float]]] = {}
     if not tb_dir.is_dir():
         return out
     for site_dir in sorted(p for p in tb_dir.iterdir() if p.is_dir()):
-        series: Dict[str, Dict[str, float]] = {}
+        series: dict[str, dict[str, float]] = {}
         for ev in sorted(site_dir.rglob("events.out.tfevents.*")):
             acc = EventAccumulator(str(ev.parent), size_guidance={"scalars": 0})
             acc.Reload()
@@ -185,8 +184,8 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: List[float], k: int, n: int,
-                remaining_after: int) -> Optional[dict]:
+def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: list[float], k: int, n: int,
+                remaining_after: int) -> dict | None:
     from adpfl.flare.jobs import export_job, job_settings
 
     rdir = out / "runs" / spec["run_id"]

@@ -22,8 +22,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -34,14 +34,14 @@ REACH_FRACTION = 0.9
 
 
 # ---------------------------------------------------------------------------- loading
-def load_runs(out_dir) -> List[dict]:
+def load_runs(out_dir) -> list[dict]:
     runs = []
     for p in sorted(Path(out_dir).glob("runs/*/run.json")):
         runs.append(json.loads(p.read_text()))
     return runs
 
 
-def method_key(run: dict) -> Tuple[str, Optional[float]]:
+def method_key(run: dict) -> tuple[str, float | None]:
     return run["mode"], (None if run["mode"] == "npfl" else float(run["epsilon"]))
 
 
@@ -55,7 +55,7 @@ def _sort_key(key):
     return (MODES.index(mode) if mode in MODES else len(MODES), eps if eps is not None else -1.0)
 
 
-def _finite(xs) -> List[float]:
+def _finite(xs) -> list[float]:
     return [float(x) for x in xs if x is not None and isinstance(x, (int, float)) and math.isfinite(x)]
 
 
@@ -75,9 +75,9 @@ def final_metric(run: dict, metric: str) -> float:
     return _mean(site.get(metric) for site in run.get("final", {}).values())
 
 
-def dice_curve(run: dict, metric: str = "dice_mean") -> Dict[int, float]:
+def dice_curve(run: dict, metric: str = "dice_mean") -> dict[int, float]:
     """{round: mean over sites of val_global/<metric>} plus the final model at round R."""
-    per_round: Dict[int, List[float]] = {}
+    per_round: dict[int, list[float]] = {}
     for site_series in run.get("curves", {}).values():
         for step, value in (site_series.get(metric) or {}).items():
             per_round.setdefault(int(step), []).append(value)
@@ -88,7 +88,7 @@ def dice_curve(run: dict, metric: str = "dice_mean") -> Dict[int, float]:
     return curve
 
 
-def rounds_to_reach(curve: Dict[int, float], threshold: float) -> Optional[int]:
+def rounds_to_reach(curve: dict[int, float], threshold: float) -> int | None:
     for r in sorted(curve):
         if math.isfinite(curve[r]) and curve[r] >= threshold:
             return r
@@ -103,7 +103,7 @@ def epsilon_spent(run: dict, kind: str = "epsilon_rdp") -> float:
     return max(_finite(s.get(kind) for s in priv.get("sites", {}).values()) or [float("nan")])
 
 
-def epsilon_by_round(run: dict, kind: str = "epsilon_rdp") -> Dict[str, Dict[int, float]]:
+def epsilon_by_round(run: dict, kind: str = "epsilon_rdp") -> dict[str, dict[int, float]]:
     priv = run.get("privacy") or {}
     out = {}
     for site, info in (priv.get("sites") or {}).items():
@@ -111,7 +111,7 @@ def epsilon_by_round(run: dict, kind: str = "epsilon_rdp") -> Dict[str, Dict[int
     return out
 
 
-def regions_of(runs: Sequence[dict]) -> List[str]:
+def regions_of(runs: Sequence[dict]) -> list[str]:
     return sorted({r for run in runs for r in run.get("regions", [])})
 
 
@@ -119,7 +119,7 @@ def regions_of(runs: Sequence[dict]) -> List[str]:
 CHALLENGE_FAMILIES = ("lesion_dice", "lesion_hd95", "sdice", "tjaccard")
 
 
-def metric_keys(runs: Sequence[dict], regions: Sequence[str]) -> List[str]:
+def metric_keys(runs: Sequence[dict], regions: Sequence[str]) -> list[str]:
     """Every per-region metric of the table: Dice, HD95, then the challenge metrics the runs report."""
     present = {k for run in runs for site in run.get("final", {}).values() for k in site}
     keys = [f"dice_{g}" for g in regions] + [f"hd95_{g}" for g in regions]
@@ -143,7 +143,7 @@ def summarize(runs: Sequence[dict]) -> dict:
     keys = metric_keys(runs, regions)
     npfl_final = {run["seed"]: final_metric(run, "dice_mean") for run in runs if run["mode"] == "npfl"}
     npfl_mean = _mean(npfl_final.values())
-    groups: Dict[tuple, List[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(method_key(run), []).append(run)
     rows = []
@@ -170,7 +170,7 @@ def summarize(runs: Sequence[dict]) -> dict:
             "statements": _statements(rows)}
 
 
-def _statements(rows: List[dict]) -> List[str]:
+def _statements(rows: list[dict]) -> list[str]:
     """For each epsilon where DP-FL keeps < 90 % of NP-FL's Dice: ADP-FL's fraction."""
     out = []
     by = {(r["mode"], r["epsilon"]): r for r in rows}
@@ -204,7 +204,7 @@ def _pm(v, digits=3) -> str:
     return f"{m:.{digits}f} +- {s:.{digits}f}"
 
 
-def _reach(vals: List[Optional[int]]) -> str:
+def _reach(vals: list[int | None]) -> str:
     got = [v for v in vals if v is not None]
     if not got:
         return "not reached"
@@ -212,7 +212,7 @@ def _reach(vals: List[Optional[int]]) -> str:
     return txt if len(got) == len(vals) else f"{txt} ({len(got)}/{len(vals)} seeds; others not reached)"
 
 
-def table_columns(regions: Sequence[str], keys: Optional[Sequence[str]] = None) -> List[str]:
+def table_columns(regions: Sequence[str], keys: Sequence[str] | None = None) -> list[str]:
     keys = list(keys) if keys is not None else [f"dice_{g}" for g in regions] + [f"hd95_{g}" for g in regions]
     return (
         ["method", "target_epsilon", "seeds", "dice_mean"]
@@ -277,14 +277,14 @@ def write_csv(summary: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- plots
-def plot_all(runs: Sequence[dict], summary: dict, folder: Path) -> List[str]:
+def plot_all(runs: Sequence[dict], summary: dict, folder: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    groups: Dict[tuple, List[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault(method_key(run), []).append(run)
     keys = sorted(groups, key=_sort_key)
@@ -333,7 +333,7 @@ def plot_all(runs: Sequence[dict], summary: dict, folder: Path) -> List[str]:
     nrows = math.ceil(n / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.5 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, private):
-        per_site: Dict[str, Dict[int, List[float]]] = {}
+        per_site: dict[str, dict[int, list[float]]] = {}
         for run in groups[key]:
             for site, series in epsilon_by_round(run).items():
                 for rnd, v in series.items():

@@ -6,12 +6,12 @@ is tested directly.
 
 from __future__ import annotations
 
-from typing import Mapping, Tuple
+from collections.abc import Mapping
 
 import numpy as np
 
 
-def check_update(update: Mapping, reference_shapes: Mapping[str, Tuple[int, ...]]) -> None:
+def check_update(update: Mapping, reference_shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Raise ValueError (naming the entry) unless ``update`` has exactly the model's keys,
     each with the model's shape, a float dtype and only finite values."""
     if not isinstance(update, Mapping) or not update:

@@ -23,7 +23,6 @@ the FL context under ``PUBLIC_INFO_PROP``; it never leaves the site.
 from __future__ import annotations
 
 import threading
-from typing import Dict, Optional
 
 import numpy as np
 from nvflare.apis.analytix import AnalyticsDataType
@@ -54,28 +53,28 @@ class SegmentationExecutor(Executor):
     def __init__(
         self,
         task: str = _S.task,
-        data_root: Optional[str] = _S.data_root,
+        data_root: str | None = _S.data_root,
         synthetic: bool = _S.synthetic,
         num_train: int = _S.num_train,
         num_val: int = _S.num_val,
-        image_size: Optional[int] = _T.image_size,
+        image_size: int | None = _T.image_size,
         data_seed: int = _S.data_seed,
         local_epochs: int = _T.local_epochs,
         batch_size: int = _T.batch_size,
         learning_rate: float = _T.learning_rate,
-        max_steps_per_round: Optional[int] = _T.max_steps_per_round,
+        max_steps_per_round: int | None = _T.max_steps_per_round,
         amp: bool = _T.amp,
         device: str = _T.device,
         num_workers: int = _T.num_workers,
         hd95: bool = _S.hd95,
         dpsgd: bool = _S.dpsgd,
-        dpsgd_target_epsilon: Optional[float] = _D.target_epsilon,
+        dpsgd_target_epsilon: float | None = _D.target_epsilon,
         dpsgd_delta: float = _D.delta,
         dpsgd_max_grad_norm: float = _D.max_grad_norm,
-        dpsgd_noise_multiplier: Optional[float] = _D.noise_multiplier,
-        dpsgd_planned_rounds: Optional[int] = _D.planned_rounds,
-        dpsgd_ledger_name: Optional[str] = _S.dpsgd_ledger_name,
-        ledger_dir: Optional[str] = _S.ledger_dir,
+        dpsgd_noise_multiplier: float | None = _D.noise_multiplier,
+        dpsgd_planned_rounds: int | None = _D.planned_rounds,
+        dpsgd_ledger_name: str | None = _S.dpsgd_ledger_name,
+        ledger_dir: str | None = _S.ledger_dir,
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
     ):
@@ -140,8 +139,8 @@ class SegmentationExecutor(Executor):
             SiteSession("", *self._session_args)
         except PrivacyConfigError as e:
             raise PrivacyConfigError(f"DP-SGD setting (executor argument dpsgd_<name>): {e}") from None
-        self._session: Optional[SiteSession] = None
-        self._prev_global: Optional[Dict[str, np.ndarray]] = None
+        self._session: SiteSession | None = None
+        self._prev_global: dict[str, np.ndarray] | None = None
         self._lock = threading.Lock()
         self._site = None
 
@@ -150,7 +149,7 @@ class SegmentationExecutor(Executor):
         if event_type == EventType.START_RUN:
             self._site = fl_ctx.get_identity_name()
 
-    def _workspace_root(self, fl_ctx: FLContext) -> Optional[str]:
+    def _workspace_root(self, fl_ctx: FLContext) -> str | None:
         ws = fl_ctx.get_engine().get_workspace() if fl_ctx.get_engine() else None
         return ws.get_root_dir() if ws is not None else None
 
@@ -190,7 +189,7 @@ class SegmentationExecutor(Executor):
                 return self._validate(session, fl_ctx)
             return self._train(session, global_weights, shareable, fl_ctx, abort_signal)
 
-    def _send_metrics(self, fl_ctx: FLContext, prefix: str, metrics: Dict[str, Optional[float]], step: int) -> None:
+    def _send_metrics(self, fl_ctx: FLContext, prefix: str, metrics: dict[str, float | None], step: int) -> None:
         for key, value in metrics.items():
             if value is None or not np.isfinite(value):
                 continue  # "no cases": nothing is plotted rather than a fake 0
@@ -226,7 +225,7 @@ class SegmentationExecutor(Executor):
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         return self.to_result_shareable(out, current_round)
 
-    def make_result(self, result: RoundResult, global_weights: Dict[str, np.ndarray], fl_ctx: FLContext,
+    def make_result(self, result: RoundResult, global_weights: dict[str, np.ndarray], fl_ctx: FLContext,
                     current_round: int) -> DXO:
         """The round's outgoing DXO: ``WEIGHT_DIFF`` with the step count, the global model's
         Dice on this site (read by the server's model selector) and, under DP-SGD, the
@@ -249,12 +248,12 @@ class SegmentationExecutor(Executor):
         result.set_header(AppConstants.CURRENT_ROUND, int(current_round))
         return result
 
-    def _publish_public_info(self, fl_ctx: FLContext, global_weights: Dict[str, np.ndarray], current_round: int):
+    def _publish_public_info(self, fl_ctx: FLContext, global_weights: dict[str, np.ndarray], current_round: int):
         """Hand the public signals (:mod:`adpfl.privacy.public_signals`) to this site's result
         filter; they never leave the site."""
         info, self._prev_global = public_signals(global_weights, self._prev_global, current_round)
         fl_ctx.set_prop(PUBLIC_INFO_PROP, info, private=True, sticky=False)
 
 
-def _fmt(value: Optional[float]) -> str:
+def _fmt(value: float | None) -> str:
     return "no cases" if value is None else f"{value:.4f}"

@@ -20,7 +20,7 @@ Written here because FLARE 2.9 has no workflow that scores the last aggregate fo
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from nvflare.apis.dxo import DataKind, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
@@ -32,13 +32,13 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
 
-def mean_score(scores: Iterable[Optional[float]]) -> Optional[float]:
+def mean_score(scores: Iterable[float | None]) -> float | None:
     """Unweighted mean of the finite scores (None when there is none)."""
     ok = [float(s) for s in scores if s is not None and math.isfinite(float(s))]
     return sum(ok) / len(ok) if ok else None
 
 
-def final_beats_best(final: Optional[float], best: float) -> bool:
+def final_beats_best(final: float | None, best: float) -> bool:
     """The final model becomes the best when it scores strictly higher (or nothing was scored)."""
     return final is not None and final > best
 
@@ -114,7 +114,7 @@ class FinalModelSelection(Controller):
         self.log_info(fl_ctx, f"the final global model is the best model ({self.key_metric} {final:.4f} > {best:.4f})")
         self.fire_event(AppEventType.GLOBAL_BEST_MODEL_AVAILABLE, fl_ctx)
 
-    def _score(self, result, fl_ctx: FLContext, site: str) -> Optional[float]:
+    def _score(self, result, fl_ctx: FLContext, site: str) -> float | None:
         if result is None or result.get_return_code(ReturnCode.OK) != ReturnCode.OK:
             self.log_warning(fl_ctx, f"{site} did not score the final model")
             return None

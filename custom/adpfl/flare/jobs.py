@@ -16,11 +16,10 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from typing import Dict, Optional
 
 #: per-task federation, local-training and task-specific privacy settings
 #: (simulator defaults sized for a CPU machine; raise image_size/epochs on a GPU)
-TASK_DEFAULTS: Dict[str, dict] = {
+TASK_DEFAULTS: dict[str, dict] = {
     "skin2d": {
         "num_rounds": 5,
         "min_clients": 3,
@@ -53,7 +52,7 @@ TASK_DEFAULTS: Dict[str, dict] = {
 #: DP-FL and ADP-FL share one target epsilon so they are compared at equal accounted
 #: privacy. The figure is large because update-level DP on a whole UNet update needs
 #: z ~ 1e-3 to keep the update useful (see README, "Privacy guarantees").
-MODE_DEFAULTS: Dict[str, Optional[dict]] = {
+MODE_DEFAULTS: dict[str, dict | None] = {
     "npfl": None,
     "dpfl": {
         "mode": "dpfl",
@@ -84,7 +83,7 @@ MODE_DEFAULTS: Dict[str, Optional[dict]] = {
 #: executor settings per mode: record-level DP-SGD (Opacus) for "dpsgd". Unit: one training
 #: image/patient of a site, add/remove-one, Poisson sampling; the budget is the site's,
 #: cumulative over every DP-SGD job on its data (record-level ledger in the site workspace).
-MODE_EXECUTOR: Dict[str, dict] = {
+MODE_EXECUTOR: dict[str, dict] = {
     # delta, clip and z (None: calibrated over the job's rounds) are DPSGDConfig's defaults
     "dpsgd": {"dpsgd": True, "dpsgd_target_epsilon": 8.0},
 }
@@ -148,7 +147,7 @@ def job_settings(task: str, mode: str, **overrides) -> dict:
     return s
 
 
-def build_job(task: str, mode: str, name: Optional[str] = None, **overrides):
+def build_job(task: str, mode: str, name: str | None = None, **overrides):
     """The FedJob of ``task`` x ``mode`` (components configured from ``job_settings``)."""
     from nvflare.apis.dxo import DataKind
     from nvflare.app_common.aggregators import InTimeAccumulateWeightedAggregator
@@ -284,7 +283,7 @@ def _result_filter_type():
     return FilterType.TASK_RESULT
 
 
-def _widget_args(privacy: Optional[dict], executor: dict) -> dict:
+def _widget_args(privacy: dict | None, executor: dict) -> dict:
     """The server's mirror of the sites' policy, including the least noise a site may
     claim (:func:`adpfl.privacy.policy.noise_floor`). DP-SGD sites are held to the
     record-level budget (their epsilon is recomputed by the widget)."""

@@ -15,7 +15,6 @@ import json
 import os
 import threading
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -44,9 +43,9 @@ class ADPFilter(DXOFilter):
     def __init__(
         self,
         mode: str = _D.mode,
-        target_epsilon: Optional[float] = _D.target_epsilon,
+        target_epsilon: float | None = _D.target_epsilon,
         delta: float = _D.delta,
-        planned_rounds: Optional[int] = _D.planned_rounds,
+        planned_rounds: int | None = _D.planned_rounds,
         keep_fraction: float = _D.keep_fraction,
         mask_policy: str = _D.mask_policy,
         clip_norm: float = _D.clip_norm,
@@ -55,7 +54,7 @@ class ADPFilter(DXOFilter):
         clip_indicator_noise: float = _D.clip_indicator_noise,
         clip_min: float = _D.clip_min,
         clip_max: float = _D.clip_max,
-        noise_multiplier: Optional[float] = _D.noise_multiplier,
+        noise_multiplier: float | None = _D.noise_multiplier,
         noise_type: str = _D.noise_type,
         noise_min_factor: float = _D.noise_min_factor,
         noise_max_factor: float = _D.noise_max_factor,
@@ -108,10 +107,10 @@ class ADPFilter(DXOFilter):
             raise PrivacyConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
         # validated now: a bad privacy setting stops the job at start-up, naming the setting
         self._config = self._make_config(target_epsilon).validate()
-        self._pipeline: Optional[PrivacyPipeline] = None
+        self._pipeline: PrivacyPipeline | None = None
         self._generator_factory = None  # production: OS entropy per release (tests inject one)
-        self._ledger_path: Optional[str] = None
-        self._state_path: Optional[str] = None
+        self._ledger_path: str | None = None
+        self._state_path: str | None = None
         self._cache = None  # (job_id, round, DXO) of the last release, resent on a retry
         self._lock = threading.Lock()
 

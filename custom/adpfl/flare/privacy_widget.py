@@ -13,7 +13,6 @@ import json
 import math
 import os
 import threading
-from typing import Dict, List, Optional
 
 from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.dxo import from_shareable
@@ -51,16 +50,16 @@ _R = DPSGDConfig()  # record-level defaults
 class PrivacyAccountingWidget(Widget):
     def __init__(
         self,
-        target_epsilon: Optional[float] = _D.target_epsilon,
+        target_epsilon: float | None = _D.target_epsilon,
         delta: float = _D.delta,
-        planned_rounds: Optional[int] = _D.planned_rounds,
+        planned_rounds: int | None = _D.planned_rounds,
         noise_type: str = _D.noise_type,
         min_noise_multiplier: float = 0.0,
         report_name: str = "privacy_report.json",
         stop_on_budget: bool = True,
         update_level: bool = True,
         record_level: bool = False,
-        record_target_epsilon: Optional[float] = _R.target_epsilon,
+        record_target_epsilon: float | None = _R.target_epsilon,
         record_delta: float = _R.delta,
     ):
         """Args:
@@ -104,16 +103,16 @@ class PrivacyAccountingWidget(Widget):
         self.record_level = bool(record_level)
         self.record_target_epsilon = None if record_target_epsilon is None else float(record_target_epsilon)
         self.record_delta = float(record_delta)
-        self._record: Dict[str, dict] = {}
+        self._record: dict[str, dict] = {}
         self._lock = threading.RLock()
-        self._ledgers: Dict[str, PrivacyLedger] = {}
-        self._site_reported: Dict[str, dict] = {}
-        self._rejected: List[dict] = []
+        self._ledgers: dict[str, PrivacyLedger] = {}
+        self._site_reported: dict[str, dict] = {}
+        self._rejected: list[dict] = []
         self._stopped_early = False
-        self._stop_reason: Optional[str] = None
+        self._stop_reason: str | None = None
         self._seeded = False
         self._mask_uncovered_sites = set()
-        self._report_path: Optional[str] = None
+        self._report_path: str | None = None
 
     # ------------------------------------------------------------------ events
     def handle_event(self, event_type: str, fl_ctx: FLContext):

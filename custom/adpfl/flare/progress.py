@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
 
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
@@ -47,8 +46,8 @@ class RunProgressWidget(Widget):
         self.mode = mode
         self.num_rounds = int(num_rounds)
         self.start_round = int(start_round)
-        self._run_dir: Optional[str] = None
-        self._app_dir: Optional[str] = None
+        self._run_dir: str | None = None
+        self._app_dir: str | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional, Tuple
 
 from adpfl._io import read_json, write_json_atomic
 from adpfl.flare.progress import PROGRESS_FILE, PROGRESS_FORMAT
@@ -77,7 +76,7 @@ def _find(config: dict, suffix: str):
     return [c for c in _components(config) if str(c.get("path", "")).endswith(suffix)]
 
 
-def _app_configs(job_dir: str) -> Tuple[list, list]:
+def _app_configs(job_dir: str) -> tuple[list, list]:
     servers, clients = [], []
     for root, _dirs, files in os.walk(job_dir):
         for name in files:
@@ -90,7 +89,7 @@ def _app_configs(job_dir: str) -> Tuple[list, list]:
     return servers, clients
 
 
-def make_resume_job(job_dir: str, out_dir: str, progress: dict, checkpoint: str, name: Optional[str] = None) -> dict:
+def make_resume_job(job_dir: str, out_dir: str, progress: dict, checkpoint: str, name: str | None = None) -> dict:
     """Write a copy of ``job_dir`` to ``out_dir`` that continues ``progress``'s run from
     ``checkpoint`` (absolute path, readable where the server runs). Returns a summary."""
     k = int(progress["last_completed_round"])
@@ -146,8 +145,8 @@ def make_resume_job(job_dir: str, out_dir: str, progress: dict, checkpoint: str,
             "num_rounds": total, "checkpoint": checkpoint, "resumed_job_id": progress.get("job_id")}
 
 
-def prepare_simulator_resume(workspace: str, jobs_dir: str, task: Optional[str] = None,
-                             mode: Optional[str] = None) -> dict:
+def prepare_simulator_resume(workspace: str, jobs_dir: str, task: str | None = None,
+                             mode: str | None = None) -> dict:
     """Set up the resume of the simulator run in ``workspace`` (before the simulator
     deletes it): keep its last global model and progress in ``<workspace>/local/adpfl_resume``
     (the one folder the simulator keeps) and write the resume job there.

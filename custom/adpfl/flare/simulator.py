@@ -15,8 +15,8 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
 
 _ROUND_RE = re.compile(r"Round (\d+) started")
 
@@ -29,15 +29,15 @@ def nvflare_bin() -> str:
 
 
 def simulator_command(job_dir: str | os.PathLike, workspace: str | os.PathLike, sites: int,
-                      threads: Optional[int] = None) -> List[str]:
+                      threads: int | None = None) -> list[str]:
     """``nvflare simulator JOB -w WS -n SITES -t THREADS`` (``threads`` defaults to one per site)."""
     threads = threads or sites
     return [nvflare_bin(), "simulator", os.fspath(job_dir), "-w", os.fspath(workspace), "-n", str(sites),
             "-t", str(threads)]
 
 
-def simulator_env(threads: int, extra: Optional[Mapping[str, str]] = None,
-                  base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+def simulator_env(threads: int, extra: Mapping[str, str] | None = None,
+                  base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment of a simulator run with ``threads`` site processes at once.
 
     Each process gets its share of the CPU cores as ``OMP_NUM_THREADS`` (torch otherwise
@@ -67,7 +67,7 @@ def result_dir(workspace: str | os.PathLike) -> Path:
     return cands[-1]
 
 
-def server_log(workspace: str | os.PathLike) -> Optional[Path]:
+def server_log(workspace: str | os.PathLike) -> Path | None:
     """The simulator server's log (the run's, else the workspace's), or None before it exists."""
     server = Path(workspace) / "server"
     for p in (server / "simulate_job" / "log.txt", server / "log.txt"):
@@ -76,7 +76,7 @@ def server_log(workspace: str | os.PathLike) -> Optional[Path]:
     return None
 
 
-def last_started_round(log_file: Optional[Path]) -> Optional[int]:
+def last_started_round(log_file: Path | None) -> int | None:
     """The round a FLARE server job (simulator or POC) last started, from its log; None if
     the log is missing, unreadable or names no round yet."""
     if log_file is None:

@@ -20,7 +20,6 @@ A real site (startup kit) therefore points the bundle at its data without editin
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from adpfl._io import read_json
 
@@ -28,7 +27,7 @@ SITE_CONFIG_NAME = "adpfl_site.json"
 _KNOWN_KEYS = {"data_root", "ledger_dir", "max_epsilon"}
 
 
-def read_site_config(workspace_root: Optional[str]) -> dict:
+def read_site_config(workspace_root: str | None) -> dict:
     if not workspace_root:
         return {}
     path = os.path.join(workspace_root, "local", SITE_CONFIG_NAME)
@@ -46,7 +45,7 @@ def read_site_config(workspace_root: Optional[str]) -> dict:
     return cfg
 
 
-def resolve_data_root(task: str, job_value: str, workspace_root: Optional[str]) -> str:
+def resolve_data_root(task: str, job_value: str, workspace_root: str | None) -> str:
     cfg = read_site_config(workspace_root)
     site_value = cfg.get("data_root")
     if isinstance(site_value, dict):
@@ -58,7 +57,7 @@ def resolve_data_root(task: str, job_value: str, workspace_root: Optional[str]) 
     return os.path.join(os.path.expanduser("~"), ".cache", "adpfl", "data", task)
 
 
-def resolve_ledger_dir(job_value: str, workspace_root: Optional[str], simulate: bool = False) -> str:
+def resolve_ledger_dir(job_value: str, workspace_root: str | None, simulate: bool = False) -> str:
     cfg = read_site_config(workspace_root)
     for value in (cfg.get("ledger_dir"), os.environ.get("ADPFL_LEDGER_DIR"), job_value):
         if value:

@@ -40,7 +40,6 @@ does not trust also withholds the custom-code right (FLARE authorization policy,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import FilterKey, FLContextKey, ReturnCode
@@ -94,7 +93,7 @@ class SitePolicyFilter(ADPFilter):
             raise PrivacyConfigError(
                 f"SitePolicyFilter releases dense updates (keep_fraction 1), got keep_fraction={self.keep_fraction}"
             )
-        self._last_release: Optional[tuple] = None  # (job key, round, digest) of the last release
+        self._last_release: tuple | None = None  # (job key, round, digest) of the last release
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         try:
@@ -140,7 +139,7 @@ class SitePolicyFilter(ADPFilter):
         return shareable
 
 
-def site_policy_filter(fl_ctx: FLContext) -> Optional[SitePolicyFilter]:
+def site_policy_filter(fl_ctx: FLContext) -> SitePolicyFilter | None:
     """The site policy filter of the job's privacy scope (set by FLARE, not by the job), if any."""
     scope = fl_ctx.get_prop(FLContextKey.SCOPE_OBJECT)
     filters = getattr(scope, "task_result_filters", None) or {}
@@ -150,7 +149,7 @@ def site_policy_filter(fl_ctx: FLContext) -> Optional[SitePolicyFilter]:
     return None
 
 
-def defer_to_site_policy(job_filter: ADPFilter, shareable: Shareable, fl_ctx: FLContext) -> Optional[Shareable]:
+def defer_to_site_policy(job_filter: ADPFilter, shareable: Shareable, fl_ctx: FLContext) -> Shareable | None:
     """For a job's ADPFilter: None when no site policy is active (the job's filter protects
     the result itself), else the site's verified release (PrivacyError if it is not one)."""
     site = site_policy_filter(fl_ctx)

@@ -36,7 +36,7 @@ controller disregards (``ignore_result_error``).
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from nvflare.apis.filter import Filter
@@ -100,7 +100,7 @@ def _index_dtype(numel: int):
     return np.int32 if numel < 2**31 else np.int64
 
 
-def encode_indices(indices: np.ndarray, numel: int, coding: str = "auto") -> Tuple[str, np.ndarray]:
+def encode_indices(indices: np.ndarray, numel: int, coding: str = "auto") -> tuple[str, np.ndarray]:
     """Encode sorted unique flat ``indices`` of an update with ``numel`` coordinates."""
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     candidates = {}
@@ -130,7 +130,7 @@ def encode_sparse(
     values: np.ndarray,
     keys: Sequence[str],
     shapes: Sequence[Sequence[int]],
-    dtypes: Optional[Sequence[str]] = None,
+    dtypes: Sequence[str] | None = None,
     coding: str = "auto",
 ) -> dict:
     """The DXO data of a sparse release (see module docstring)."""
@@ -205,7 +205,7 @@ def decode_indices(coding: str, data, numel: int, count: int) -> np.ndarray:
     return idx
 
 
-def decode_sparse(data: Mapping, expected_count: Optional[int] = None) -> Dict[str, np.ndarray]:
+def decode_sparse(data: Mapping, expected_count: int | None = None) -> dict[str, np.ndarray]:
     """Dense update {key: array} of a sparse DXO data dict; raises SparsePayloadError."""
     if not is_sparse(data):
         raise SparsePayloadError("not a sparse payload")
@@ -322,7 +322,7 @@ class SparseDensifyFilter(Filter):
         )
         return dxo.update_shareable(shareable)
 
-    def _expected_count(self, dxo) -> Optional[int]:
+    def _expected_count(self, dxo) -> int | None:
         from adpfl.privacy.metadata import PRIVACY_META_KEY
 
         meta = dxo.get_meta_prop(PRIVACY_META_KEY)

@@ -37,8 +37,8 @@ Distances are in mm from the image spacing (skin2d: pixels, ISIC images carry no
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional
 
 __all__ = ["LesionWiseSpec", "TaskScoring", "SCORING", "scoring_for", "BRATS_PENALTY_MM", "FAMILY_LABELS", "describe"]
 
@@ -68,16 +68,16 @@ class TaskScoring:
     task: str
     challenge: str
     #: None: the diagonal of the scored image (in its distance unit)
-    hd95_penalty: Optional[float]
+    hd95_penalty: float | None
     distance_unit: str = "mm"
-    lesion_wise: Optional[LesionWiseSpec] = None
+    lesion_wise: LesionWiseSpec | None = None
     #: KiTS Surface Dice tolerance per region (distance unit); None: not scored
-    surface_dice_tolerance: Optional[Mapping[str, float]] = None
+    surface_dice_tolerance: Mapping[str, float] | None = None
     #: ISIC thresholded Jaccard: per-image Jaccard below this counts 0; None: not scored
-    jaccard_threshold: Optional[float] = None
+    jaccard_threshold: float | None = None
 
 
-SCORING: Dict[str, TaskScoring] = {
+SCORING: dict[str, TaskScoring] = {
     "brain3d": TaskScoring(
         task="brain3d",
         challenge="BraTS 2024 GLI",

@@ -27,8 +27,8 @@ Not reproduced from the official scripts: their merging of lesions across tissue
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -74,8 +74,8 @@ def lesion_wise(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], dila
         lesions = np.zeros(gt.shape, np.int32)
 
     matched = set()
-    dices: List[float] = []
-    hds: List[float] = []
+    dices: list[float] = []
+    hds: list[float] = []
     missed = small = 0
     for lid, sl in enumerate(ndimage.find_objects(lesions), start=1):
         if sl is None:

@@ -14,7 +14,7 @@ A mean over no case is ``None`` ("no cases"), never 0.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -28,13 +28,13 @@ __all__ = ["region_masks", "score_case", "metric_families", "ScoreAccumulator", 
 NO_CASES = "no cases"
 
 
-def region_masks(labels: np.ndarray, regions: Mapping[str, Tuple[int, ...]]) -> Dict[str, np.ndarray]:
+def region_masks(labels: np.ndarray, regions: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Binary mask of each region (a union of label values) of an integer label map."""
     labels = np.asarray(labels)
     return {name: np.isin(labels, list(values)) for name, values in regions.items()}
 
 
-def metric_families(scoring: TaskScoring, with_hd95: bool = True) -> List[str]:
+def metric_families(scoring: TaskScoring, with_hd95: bool = True) -> list[str]:
     """The metric families a task reports, in order (voxel-wise first)."""
     fams = ["dice"] + (["hd95"] if with_hd95 else [])
     if scoring.lesion_wise is not None:
@@ -46,9 +46,9 @@ def metric_families(scoring: TaskScoring, with_hd95: bool = True) -> List[str]:
     return fams
 
 
-def score_case(pred_labels: np.ndarray, gt_labels: np.ndarray, regions: Mapping[str, Tuple[int, ...]],
-               scoring: TaskScoring, spacing: Optional[Sequence[float]] = None,
-               with_hd95: bool = True) -> Dict[str, float]:
+def score_case(pred_labels: np.ndarray, gt_labels: np.ndarray, regions: Mapping[str, tuple[int, ...]],
+               scoring: TaskScoring, spacing: Sequence[float] | None = None,
+               with_hd95: bool = True) -> dict[str, float]:
     """All metrics of one case (spatial label maps of equal shape; ``spacing`` per axis,
     default 1). Keys as in the module docstring, without the ``_mean`` ones."""
     pred_labels = np.asarray(pred_labels)
@@ -60,7 +60,7 @@ def score_case(pred_labels: np.ndarray, gt_labels: np.ndarray, regions: Mapping[
         raise ValueError(f"spacing {spacing} does not match a {gt_labels.ndim}-D label map")
     penalty = scoring.hd95_penalty if scoring.hd95_penalty is not None else image_diagonal(gt_labels.shape, spacing)
     p_reg, g_reg = region_masks(pred_labels, regions), region_masks(gt_labels, regions)
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for r in regions:
         p, g = p_reg[r], g_reg[r]
         out[f"dice_{r}"] = dice(p, g)
@@ -86,7 +86,7 @@ class ScoreAccumulator:
     def __init__(self, regions: Iterable[str], scoring: TaskScoring, with_hd95: bool = True):
         self.regions = list(regions)
         self.families = metric_families(scoring, with_hd95)
-        self._values: Dict[str, List[float]] = {f"{f}_{r}": [] for f in self.families for r in self.regions}
+        self._values: dict[str, list[float]] = {f"{f}_{r}": [] for f in self.families for r in self.regions}
         self.cases = 0
 
     def add(self, case_scores: Mapping[str, float]) -> None:
@@ -96,8 +96,8 @@ class ScoreAccumulator:
                 raise ValueError(f"case score {k}={v!r} is not a finite number")
             self._values.setdefault(k, []).append(float(v))
 
-    def summary(self) -> Dict[str, Optional[float]]:
-        out: Dict[str, Optional[float]] = {k: (float(np.mean(v)) if v else None) for k, v in self._values.items()}
+    def summary(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {k: (float(np.mean(v)) if v else None) for k, v in self._values.items()}
         for f in self.families:
             vals = [out[f"{f}_{r}"] for r in self.regions if out.get(f"{f}_{r}") is not None]
             out[f"{f}_mean"] = float(np.mean(vals)) if vals else None

@@ -13,7 +13,7 @@ definition: the per-image Jaccard index, replaced by 0 when below the threshold 
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

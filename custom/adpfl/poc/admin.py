@@ -8,8 +8,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional
 
 from adpfl.flare.simulator import last_started_round
 from adpfl.poc.processes import check_services_alive, service_logs
@@ -36,7 +36,7 @@ def close_session(sess) -> None:
         pass
 
 
-def wait_until_connected(state: dict, timeout: float = 120.0, log: Callable[[str], None] = print) -> List[str]:
+def wait_until_connected(state: dict, timeout: float = 120.0, log: Callable[[str], None] = print) -> list[str]:
     expected = set(state["sites"])
     deadline = time.monotonic() + timeout
     last_err, connected = "", set()
@@ -91,7 +91,7 @@ def submit(workspace: str, job_dir: str, log: Callable[[str], None] = print) -> 
     return job_id
 
 
-def current_round(state: dict, job_id: str) -> Optional[int]:
+def current_round(state: dict, job_id: str) -> int | None:
     """The round the server's job process last started (from its log), or None."""
     return last_started_round(Path(state["prod_dir"]) / state["server"] / job_id / "log.txt")
 
@@ -133,7 +133,7 @@ def locate_results(result_dir: str) -> dict:
     """Where a downloaded job result keeps the global model, TB logs and the reports."""
     root = Path(result_dir)
 
-    def first(pattern: str, want_dir: bool = False) -> Optional[str]:
+    def first(pattern: str, want_dir: bool = False) -> str | None:
         for p in sorted(root.rglob(pattern)):
             if p.is_dir() == want_dir:
                 return str(p)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from adpfl.poc.admin import abort, download, resume, submit, wait
 from adpfl.poc.processes import start, stop
@@ -16,10 +16,10 @@ def run(
     job_dir: str,
     workspace: str = DEFAULT_WORKSPACE,
     sites: int = 2,
-    home: Optional[str] = None,
+    home: str | None = None,
     port: int = 0,
-    data_root: Optional[str] = None,
-    result_dir: Optional[str] = None,
+    data_root: str | None = None,
+    result_dir: str | None = None,
     start_timeout: float = 120.0,
     job_timeout: float = 1800.0,
     log: Callable[[str], None] = print,

@@ -9,14 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 from adpfl.flare.simulator import nvflare_bin
 from adpfl.poc.state import DEFAULT_WORKSPACE, SERVER_NAME, PocError, load_state, prod_dir, save_state, tail
 
 
-def poc_env(workspace: str, home: Optional[str] = None, extra: Optional[dict] = None) -> Dict[str, str]:
+def poc_env(workspace: str, home: str | None = None, extra: dict | None = None) -> dict[str, str]:
     """Environment for ``nvflare poc`` and the processes it starts."""
     env = dict(os.environ)
     env["NVFLARE_POC_WORKSPACE"] = os.path.abspath(workspace)
@@ -30,7 +30,7 @@ def poc_env(workspace: str, home: Optional[str] = None, extra: Optional[dict] = 
     return env
 
 
-def run_nvflare(args: List[str], workspace: str, home: Optional[str], timeout: float = 120, extra_env=None):
+def run_nvflare(args: list[str], workspace: str, home: str | None, timeout: float = 120, extra_env=None):
     cmd = [nvflare_bin()] + args
     try:
         proc = subprocess.run(
@@ -61,9 +61,9 @@ def free_port() -> int:
 
 def start(
     workspace: str = DEFAULT_WORKSPACE,
-    home: Optional[str] = None,
+    home: str | None = None,
     timeout: float = 120.0,
-    extra_env: Optional[dict] = None,
+    extra_env: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Start the server and every site in the background; return once all sites are
@@ -108,8 +108,8 @@ def check_services_alive(state: dict) -> None:
             raise PocError(f"{name} failed to start repeatedly; see {console}:\n{tail(console.read_text())}")
 
 
-def stop(workspace: str = DEFAULT_WORKSPACE, home: Optional[str] = None, timeout: float = 60.0,
-         grace: float = 15.0, log: Callable[[str], None] = print) -> List[int]:
+def stop(workspace: str = DEFAULT_WORKSPACE, home: str | None = None, timeout: float = 60.0,
+         grace: float = 15.0, log: Callable[[str], None] = print) -> list[int]:
     """Stop the POC system: ``nvflare poc stop`` first, then end every process of this
     workspace still alive, by PID. Safe to call after a failure or twice. Returns the
     PIDs that had to be killed."""
@@ -135,7 +135,7 @@ def stop(workspace: str = DEFAULT_WORKSPACE, home: Optional[str] = None, timeout
     return killed
 
 
-def kill_leftovers(workspace: str, grace: float = 5.0) -> List[int]:
+def kill_leftovers(workspace: str, grace: float = 5.0) -> list[int]:
     pids = live_pids(workspace)
     if not pids:
         return []
@@ -149,7 +149,7 @@ def kill_leftovers(workspace: str, grace: float = 5.0) -> List[int]:
     return pids
 
 
-def live_pids(workspace: str) -> List[int]:
+def live_pids(workspace: str) -> list[int]:
     """PIDs of this POC system's processes: the services' PID files, the PIDs recorded at
     start, their descendants, and any process whose command line names this workspace's
     startup kits (job processes of a crashed parent)."""
@@ -192,7 +192,7 @@ def live_pids(workspace: str) -> List[int]:
     return alive
 
 
-def pid_file_pids(state: dict) -> List[int]:
+def pid_file_pids(state: dict) -> list[int]:
     out = []
     prod = Path(state.get("prod_dir") or "")
     names = [state.get("server", SERVER_NAME)] + list(state.get("sites") or [])
@@ -221,7 +221,7 @@ def _wait_gone(fn, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def service_logs(state: dict) -> List[str]:
+def service_logs(state: dict) -> list[str]:
     prod = Path(state["prod_dir"])
     out = []
     for name in [state["server"]] + state["sites"]:

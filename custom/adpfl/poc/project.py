@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 from adpfl._io import read_json, write_json_atomic
 from adpfl.flare.site_policy import privacy_json_document, write_privacy_json
@@ -60,7 +60,7 @@ def project_config(sites: Iterable[str], port: int, name: str = PROJECT_NAME) ->
     }
 
 
-def site_config(data_root: str, ledger_dir: Optional[str] = None) -> dict:
+def site_config(data_root: str, ledger_dir: str | None = None) -> dict:
     """``local/adpfl_site.json`` of a POC site: each task's data under ``<data_root>/<task>``."""
     cfg = {"data_root": {t: os.path.join(os.path.abspath(data_root), t) for t in TASK_NAMES}}
     if ledger_dir:
@@ -97,13 +97,13 @@ def write_allow_list(participant_dir: str, extra: Iterable[str] = ADPFL_ALLOW_LI
 def prepare(
     workspace: str = DEFAULT_WORKSPACE,
     sites: int = 2,
-    home: Optional[str] = None,
+    home: str | None = None,
     port: int = 0,
-    data_root: Optional[str] = None,
-    ledger_dir: Optional[str] = None,
+    data_root: str | None = None,
+    ledger_dir: str | None = None,
     allow_list: bool = False,
     log: Callable[[str], None] = print,
-    site_epsilon: Optional[float] = DEFAULT_SITE_EPSILON,
+    site_epsilon: float | None = DEFAULT_SITE_EPSILON,
     site_rounds: int = DEFAULT_SITE_ROUNDS,
 ) -> dict:
     """Create (or re-create) the POC workspace; returns its state (port, sites, folders).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List
 
 from adpfl._io import read_json, write_json_atomic
 
@@ -36,7 +35,7 @@ def save_state(workspace: str, state: dict) -> None:
     write_json_atomic(path, state)
 
 
-def site_names(n: int) -> List[str]:
+def site_names(n: int) -> list[str]:
     return [f"site-{i}" for i in range(1, n + 1)]
 
 

@@ -14,8 +14,9 @@ See docs/privacy-model.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from .analysis import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, calibrate_noise_multiplier, epsilon_gaussian
 from .errors import PrivacyConfigError
@@ -71,12 +72,12 @@ class PrivacyConfig:
                                           "noise multiplier of a sensitivity-1 bit")
     clip_min: float = setting(1e-4, "lower bound of the adaptive clip", "L2 norm")
     clip_max: float = setting(1e4, "upper bound of the adaptive clip", "L2 norm")
-    noise_multiplier: Optional[float] = setting(None, "fixed noise multiplier for dpfl (None = calibrate from "
+    noise_multiplier: float | None = setting(None, "fixed noise multiplier for dpfl (None = calibrate from "
                                                 "target_epsilon over planned_rounds)", "noise std / (2 * clip_norm)")
-    target_epsilon: Optional[float] = setting(None, "the site's budget at delta (None = no budget; adpfl and a "
+    target_epsilon: float | None = setting(None, "the site's budget at delta (None = no budget; adpfl and a "
                                               "calibrated dpfl need it)", "epsilon, site-level update DP")
     delta: float = setting(1e-5, "the delta every epsilon is stated at", "probability, per site")
-    planned_rounds: Optional[int] = setting(None, "rounds the budget is planned over (the job's num_rounds)",
+    planned_rounds: int | None = setting(None, "rounds the budget is planned over (the job's num_rounds)",
                                             "rounds")
     noise_type: str = setting("gaussian", "gaussian, or laplace (dpfl only, L1 clip, pure epsilon-DP)")
     accountant: str = setting("rdp", "accountant that enforces the budget: rdp (PRV is reported beside it) or prv")
@@ -87,7 +88,7 @@ class PrivacyConfig:
     track_prv: bool = setting(True, "also compute the PRV epsilon for the ledger and the report")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PrivacyConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> PrivacyConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -98,7 +99,7 @@ class PrivacyConfig:
     def adaptive_clip(self) -> bool:
         return self.mode == "adpfl" and self.clip_learning_rate > 0
 
-    def validate(self) -> "PrivacyConfig":
+    def validate(self) -> PrivacyConfig:
         """Check every setting; PrivacyConfigError names the offending one. Returns self."""
         if self.mode not in RELEASE_MODES:
             raise PrivacyConfigError(f"mode must be one of {RELEASE_MODES}, got {self.mode!r}")
@@ -191,16 +192,16 @@ class DPSGDConfig:
     """
 
     max_grad_norm: float = setting(1.0, "per-sample gradient clip", "L2 norm of one record's gradient")
-    target_epsilon: Optional[float] = setting(None, "the site's record-level budget at delta (None: needs "
+    target_epsilon: float | None = setting(None, "the site's record-level budget at delta (None: needs "
                                               "noise_multiplier)", "epsilon, record-level DP")
     delta: float = setting(1e-5, "the delta the record-level epsilon is stated at", "probability")
-    planned_rounds: Optional[int] = setting(None, "rounds the record-level budget is planned over", "rounds")
-    noise_multiplier: Optional[float] = setting(None, "fixed DP-SGD noise multiplier (None = calibrate from "
+    planned_rounds: int | None = setting(None, "rounds the record-level budget is planned over", "rounds")
+    noise_multiplier: float | None = setting(None, "fixed DP-SGD noise multiplier (None = calibrate from "
                                                 "target_epsilon)", "noise std / max_grad_norm")
     epsilon_tolerance: float = setting(0.01, "calibration stops within this of the target", "epsilon")
     optimizer: str = setting("adam", "optimizer over the noisy gradients: adam or sgd")
 
-    def validate(self) -> "DPSGDConfig":
+    def validate(self) -> DPSGDConfig:
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise PrivacyConfigError(f"max_grad_norm must be positive and finite, got {self.max_grad_norm}")
         if not (0 < self.delta < 1):

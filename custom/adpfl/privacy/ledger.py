@@ -168,7 +168,7 @@ class PrivacyLedger:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PrivacyLedger":
+    def from_dict(cls, data: dict[str, Any]) -> PrivacyLedger:
         if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
             raise PrivacyError(f"not a privacy ledger (format field is not {LEDGER_FORMAT!r})")
         if data.get("version") != LEDGER_VERSION:
@@ -196,7 +196,7 @@ class PrivacyLedger:
         write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PrivacyLedger":
+    def load(cls, path: str | os.PathLike) -> PrivacyLedger:
         """Load a saved ledger; PrivacyError naming the file if it is corrupt
         (FileNotFoundError if absent; see :meth:`load_or_create`)."""
         path = os.fspath(path)
@@ -210,7 +210,7 @@ class PrivacyLedger:
     @classmethod
     def load_or_create(
         cls, path: str | os.PathLike, delta: float, target_epsilon: float | None = None, **kwargs: Any
-    ) -> "PrivacyLedger":
+    ) -> PrivacyLedger:
         """Load ``path`` if it exists (its delta must match), else a new empty ledger."""
         if os.path.exists(path):
             ledger = cls.load(path)

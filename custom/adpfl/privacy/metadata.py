@@ -7,7 +7,7 @@ Raw update norms never appear here: ``clip_norm`` is the public sensitivity boun
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any
 
 PRIVACY_META_KEY = "adpfl_privacy"
 #: record-level (DP-SGD) accounting a site attaches to a result trained with DP-SGD
@@ -50,7 +50,7 @@ NO_MASK = "none"
 _AGREE = 1e-6
 
 
-def check_privacy_meta(meta: Any, delta: float, min_noise_multiplier: float = 0.0) -> Dict[str, Any]:
+def check_privacy_meta(meta: Any, delta: float, min_noise_multiplier: float = 0.0) -> dict[str, Any]:
     """Validate a contribution's privacy metadata; returns it or raises ValueError (why)."""
     if not isinstance(meta, dict):
         raise ValueError("no privacy metadata attached (a private job accepts only noised releases)")
@@ -97,14 +97,14 @@ def check_privacy_meta(meta: Any, delta: float, min_noise_multiplier: float = 0.
     return meta
 
 
-def _positive_number(meta: Dict[str, Any], key: str, what: str = "privacy metadata") -> float:
+def _positive_number(meta: dict[str, Any], key: str, what: str = "privacy metadata") -> float:
     v = meta[key]
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
         raise ValueError(f"{what} field {key}={v!r} is not a positive finite number")
     return float(v)
 
 
-def _check_update_consistency(meta: Dict[str, Any]) -> None:
+def _check_update_consistency(meta: dict[str, Any]) -> None:
     """Fields that are functions of each other must agree (a release that contradicts itself
     is refused rather than accounted by whichever field the server happens to read)."""
     from .mechanisms import MASK_POLICIES, mask_is_covered
@@ -144,7 +144,7 @@ def _check_update_consistency(meta: Dict[str, Any]) -> None:
             raise ValueError(f"epsilon_round={meta['epsilon_round']} contradicts 1 / noise_multiplier")
 
 
-def check_record_meta(meta: Any, delta: float) -> Dict[str, Any]:
+def check_record_meta(meta: Any, delta: float) -> dict[str, Any]:
     """Validate a DP-SGD result's record-level metadata; returns it with
     ``epsilon_recomputed`` (Opacus RDP over the reported history, the figure the server
     uses instead of the site's claim) or raises ValueError (why)."""

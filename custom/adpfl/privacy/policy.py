@@ -16,7 +16,8 @@ rules only mirror, reject and stop early (see docs/privacy-model.md):
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .analysis import calibrate_noise_multiplier
 from .ledger import PrivacyLedger
@@ -59,7 +60,7 @@ def noise_floor(settings: Mapping[str, Any]) -> float:
     return float(f"{z * (1 - 1e-4):.4g}")
 
 
-def site_total_epsilon(ledger: PrivacyLedger, reported: Optional[float]) -> float:
+def site_total_epsilon(ledger: PrivacyLedger, reported: float | None) -> float:
     """Best known cumulative epsilon of a site: this job's (server-computed) spend, or the
     site's own reported total (it may include earlier jobs) when that is larger."""
     own = ledger.epsilon("rdp")
@@ -68,7 +69,7 @@ def site_total_epsilon(ledger: PrivacyLedger, reported: Optional[float]) -> floa
     return own
 
 
-def projected_update_epsilon(ledger: PrivacyLedger, reported: Optional[float]) -> float:
+def projected_update_epsilon(ledger: PrivacyLedger, reported: float | None) -> float:
     """The site's total after one more release at its last noise level (RDP)."""
     last = ledger.entries[-1]
     prior = max(0.0, site_total_epsilon(ledger, reported) - ledger.epsilon("rdp"))

@@ -13,7 +13,8 @@ result filter in memory, and they never leave the site. See docs/privacy-model.m
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +25,9 @@ PUBLIC_INFO_PROP = "adpfl.public_info"
 
 def public_signals(
     global_weights: Mapping[str, np.ndarray],
-    previous: Optional[Mapping[str, np.ndarray]],
+    previous: Mapping[str, np.ndarray] | None,
     round_index: int,
-) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The public signals of round ``round_index`` and the snapshot to pass as ``previous``
     next round.
 
@@ -39,7 +40,7 @@ def public_signals(
     Returns:
         ``({"round", "global_change", "public_scores"}, snapshot)``.
     """
-    info: Dict[str, Any] = {"round": int(round_index), "global_change": None, "public_scores": None}
+    info: dict[str, Any] = {"round": int(round_index), "global_change": None, "public_scores": None}
     if previous is not None and set(previous) == set(global_weights):
         delta = {k: global_weights[k].astype(np.float32) - previous[k] for k in global_weights}
         num = float(np.sqrt(sum(float(np.square(d).sum()) for d in delta.values())))

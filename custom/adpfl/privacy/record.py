@@ -9,7 +9,6 @@ import json
 import math
 import os
 import warnings
-from typing import List, Optional
 
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -107,11 +106,11 @@ class RecordLedger:
     change the file only under its lock (:mod:`adpfl.privacy.reservation`).
     """
 
-    def __init__(self, delta: float, entries: Optional[List[dict]] = None, path: Optional[str] = None):
+    def __init__(self, delta: float, entries: list[dict] | None = None, path: str | None = None):
         if not (0 < float(delta) < 1):
             raise PrivacyConfigError(f"delta must be in (0, 1), got {delta}")
         self.delta = float(delta)
-        self.entries: List[dict] = list(entries or [])
+        self.entries: list[dict] = list(entries or [])
         self.path = path
 
     def history(self) -> list:
@@ -120,7 +119,7 @@ class RecordLedger:
     def epsilon(self) -> float:
         return opacus_rdp_epsilon(self.history(), self.delta)
 
-    def record(self, *, job_id: Optional[str], round: int, noise_multiplier: float, sample_rate: float,
+    def record(self, *, job_id: str | None, round: int, noise_multiplier: float, sample_rate: float,
                steps: int) -> dict:
         entry = {"job_id": job_id, "round": int(round), "noise_multiplier": float(noise_multiplier),
                  "sample_rate": float(sample_rate), "steps": int(steps)}
@@ -129,13 +128,13 @@ class RecordLedger:
         self.entries.append(entry)
         return dict(entry)
 
-    def save(self, path: Optional[str] = None) -> None:
+    def save(self, path: str | None = None) -> None:
         write_json_atomic(path or self.path, {"format": RECORD_LEDGER_FORMAT, "unit": PRIVACY_UNIT,
                                               "delta": self.delta, "accountant": "opacus rdp",
                                               "entries": self.entries})
 
     @classmethod
-    def load_or_create(cls, path: str, delta: float) -> "RecordLedger":
+    def load_or_create(cls, path: str, delta: float) -> RecordLedger:
         if not os.path.exists(path):
             return cls(delta, path=path)
         try:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from adpfl._io import file_lock, json_transaction
 

@@ -36,7 +36,8 @@ step runs the PRV accountant (seconds per release); "rdp" is fast.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .analysis import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, RdpSearch, calibrate, epsilon_prv
 from .config import PrivacyConfig, default_of

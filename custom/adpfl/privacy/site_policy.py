@@ -32,7 +32,8 @@ import hashlib
 import json
 import numbers
 import os
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def _is_scalar(value: Any) -> bool:
     return value is None
 
 
-def classify_result(return_ok: bool, data_kind: Optional[str], data: Any) -> tuple[str, str]:
+def classify_result(return_ok: bool, data_kind: str | None, data: Any) -> tuple[str, str]:
     """Which of the module's rules applies to a task result; returns ``(action, reason)``.
 
     Args:
@@ -131,7 +132,7 @@ def ledger_holds_release(ledger_path: str, job_key: str, round_index: int) -> bo
 
 
 def check_site_release(
-    recorded: Optional[tuple], digest: str, round_index: Optional[int], ledger_path: Optional[str]
+    recorded: tuple | None, digest: str, round_index: int | None, ledger_path: str | None
 ) -> None:
     """Raise :class:`PrivacyError` unless a result is the site filter's own recorded release.
 

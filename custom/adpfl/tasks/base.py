@@ -10,8 +10,9 @@ chain is built. Nothing here imports nvflare.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Tuple
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -32,24 +33,24 @@ class SegTask:
 
     name: str
     spatial_dims: int
-    channel_names: Tuple[str, ...]
-    label_names: Dict[int, str]
-    regions: Dict[str, Tuple[int, ...]]
+    channel_names: tuple[str, ...]
+    label_names: dict[int, str]
+    regions: dict[str, tuple[int, ...]]
     key_region: str
-    default_size: Tuple[int, ...]
-    unet_channels: Tuple[int, ...] = (16, 32, 64, 128)
-    unet_strides: Tuple[int, ...] = (2, 2, 2)
+    default_size: tuple[int, ...]
+    unet_channels: tuple[int, ...] = (16, 32, 64, 128)
+    unet_strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = 2
     # patch size for random-crop training (3D tasks); None = whole image
-    patch_size: Tuple[int, ...] | None = None
+    patch_size: tuple[int, ...] | None = None
     # the label values a mask file may hold, when they are not the class indices: the mask's
     # values must all lie in one of these sets (the transforms map them to class indices)
-    mask_value_sets: Tuple[FrozenSet[int], ...] = ()
+    mask_value_sets: tuple[frozenset[int], ...] = ()
     # one image file per entry (these are the file-name suffixes) instead of one file per case
-    image_files: Tuple[str, ...] = ()
+    image_files: tuple[str, ...] = ()
     # builders for the MONAI transform chains (set by each task module)
-    make_train_transforms: Callable[["SegTask", Tuple[int, ...]], object] | None = field(default=None, compare=False)
-    make_val_transforms: Callable[["SegTask", Tuple[int, ...]], object] | None = field(default=None, compare=False)
+    make_train_transforms: Callable[[SegTask, tuple[int, ...]], object] | None = field(default=None, compare=False)
+    make_val_transforms: Callable[[SegTask, tuple[int, ...]], object] | None = field(default=None, compare=False)
 
     @property
     def in_channels(self) -> int:
@@ -60,7 +61,7 @@ class SegTask:
         return len(self.label_names)
 
     @property
-    def label_values(self) -> Tuple[int, ...]:
+    def label_values(self) -> tuple[int, ...]:
         return tuple(sorted(self.label_names))
 
     @property
@@ -69,11 +70,11 @@ class SegTask:
         return len(self.image_files) or 1
 
     @property
-    def mask_values(self) -> List[int]:
+    def mask_values(self) -> list[int]:
         """Every value a mask file of this task may hold."""
         return sorted(set().union(*self.mask_value_sets)) if self.mask_value_sets else list(self.label_values)
 
-    def check_mask_values(self, values) -> List[int]:
+    def check_mask_values(self, values) -> list[int]:
         """The values of ``values`` a mask file of this task may not hold (empty: all fine)."""
         vals = {int(v) for v in values}
         allowed = self.mask_value_sets or (frozenset(self.label_values),)
@@ -81,7 +82,7 @@ class SegTask:
             return []
         return sorted(vals - set(self.mask_values)) or sorted(vals - set(allowed[0]))
 
-    def build_network(self) -> "torch.nn.Module":
+    def build_network(self) -> torch.nn.Module:
         """The MONAI UNet of this task (wrapped by :class:`adpfl.tasks.network.TaskNetwork`)."""
         from monai.networks.nets import UNet
 
@@ -94,7 +95,7 @@ class SegTask:
             num_res_units=self.num_res_units,
         )
 
-    def resolve_size(self, size=None) -> Tuple[int, ...]:
+    def resolve_size(self, size=None) -> tuple[int, ...]:
         """``size`` as a full spatial tuple (an int means the same size on every axis)."""
         if size is None or size == 0:
             return tuple(self.default_size)
@@ -114,7 +115,7 @@ class SegTask:
         return self.make_val_transforms(self, self.resolve_size(size))
 
 
-def labels_to_regions(labels: "torch.Tensor", task: SegTask) -> "torch.Tensor":
+def labels_to_regions(labels: torch.Tensor, task: SegTask) -> torch.Tensor:
     """Map an integer label map (B,1,*spatial) to binary region channels (B,R,*spatial)."""
     import torch
 

@@ -40,7 +40,8 @@ a safeguard; ``act="relu"`` is an option that avoids the functorch path for acti
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from monai.data import DataLoader
@@ -69,7 +70,7 @@ __all__ = [
     "opacus_rdp_epsilon",
 ]
 
-def dpsgd_network(task: SegTask, act: Optional[str] = None) -> torch.nn.Module:
+def dpsgd_network(task: SegTask, act: str | None = None) -> torch.nn.Module:
     """The task's MONAI UNet in a form Opacus accepts.
 
     ``act=None`` keeps the task's own network (PReLU, InstanceNorm without affine):
@@ -115,8 +116,8 @@ class DPSGDTrainer:
     caller's model stays a plain module (state-dict keys unchanged).
     """
 
-    def __init__(self, task: SegTask, datalist: Dict[str, List[dict]], config: TrainConfig, dp: DPSGDConfig,
-                 prior_history: Optional[list] = None):
+    def __init__(self, task: SegTask, datalist: dict[str, list[dict]], config: TrainConfig, dp: DPSGDConfig,
+                 prior_history: list | None = None):
         """``prior_history``: Opacus history ``[(z, q, steps), ...]`` already spent on these
         records (earlier jobs or rounds before a restart, from the site's RecordLedger);
         the accountant starts from it and ``z`` is calibrated for the remaining budget."""
@@ -140,8 +141,8 @@ class DPSGDTrainer:
             )
         self.accountant = RDPAccountant()
         self.accountant.history = list(prior)
-        self._optimizer: Optional[torch.optim.Optimizer] = None
-        self._optimizer_model_id: Optional[int] = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer_model_id: int | None = None
         self.rounds_trained = 0
 
     # -- accounting -----------------------------------------------------------------
@@ -153,12 +154,12 @@ class DPSGDTrainer:
         """Cumulative record-level epsilon at ``dp.delta`` (Opacus RDP)."""
         return opacus_rdp_epsilon(self.accountant.history, self.dp.delta)
 
-    def projected_epsilon(self, extra_steps: Optional[int] = None) -> float:
+    def projected_epsilon(self, extra_steps: int | None = None) -> float:
         steps = self.steps_per_round if extra_steps is None else int(extra_steps)
         hist = list(self.accountant.history) + [(self.noise_multiplier, self.sample_rate, steps)]
         return opacus_rdp_epsilon(hist, self.dp.delta)
 
-    def privacy_report(self) -> Dict[str, Any]:
+    def privacy_report(self) -> dict[str, Any]:
         return {
             "unit": PRIVACY_UNIT,
             "mechanism": "DP-SGD (Opacus): Poisson sampling, per-sample L2 clip, Gaussian noise",
@@ -173,11 +174,11 @@ class DPSGDTrainer:
             "target_epsilon": self.dp.target_epsilon,
         }
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"history": [list(h) for h in self.accountant.history], "noise_multiplier": self.noise_multiplier,
                 "rounds_trained": self.rounds_trained}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.history = [tuple(h) for h in state.get("history", [])]
         self.rounds_trained = int(state.get("rounds_trained", 0))
 
@@ -205,9 +206,9 @@ class DPSGDTrainer:
     def train(
         self,
         model: torch.nn.Module,
-        should_stop: Optional[Callable[[], bool]] = None,
-        on_step: Optional[Callable[[int, float], None]] = None,
-    ) -> Dict[str, Any]:
+        should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> dict[str, Any]:
         """One round of DP-SGD local training.
 
         Returns ``loss`` (mean over non-empty steps), ``steps``, ``samples``, ``seconds``,
@@ -295,12 +296,12 @@ class DPSGDTrainer:
             "privacy_unit": PRIVACY_UNIT,
         }
 
-    def evaluate(self, model: torch.nn.Module, with_hd95: bool = True) -> Dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, with_hd95: bool = True) -> dict[str, float]:
         return self.base.evaluate(model, with_hd95=with_hd95)
 
 
 def make_private_trainer(
-    task: SegTask, datalist: Dict[str, List[dict]], config: TrainConfig, **dp_kwargs: Any
+    task: SegTask, datalist: dict[str, list[dict]], config: TrainConfig, **dp_kwargs: Any
 ) -> DPSGDTrainer:
     """Shorthand: ``DPSGDTrainer(task, datalist, config, DPSGDConfig(**dp_kwargs))``."""
     return DPSGDTrainer(task, datalist, config, DPSGDConfig(**dp_kwargs))

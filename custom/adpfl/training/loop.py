@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
 
 import torch
 from monai.data import CacheDataset, DataLoader
@@ -47,16 +47,16 @@ class TrainConfig:
     local_epochs: int = field(default=2, metadata={"help": "local epochs per round", "unit": "epochs"})
     batch_size: int = field(default=8, metadata={"help": "local batch size", "unit": "cases"})
     learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate of local training"})
-    max_steps_per_round: Optional[int] = field(default=None, metadata={
+    max_steps_per_round: int | None = field(default=None, metadata={
         "help": "cap on local optimizer steps per round (None: no cap, `local_epochs` full epochs)",
         "unit": "steps"})
     amp: bool = field(default=True, metadata={"help": "mixed precision (used only on CUDA)"})
-    image_size: Optional[int] = field(default=None, metadata={
+    image_size: int | None = field(default=None, metadata={
         "help": "training image size, one int for every axis (None: the task's default, 128 for 2D, 64^3 for 3D)",
         "unit": "voxels per axis"})
     device: str = field(default="auto", metadata={"help": "`auto` (CUDA when present), `cpu` or `cuda[:N]`"})
     num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
-    seed: Optional[int] = field(default=None, metadata={
+    seed: int | None = field(default=None, metadata={
         "help": "torch seed for weight init / augmentation (not for privacy noise)"})
 
     def validate(self) -> None:
@@ -88,7 +88,7 @@ class TrainConfig:
 class LocalTrainer:
     """Trains and evaluates a model on one site's datalist."""
 
-    def __init__(self, task: SegTask, datalist: Dict[str, List[dict]], config: TrainConfig):
+    def __init__(self, task: SegTask, datalist: dict[str, list[dict]], config: TrainConfig):
         config.validate()
         self.task = task
         self.config = config
@@ -115,8 +115,8 @@ class LocalTrainer:
         self._grid = OriginalGrid(task, val_transform)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.use_amp = bool(config.amp) and self.device.type == "cuda"
-        self._optimizer: Optional[torch.optim.Optimizer] = None
-        self._optimizer_model_id: Optional[int] = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._optimizer_model_id: int | None = None
         self._scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
     # -- training ---------------------------------------------------------------------
@@ -140,9 +140,9 @@ class LocalTrainer:
     def train(
         self,
         model: torch.nn.Module,
-        should_stop: Optional[Callable[[], bool]] = None,
-        on_step: Optional[Callable[[int, float], None]] = None,
-    ) -> Dict[str, float]:
+        should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> dict[str, float]:
         """Run the local epochs; returns mean loss, steps, samples seen and seconds."""
         model.to(self.device).train()
         opt = self.optimizer_for(model)
@@ -185,7 +185,7 @@ class LocalTrainer:
             return model(x)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, with_hd95: bool = True) -> Dict[str, Optional[float]]:
+    def evaluate(self, model: torch.nn.Module, with_hd95: bool = True) -> dict[str, float | None]:
         """Scores of the site's validation set, the way the task's challenge scores
         (:mod:`adpfl.metrics`): each prediction is taken back to the case's original grid
         and compared with its original label, distances in mm from the file's spacing.

@@ -12,8 +12,6 @@ is still taken from their NIfTI header.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import numpy as np
 import torch
 from monai import transforms as mt
@@ -25,7 +23,7 @@ from adpfl.tasks.base import SegTask
 __all__ = ["OriginalGrid", "spacing_of"]
 
 
-def spacing_of(img: MetaTensor, spatial_dims: int) -> Tuple[float, ...]:
+def spacing_of(img: MetaTensor, spatial_dims: int) -> tuple[float, ...]:
     """Voxel size along each array axis, from the image's affine (column norms)."""
     affine = np.asarray(getattr(img, "affine", np.eye(spatial_dims + 1)), dtype=np.float64)
     return tuple(float(v) for v in np.sqrt((affine[:spatial_dims, :spatial_dims] ** 2).sum(axis=0)))
@@ -42,7 +40,7 @@ class OriginalGrid:
         self.loader = mt.Compose([mt.LoadImaged(keys="label", image_only=True),
                                   mt.EnsureChannelFirstd(keys="label")])
 
-    def label(self, item: dict) -> Tuple[np.ndarray, Tuple[float, ...]]:
+    def label(self, item: dict) -> tuple[np.ndarray, tuple[float, ...]]:
         """(class-index label map on the original grid, spacing) of a datalist entry."""
         lab = self.loader({"label": item["label"]})["label"]
         spacing = spacing_of(lab, self.task.spatial_dims)

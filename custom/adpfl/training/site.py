@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from adpfl.training.loop import LocalTrainer, TrainConfig
 
 __all__ = ["SiteConfig", "SiteSession", "RoundResult"]
 
-Weights = Dict[str, np.ndarray]
+Weights = dict[str, np.ndarray]
 
 
 @dataclass
@@ -45,7 +45,7 @@ class SiteConfig:
     """A site's data and run settings (the executor's settings that are not training ones)."""
 
     task: str = field(default="skin2d", metadata={"help": "the segmentation task: skin2d, kidney3d or brain3d"})
-    data_root: Optional[str] = field(default=None, metadata={
+    data_root: str | None = field(default=None, metadata={
         "help": "the task's data folder holding `<site>/datalist.json`; the site's `local/adpfl_site.json` "
                 "or `$ADPFL_DATA_ROOT` override it (None: `~/.cache/adpfl/data/<task>`)", "unit": "path"})
     synthetic: bool = field(default=True, metadata={
@@ -56,13 +56,13 @@ class SiteConfig:
     hd95: bool = field(default=True, metadata={"help": "also compute HD95 when validating"})
     dpsgd: bool = field(default=False, metadata={
         "help": "train with record-level DP-SGD (Opacus) instead of plain local training"})
-    dpsgd_ledger_name: Optional[str] = field(default=None, metadata={
+    dpsgd_ledger_name: str | None = field(default=None, metadata={
         "help": "file name of the site's record-level ledger (None: `dpsgd_<task>`)"})
-    ledger_dir: Optional[str] = field(default=None, metadata={
+    ledger_dir: str | None = field(default=None, metadata={
         "help": "folder of the record-level ledger; the site's config or `$ADPFL_LEDGER_DIR` override it "
                 "(None: the site workspace's `adpfl_privacy`)", "unit": "path"})
 
-    def validate(self) -> "SiteConfig":
+    def validate(self) -> SiteConfig:
         """Check every setting; ValueError names the offending one. Returns self."""
         get_task(self.task)
         for name in ("num_train", "num_val"):
@@ -84,14 +84,14 @@ class SiteConfig:
 class RoundResult:
     """What one local round produced (``diff`` is None when the round was aborted)."""
 
-    diff: Optional[Weights]
+    diff: Weights | None
     steps: int
-    global_metrics: Dict[str, float]
-    local_metrics: Optional[Dict[str, float]] = None
-    loss: Optional[float] = None  # None under DP-SGD: an un-noised statistic of the private records
+    global_metrics: dict[str, float]
+    local_metrics: dict[str, float] | None = None
+    loss: float | None = None  # None under DP-SGD: an un-noised statistic of the private records
     seconds: float = 0.0
     aborted: bool = False
-    record_meta: Optional[dict] = None  # public record-level accounting (DP-SGD only)
+    record_meta: dict | None = None  # public record-level accounting (DP-SGD only)
 
     def summary(self, current_round: int) -> str:
         text = (f"round {current_round}: global dice {_fmt(self.global_metrics.get('dice_mean'))} -> local "
@@ -116,7 +116,7 @@ class SiteSession:
         ValueError / PrivacyConfigError: a bad setting, at construction (before any data is read).
     """
 
-    def __init__(self, site: str, config: SiteConfig, train: TrainConfig, dp: Optional[DPSGDConfig] = None):
+    def __init__(self, site: str, config: SiteConfig, train: TrainConfig, dp: DPSGDConfig | None = None):
         self.site = site
         self.config = config.validate()
         self.train_config = train
@@ -130,15 +130,15 @@ class SiteSession:
             dp.validate()
         self.dp = dp if config.dpsgd else None
         self.trainer = None
-        self.model: Optional[torch.nn.Module] = None
-        self.record_ledger: Optional[RecordLedger] = None
+        self.model: torch.nn.Module | None = None
+        self.record_ledger: RecordLedger | None = None
 
     @property
     def ready(self) -> bool:
         return self.trainer is not None
 
     # -- set-up ------------------------------------------------------------------------
-    def setup(self, data_root: str, ledger_folder: Optional[str] = None, max_epsilon: Optional[float] = None) -> List[str]:
+    def setup(self, data_root: str, ledger_folder: str | None = None, max_epsilon: float | None = None) -> list[str]:
         """Read (or generate) the site's data and build the model and trainer; once.
 
         Args:
@@ -183,7 +183,7 @@ class SiteSession:
         self.trainer = trainer
         return lines
 
-    def _dpsgd_trainer(self, datalist, ledger_folder: str, max_epsilon: Optional[float]):
+    def _dpsgd_trainer(self, datalist, ledger_folder: str, max_epsilon: float | None):
         """DP-SGD trainer continuing the site's record-level ledger (calibrated for what is left)."""
         dp = self.dp
         if max_epsilon is not None and float(max_epsilon) < float(dp.target_epsilon):
@@ -226,7 +226,7 @@ class SiteSession:
         self.model.load_state_dict(new_state)
         return weights
 
-    def validate(self) -> Dict[str, float]:
+    def validate(self) -> dict[str, float]:
         """Dice (and HD95) of the current model on the site's validation set."""
         self._require_ready()
         return self.trainer.evaluate(self.model, with_hd95=self.config.hd95)
@@ -235,9 +235,9 @@ class SiteSession:
         self,
         global_weights: Weights,
         current_round: int,
-        job_id: Optional[str] = None,
-        should_stop: Optional[Callable[[], bool]] = None,
-        report: Optional[Callable[[str, Dict[str, float]], None]] = None,
+        job_id: str | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        report: Callable[[str, dict[str, float]], None] | None = None,
     ) -> RoundResult:
         """Validate the global model, train locally, validate the local model.
 
@@ -278,7 +278,7 @@ class SiteSession:
                            local_metrics=local_metrics, loss=loss, seconds=float(stats["seconds"]),
                            record_meta=record_meta)
 
-    def reserve_dpsgd(self, current_round: int, job_id: Optional[str] = None) -> tuple:
+    def reserve_dpsgd(self, current_round: int, job_id: str | None = None) -> tuple:
         """Reserve this round's DP-SGD steps in the site's record-level ledger, under its file
         lock and checked against every job's spend (BudgetExhausted: not trained). Returns
         ``(reservation id, the trainer's step count before the round)``."""
@@ -312,6 +312,6 @@ class SiteSession:
         }
 
 
-def _fmt(value: Optional[float]) -> str:
+def _fmt(value: float | None) -> str:
     """A metric for the log: "no cases" when no case could be scored (never a fake 0)."""
     return "no cases" if value is None else f"{value:.4f}"

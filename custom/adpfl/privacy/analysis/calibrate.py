@@ -13,7 +13,7 @@ final bracket), whatever the tolerance. Written by hand because Opacus' own
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -27,7 +27,7 @@ def calibrate(
     *,
     upper: float = MAX_NOISE_MULTIPLIER,
     lower: float = 1e-6,
-    start: Optional[float] = None,
+    start: float | None = None,
     rtol: float = 1e-4,
     stop_within: float = 0.0,
 ) -> float:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
