@@ -37,13 +37,19 @@ RECORD_UNIT = (
     "never added to it"
 )
 UNCOVERED = [
-    "training/validation metrics each site reports (loss, Dice, HD95) are not privatized",
-    "the global model's validation Dice on each site (model selection) is not privatized",
+    "training/validation metrics each site reports (loss, Dice, HD95, lesion-wise and surface metrics) are not "
+    "privatized",
+    "the global model's validation Dice on each site (model selection, final-model selection) is not privatized",
     "participation (which sites answered in which round) is visible to the server",
-    "DP-SGD's reported sample rate q = batch_size / n_train reveals each site's number of training records",
-    "a site's reported cumulative epsilon reveals how much it trained in earlier jobs",
-    "round timing (when each site answers) is visible to the server",
-    "floating-point noise (float32 draws) is not an exact continuous Gaussian; the analysis assumes one",
+    "NP-FL results carry the local step count, which reveals the site's training-set size (private update-level "
+    "jobs send a constant weight instead)",
+    "DP-SGD results carry the sample rate q = batch_size / n_train and the step counts: each site's exact number "
+    "of training records n is treated as public",
+    "a site's reported cumulative epsilon (update-level) and its whole (z, q, steps) DP-SGD history reveal how "
+    "much it trained on the same data in earlier jobs",
+    "round timing (when each site answers, how long its training took) is visible to the server",
+    "floating-point exposure: noise is drawn and added in float64 and rounded to float32; float64 samplers have "
+    "bounded support (about 8.5 sigma) and a finite grid, so releases are not an exact continuous Gaussian",
 ]
 
 
