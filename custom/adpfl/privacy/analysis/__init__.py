@@ -15,6 +15,8 @@ from .epsilon import (
     epsilon_prv,
     epsilon_rdp,
     group_history,
+    grouped_history,
+    history_epsilon_rdp,
 )
 
 __all__ = [
@@ -30,4 +32,6 @@ __all__ = [
     "epsilon_prv",
     "epsilon_rdp",
     "group_history",
+    "grouped_history",
+    "history_epsilon_rdp",
 ]

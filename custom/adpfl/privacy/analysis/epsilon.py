@@ -52,28 +52,37 @@ def _check_delta(delta: float) -> float:
     return delta
 
 
+def grouped_history(history: Iterable[Sequence[float]]) -> list[tuple[float, float, int]]:
+    """An Opacus history ``[(z, q, steps)]`` with the steps of equal ``(z, q)`` added up. RDP
+    composes by summation and Opacus computes ``steps`` identical steps as ``steps`` times one
+    step's RDP, so the grouped history has the same epsilon (PRV too: its composition is by
+    counts) -- and costs one evaluation per distinct ``(z, q)`` instead of one per round."""
+    steps: dict[tuple[float, float], int] = {}
+    for z, q, n in history:
+        key = (float(z), float(q))
+        steps[key] = steps.get(key, 0) + int(n)
+    return [(z, q, n) for (z, q), n in steps.items()]
+
+
 def group_history(noise_multipliers: Iterable[float]) -> list[tuple[float, float, int]]:
-    """Opacus history ``[(z, sample_rate=1.0, steps)]``, consecutive equal z grouped."""
-    history: list[tuple[float, float, int]] = []
-    for z in noise_multipliers:
-        z = _check_z(z)
-        if history and history[-1][0] == z:
-            history[-1] = (z, 1.0, history[-1][2] + 1)
-        else:
-            history.append((z, 1.0, 1))
-    return history
+    """The Opacus history of update-level releases: one step per round at sample rate 1."""
+    return grouped_history((_check_z(z), 1.0, 1) for z in noise_multipliers)
+
+
+def history_epsilon_rdp(history: Iterable[Sequence[float]], delta: float) -> float:
+    """Epsilon of an Opacus history ``[(z, q, steps), ...]`` with a fresh RDPAccountant."""
+    delta = _check_delta(delta)
+    acc = RDPAccountant()
+    acc.history = grouped_history(history)
+    if not acc.history:
+        return 0.0
+    with _quiet():
+        return float(acc.get_epsilon(delta=delta))
 
 
 def epsilon_rdp(noise_multipliers: Sequence[float], delta: float) -> float:
     """Epsilon of Gaussian releases at ``noise_multipliers`` (one per round), RDP accountant."""
-    delta = _check_delta(delta)
-    history = group_history(noise_multipliers)
-    if not history:
-        return 0.0
-    acc = RDPAccountant()
-    acc.history = history
-    with _quiet():
-        return float(acc.get_epsilon(delta=delta))
+    return history_epsilon_rdp(group_history(noise_multipliers), delta)
 
 
 def epsilon_prv(noise_multipliers: Sequence[float], delta: float) -> float:
@@ -191,4 +200,6 @@ __all__ = [
     "epsilon_prv",
     "epsilon_rdp",
     "group_history",
+    "grouped_history",
+    "history_epsilon_rdp",
 ]
