@@ -69,7 +69,11 @@ def time_release(setting: str, n: int, device, repeats: int, track_prv=False) ->
                         track_prv=track_prv)
     pipe = PrivacyPipeline(cfg, PrivacyLedger(delta=1e-5))
     update = make_update(n, device)
-    public = {k: torch.rand_like(v) for k, v in update.items()} if SETTINGS[setting].get("mask_policy") == "topk_public" else None
+    public = (
+        {k: torch.rand_like(v) for k, v in update.items()}
+        if SETTINGS[setting].get("mask_policy") == "topk_public"
+        else None
+    )
     pipe.release(update, 0, public_scores=public)  # warm-up
     _sync(device)
     ts, enc = [], []
@@ -96,7 +100,8 @@ def main() -> None:
     ap.add_argument("--round-time-s", type=float, default=0.0, help="a round's wall time, for the fraction column")
     args = ap.parse_args()
     print(f"machine: {machine()}")
-    hdr = f"{'device':<6} {'params':>6} {'setting':<6} {'release ms':>10} {'floor ms':>9} {'GB/s':>6} {'x floor':>8} {'encode ms':>9}"
+    hdr = (f"{'device':<6} {'params':>6} {'setting':<6} {'release ms':>10} {'floor ms':>9} {'GB/s':>6} "
+           f"{'x floor':>8} {'encode ms':>9}")
     if args.round_time_s:
         hdr += f" {'of round':>9}"
     print(hdr)

@@ -42,9 +42,14 @@ def main() -> None:
     sizes = [n // 4, n // 4, n // 8, n - (n // 4) * 2 - n // 8]
     update = {f"layer{i}.weight": (rng.standard_normal(s) * 1e-3).astype(np.float32) for i, s in enumerate(sizes)}
     scores = {k: np.abs(rng.standard_normal(v.shape)).astype(np.float32) for k, v in update.items()}
-    dev = "cuda" if (args.device == "auto" and torch.cuda.is_available()) else ("cpu" if args.device == "auto" else args.device)
+    dev = (
+        "cuda"
+        if (args.device == "auto" and torch.cuda.is_available())
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU threads, torch threads {torch.get_num_threads()}, "
-          f"device {dev}{' ' + torch.cuda.get_device_name() if dev.startswith('cuda') else ''}; update {n:,} parameters")
+          f"device {dev}{' ' + torch.cuda.get_device_name() if dev.startswith('cuda') else ''}; "
+          f"update {n:,} parameters")
     for mode in args.modes:
         privacy = job_settings("skin2d", mode, num_rounds=10_000)["privacy"]
         privacy.update(ledger_dir=tempfile.mkdtemp(prefix="adpfl_bench_"), device=dev, track_prv=False)
@@ -56,7 +61,8 @@ def main() -> None:
             ctx = FLContext()
             ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=False, sticky=True)
             ctx.set_prop(ReservedKey.RUN_NUM, "bench", private=False, sticky=True)
-            ctx.set_prop(PUBLIC_INFO_PROP, {"round": r, "global_change": 0.1, "public_scores": scores}, private=True, sticky=False)
+            ctx.set_prop(PUBLIC_INFO_PROP, {"round": r, "global_change": 0.1, "public_scores": scores},
+                         private=True, sticky=False)
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

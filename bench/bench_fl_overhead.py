@@ -114,7 +114,8 @@ def main() -> None:
         wall = statistics.median(later)
         # sites run concurrently on the machine's cores: ideal compute time of the round
         compute = per_site * n / max(1, min(threads, os.cpu_count() or 1))
-        print(f"{n} sites ({args.mode}, -t {threads}): round wall time median {wall:.2f} s over rounds 1..{args.rounds - 1} "
+        print(f"{n} sites ({args.mode}, -t {threads}): round wall time median {wall:.2f} s "
+              f"over rounds 1..{args.rounds - 1} "
               f"(round 0 with set-up: {r['rounds'].get(0, float('nan')):.2f} s), local compute {compute:.2f} s, "
               f"FL overhead ratio {wall / compute:.2f}; whole simulator run {r['wall']:.0f} s", flush=True)
 

@@ -85,7 +85,8 @@ def main() -> None:
     device = trainer.device
     amp = trainer.use_amp
     # the same data, in memory: one pass of the trainer's own loader (same transforms, same batch size)
-    batches = [(b["image"].clone(), b["label"].clone()) for b in trainer._loader(True, trainer.train_ds, args.batch_size)]
+    batches = [(b["image"].clone(), b["label"].clone())
+               for b in trainer._loader(True, trainer.train_ds, args.batch_size)]
     if device.type == "cuda":
         batches = [(x.to(device), y.to(device)) for x, y in batches]
     m_tr, m_pl = TaskNetwork(args.task), TaskNetwork(args.task)
@@ -100,7 +101,8 @@ def main() -> None:
         tr.append(s / sec)
         s, sec = plain_epochs(m_pl, batches, args.epochs, 1e-3, device, amp)
         pl.append(s / sec)
-        print(f"trial {t + 1}: LocalTrainer {tr[-1]:.2f} samples/s, plain MONAI loop {pl[-1]:.2f} samples/s", flush=True)
+        print(f"trial {t + 1}: LocalTrainer {tr[-1]:.2f} samples/s, plain MONAI loop {pl[-1]:.2f} samples/s",
+              flush=True)
     a, b = statistics.median(tr), statistics.median(pl)
     print(f"median: LocalTrainer {a:.2f} samples/s, plain loop {b:.2f} samples/s, ratio {a / b:.3f} "
           f"(target >= 0.95 on GPU)")

@@ -19,8 +19,8 @@ import torch
 CONFIGS = {
     "npfl": None,
     "dpfl": dict(mode="dpfl", clip_norm=2.0),
-    "adpfl_topk": dict(mode="adpfl", keep_fraction=0.5, mask_policy="topk_public", clip_norm=2.0, clip_learning_rate=0.2,
-                       clip_indicator_noise=1.0),
+    "adpfl_topk": dict(mode="adpfl", keep_fraction=0.5, mask_policy="topk_public", clip_norm=2.0,
+                       clip_learning_rate=0.2, clip_indicator_noise=1.0),
     "adpfl_random": dict(mode="adpfl", keep_fraction=0.5, mask_policy="random", clip_norm=2.0, clip_learning_rate=0.2,
                          clip_indicator_noise=1.0),
 }

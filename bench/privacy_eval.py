@@ -64,30 +64,37 @@ def main(argv=None) -> int:
                                baseline=mean_colour, noise_seed=100 + ci if seed is None else seed)
             recon[(ci, name)] = r.reconstruction
             rows.append((ci, name, r.metrics, r.privacy, time.perf_counter() - t0))
-            print(ci, name, {k: round(v, 3) for k, v in r.metrics.items()}, round(r.privacy.get("epsilon", 0), 3), flush=True)
+            print(ci, name, {k: round(v, 3) for k, v in r.metrics.items()}, round(r.privacy.get("epsilon", 0), 3),
+                  flush=True)
     fig, axes = plt.subplots(len(cases), len(settings) + 2, figsize=(2 * (len(settings) + 2), 2.1 * len(cases)))
     axes = np.atleast_2d(axes)
     for ci, (x, _) in enumerate(cases):
-        ims = [("truth", x), ("baseline (mean)", mean_colour.expand_as(x))] + [(n, recon[(ci, n)]) for n, _, _, _ in settings]
+        ims = [("truth", x), ("baseline (mean)", mean_colour.expand_as(x))] + [
+            (n, recon[(ci, n)]) for n, _, _, _ in settings
+        ]
         for j, (title, im) in enumerate(ims):
             axes[ci, j].imshow(im[0].permute(1, 2, 0).clamp(0, 1).numpy())
             axes[ci, j].set_title(title, fontsize=8)
             axes[ci, j].axis("off")
     fig.tight_layout()
     fig.savefig(out / "attack_grid.png", dpi=110)
-    lines = ["| case | setting | PSNR (dB) | SSIM | baseline PSNR / SSIM | relative leakage | accounted epsilon (delta) | unit | s |",
+    lines = ["| case | setting | PSNR (dB) | SSIM | baseline PSNR / SSIM | relative leakage "
+             "| accounted epsilon (delta) | unit | s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for ci, name, m, p, sec in rows:
         eps = p.get("epsilon", float("inf"))
         eps_s = "none" if eps == float("inf") else f"{eps:.2f} ({p.get('delta', 1e-5):g})"
-        lines.append(f"| {ci} | {name} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['psnr_baseline']:.2f} / {m['ssim_baseline']:.3f} "
+        lines.append(f"| {ci} | {name} | {m['psnr']:.2f} | {m['ssim']:.3f} "
+                     f"| {m['psnr_baseline']:.2f} / {m['ssim_baseline']:.3f} "
                      f"| {m['relative_leakage']:+.2f} | {eps_s} | {p.get('unit')} | {sec:.0f} |")
     (out / "attack.md").write_text("\n".join(lines) + "\n")
-    al = ["| claimed z | actual std / claimed | accounted eps (1 release, RDP) | empirical eps lower bound (95 % CP) | cap | trials per side |",
+    al = ["| claimed z | actual std / claimed | accounted eps (1 release, RDP) "
+          "| empirical eps lower bound (95 % CP) | cap | trials per side |",
           "|---|---|---|---|---|---|"]
     for z, u in ((1.0, 1.0), (2.0, 1.0), (2.0, 4.0)):
         r = audit_gaussian_release(z, trials=a.audit_trials, under_noise=u)
-        al.append(f"| {z:g} | 1/{u:g} | {r.epsilon_accounted:.3f} | {r.epsilon_lb:.3f} | {r.epsilon_cap:.2f} | {r.trials} |")
+        al.append(f"| {z:g} | 1/{u:g} | {r.epsilon_accounted:.3f} | {r.epsilon_lb:.3f} "
+                  f"| {r.epsilon_cap:.2f} | {r.trials} |")
         print(al[-1], flush=True)
     (out / "audit.md").write_text("\n".join(al) + "\n")
     print((out / "attack.md").read_text())

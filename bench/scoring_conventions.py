@@ -83,7 +83,8 @@ def main() -> None:
               f"after {after['dice_mean']:.3f}" + "".join(f"; {k} {after[k]:.3f}" for k in after
                                                          if k.endswith("_mean") and k != "dice_mean"))
         print(f"\n{name}: {args.num_val} synthetic validation cases, {args.epochs} local epochs at {args.size}")
-        print(f"{'region':>18} {'Dice before':>11} {'after':>7} {'HD95 before (vox)':>18} {'after (mm)':>10}  challenge")
+        print(f"{'region':>18} {'Dice before':>11} {'after':>7} {'HD95 before (vox)':>18} "
+              f"{'after (mm)':>10}  challenge")
         for r in task.regions:
             extra = "  ".join(f"{fam}={after[f'{fam}_{r}']:.3f}" for fam in ("lesion_dice", "lesion_hd95", "sdice")
                               if f"{fam}_{r}" in after)

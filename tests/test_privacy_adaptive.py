@@ -25,7 +25,9 @@ def test_effective_multiplier_formula_and_inverse():
 def test_clipper_converges_to_quantile(gamma):
     rng = random.Random(1)
     gen = make_generator("cpu", 5)
-    clipper = AdaptiveClipper(initial_clip_norm=0.01, target_quantile=gamma, learning_rate=0.05, indicator_noise_std=0.05)
+    clipper = AdaptiveClipper(
+        initial_clip_norm=0.01, target_quantile=gamma, learning_rate=0.05, indicator_noise_std=0.05
+    )
     tail = []
     for t in range(3000):
         clipper.update(rng.lognormvariate(0.0, 0.5), gen)  # norms ~ LogNormal(0, 0.5)

@@ -32,7 +32,9 @@ def _update(seed=0, n=5000):
 
 
 def _result(update, round_=0, kind=DataKind.WEIGHT_DIFF, steps=7):
-    s = DXO(data_kind=kind, data=update, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps, MetaKey.INITIAL_METRICS: 0.5}).to_shareable()
+    s = DXO(
+        data_kind=kind, data=update, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps, MetaKey.INITIAL_METRICS: 0.5}
+    ).to_shareable()
     s.set_header(AppConstants.CURRENT_ROUND, round_)
     return s
 

@@ -69,7 +69,9 @@ def test_unseeded_generators_differ():
 @pytest.mark.parametrize("numel,frac", [(1_000_003, 0.1), (1000, 0.5), (10, 0.01), (100_000, 0.999), (5, 1.0)])
 def test_random_mask_exact_count(numel, frac):
     mask = sparsify_mask(numel, frac, "random", make_generator("cpu", 3))
-    assert mask.dtype == torch.bool and int(mask.sum()) == keep_count(numel, frac) == max(1, min(numel, round(frac * numel)))
+    assert mask.dtype == torch.bool and (
+        int(mask.sum()) == keep_count(numel, frac) == max(1, min(numel, round(frac * numel)))
+    )
 
 
 def test_random_mask_independent_of_update_values():

@@ -47,7 +47,9 @@ def test_pipeline_release_reaches_beyond_float32_gaussian_support():
 
 
 def test_laplace_release_reaches_beyond_float32_exponential_support():
-    s = _seed_with(lambda s: torch.empty(N, dtype=torch.float64).exponential_(generator=_gen(s)), LAPLACE_LIMIT32, hint=6)
+    s = _seed_with(
+        lambda s: torch.empty(N, dtype=torch.float64).exponential_(generator=_gen(s)), LAPLACE_LIMIT32, hint=6
+    )
     out = laplace_noised(torch.zeros(N), 1.0, _gen(s), torch.float32)
     assert out.dtype == torch.float32 and float(out.abs().max()) > LAPLACE_LIMIT32 - 1.0
     # (the second exponential of the difference is small with overwhelming probability)

@@ -77,7 +77,9 @@ def test_release_sparse_matches_dense_release():
     cfg = PrivacyConfig(mode="adpfl", keep_fraction=0.3, mask_policy="random", clip_norm=1.0, clip_learning_rate=0.2,
                         clip_indicator_noise=1.0, target_epsilon=1e5, delta=1e-5, planned_rounds=3)
     upd = {k: torch.randn(s) for k, s in zip(KEYS, SHAPES)}
-    sp, meta = PrivacyPipeline(cfg, PrivacyLedger(delta=1e-5), generator_factory=seeded_generators(3)).release_sparse(upd, 0)
+    sp, meta = PrivacyPipeline(
+        cfg, PrivacyLedger(delta=1e-5), generator_factory=seeded_generators(3)
+    ).release_sparse(upd, 0)
     dense, _ = PrivacyPipeline(cfg, PrivacyLedger(delta=1e-5), generator_factory=seeded_generators(3)).release(upd, 0)
     out = decode_sparse(encode_release(sp), expected_count=meta["kept_coordinates"])
     for k in KEYS:
@@ -162,7 +164,9 @@ def _meta(count):
 
 def test_filter_densifies_and_keeps_meta():
     idx, vals = _random_sparse(0.4)
-    out = SparseDensifyFilter().process(_shareable(encode_sparse(idx, vals, KEYS, SHAPES), _meta(idx.size)), FLContext())
+    out = SparseDensifyFilter().process(
+        _shareable(encode_sparse(idx, vals, KEYS, SHAPES), _meta(idx.size)), FLContext()
+    )
     assert out.get_return_code() == ReturnCode.OK
     dxo = from_shareable(out)
     assert sorted(dxo.data) == sorted(KEYS)
@@ -204,4 +208,5 @@ def test_adp_filter_sends_sparse_release(tmp_path):
     assert nnz == meta["kept_coordinates"]
     assert payload_nbytes(dxo.data) <= 1.3 * 0.2 * sum(v.nbytes for v in dense.values())
 
-# (the real simulator run of a sparse ADP-FL job is tests/test_simulator.py::test_adpfl_run_writes_privacy_report_and_curves)
+# (the real simulator run of a sparse ADP-FL job is
+# tests/test_simulator.py::test_adpfl_run_writes_privacy_report_and_curves)

@@ -23,7 +23,9 @@ def check_update(update: Mapping, reference_shapes: Mapping[str, tuple[int, ...]
     for key, value in update.items():
         arr = np.asarray(value)
         if tuple(arr.shape) != tuple(reference_shapes[key]):
-            raise ValueError(f"entry {key!r} has shape {tuple(arr.shape)}, the global model's is {tuple(reference_shapes[key])}")
+            raise ValueError(
+                f"entry {key!r} has shape {tuple(arr.shape)}, the global model's is {tuple(reference_shapes[key])}"
+            )
         if not np.issubdtype(arr.dtype, np.floating):
             raise ValueError(f"entry {key!r} has non-float dtype {arr.dtype}")
         if not np.all(np.isfinite(arr)):

@@ -139,10 +139,18 @@ def job_settings(task: str, mode: str, **overrides) -> dict:
             s[key] = value
         else:
             raise ValueError(f"unknown job setting {key!r}; known: {sorted(s)}")
-    if s["privacy"] is not None and "num_rounds" in overrides and "planned_rounds" not in (overrides.get("privacy") or {}):
+    if (
+        s["privacy"] is not None
+        and "num_rounds" in overrides
+        and "planned_rounds" not in (overrides.get("privacy") or {})
+    ):
         s["privacy"]["planned_rounds"] = s["num_rounds"]
     ex = s["executor"]
-    if ex.get("dpsgd") and "num_rounds" in overrides and "dpsgd_planned_rounds" not in (overrides.get("executor") or {}):
+    if (
+        ex.get("dpsgd")
+        and "num_rounds" in overrides
+        and "dpsgd_planned_rounds" not in (overrides.get("executor") or {})
+    ):
         ex["dpsgd_planned_rounds"] = s["num_rounds"]
     return s
 
@@ -244,7 +252,9 @@ def build_job(task: str, mode: str, name: str | None = None, **overrides):
 
     # ---- clients
     job.to_clients(_explicit(SegmentationExecutor(**s["executor"])), tasks=["train", "validate"])
-    job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."), id="event_to_fed")
+    job.to_clients(
+        ConvertToFedEvent(events_to_convert=["analytix_log_stats"], fed_event_prefix="fed."), id="event_to_fed"
+    )
     if update_private:
         from adpfl.flare.privacy_filter import ADPFilter
 

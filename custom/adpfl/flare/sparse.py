@@ -216,7 +216,9 @@ def decode_sparse(data: Mapping, expected_count: int | None = None) -> dict[str,
         raise SparsePayloadError("sparse payload is not a dict")
     if p.get("format") != FORMAT:
         raise SparsePayloadError(f"unknown sparse format {p.get('format')!r}")
-    missing = [k for k in ("keys", "shapes", "dtypes", "numel", "count", "values", "index_coding", "index_data") if k not in p]
+    missing = [
+        k for k in ("keys", "shapes", "dtypes", "numel", "count", "values", "index_coding", "index_data") if k not in p
+    ]
     if missing:
         raise SparsePayloadError(f"sparse payload lacks {missing}")
     keys, shapes, dtypes = list(p["keys"]), list(p["shapes"]), list(p["dtypes"])
@@ -237,10 +239,14 @@ def decode_sparse(data: Mapping, expected_count: int | None = None) -> dict[str,
     if not isinstance(count, (int, np.integer)) or not 0 <= count <= numel:
         raise SparsePayloadError(f"count={count!r} outside [0, {numel}]")
     if expected_count is not None and int(expected_count) != int(count):
-        raise SparsePayloadError(f"payload count {count} differs from the privacy meta kept_coordinates {expected_count}")
+        raise SparsePayloadError(
+            f"payload count {count} differs from the privacy meta kept_coordinates {expected_count}"
+        )
     values = np.asarray(p["values"])
     if values.ndim != 1 or values.size != count or not np.issubdtype(values.dtype, np.floating):
-        raise SparsePayloadError(f"values must be a float array of {count} entries, got {values.dtype}{list(values.shape)}")
+        raise SparsePayloadError(
+            f"values must be a float array of {count} entries, got {values.dtype}{list(values.shape)}"
+        )
     if not np.all(np.isfinite(values)):
         raise SparsePayloadError("values contain NaN or Inf")
     idx = decode_indices(p["index_coding"], p["index_data"], int(numel), int(count))

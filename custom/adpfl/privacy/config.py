@@ -130,7 +130,9 @@ class PrivacyConfig:
         if self.target_epsilon is not None:
             _positive("target_epsilon", self.target_epsilon)
         if self.planned_rounds is not None and (
-            isinstance(self.planned_rounds, bool) or int(self.planned_rounds) != self.planned_rounds or self.planned_rounds < 1
+            isinstance(self.planned_rounds, bool)
+            or int(self.planned_rounds) != self.planned_rounds
+            or self.planned_rounds < 1
         ):
             raise PrivacyConfigError(f"planned_rounds must be a positive integer, got {self.planned_rounds}")
         if not (0.0 < self.noise_min_factor <= 1.0):
@@ -140,7 +142,9 @@ class PrivacyConfig:
 
         if self.mode == "dpfl":
             if self.keep_fraction != 1.0:
-                raise PrivacyConfigError(f"keep_fraction must be 1.0 in mode='dpfl' (no sparsification), got {self.keep_fraction}")
+                raise PrivacyConfigError(
+                    f"keep_fraction must be 1.0 in mode='dpfl' (no sparsification), got {self.keep_fraction}"
+                )
             if self.noise_multiplier is None:
                 if self.target_epsilon is None or self.planned_rounds is None:
                     raise PrivacyConfigError(
@@ -154,9 +158,13 @@ class PrivacyConfig:
                     "adaptive schedule are Gaussian)"
                 )
             if self.target_epsilon is None or self.planned_rounds is None:
-                raise PrivacyConfigError("mode='adpfl' needs target_epsilon and planned_rounds (the adaptive noise budget)")
+                raise PrivacyConfigError(
+                    "mode='adpfl' needs target_epsilon and planned_rounds (the adaptive noise budget)"
+                )
             if self.noise_multiplier is not None:
-                raise PrivacyConfigError("noise_multiplier is fixed-noise (dpfl) only; mode='adpfl' chooses it adaptively")
+                raise PrivacyConfigError(
+                    "noise_multiplier is fixed-noise (dpfl) only; mode='adpfl' chooses it adaptively"
+                )
             self._check_reachable()
             if self.clip_learning_rate > 0:
                 _positive("clip_indicator_noise", self.clip_indicator_noise)

@@ -296,7 +296,9 @@ def clip_l1(flat: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, torch.T
 #   a discrete Gaussian would close more of this; they are not used here.
 
 
-def gaussian_noised(values: torch.Tensor, std: float, generator: torch.Generator, out_dtype: torch.dtype) -> torch.Tensor:
+def gaussian_noised(
+    values: torch.Tensor, std: float, generator: torch.Generator, out_dtype: torch.dtype
+) -> torch.Tensor:
     """``values + N(0, std^2)`` per coordinate: noise drawn in float64 on ``values``' device
     from ``generator``, added in float64, the sum rounded once to ``out_dtype``."""
     if not (std >= 0 and math.isfinite(std)):
@@ -305,7 +307,9 @@ def gaussian_noised(values: torch.Tensor, std: float, generator: torch.Generator
     return noise.mul_(float(std)).add_(values.to(torch.float64)).to(out_dtype)
 
 
-def laplace_noised(values: torch.Tensor, scale: float, generator: torch.Generator, out_dtype: torch.dtype) -> torch.Tensor:
+def laplace_noised(
+    values: torch.Tensor, scale: float, generator: torch.Generator, out_dtype: torch.dtype
+) -> torch.Tensor:
     """``values + Laplace(0, scale)`` per coordinate (difference of two float64
     exponentials on ``values``' device), added in float64, rounded once to ``out_dtype``."""
     if not (scale >= 0 and math.isfinite(scale)):

@@ -152,7 +152,9 @@ class PrivacyPipeline:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("mode") != self.config.mode:
-            raise PrivacyConfigError(f"saved privacy state is for mode={state.get('mode')!r}, config has {self.config.mode!r}")
+            raise PrivacyConfigError(
+                f"saved privacy state is for mode={state.get('mode')!r}, config has {self.config.mode!r}"
+            )
         if self.clipper is not None and state.get("clipper"):
             self.clipper.load_state_dict(state["clipper"])
         if state.get("schedule"):
@@ -281,11 +283,15 @@ class PrivacyPipeline:
             scores = None
             if policy == "topk_public":
                 if public_scores is None:
-                    raise PrivacyConfigError("mask_policy='topk_public' needs public_scores (e.g. the last global change)")
+                    raise PrivacyConfigError(
+                        "mask_policy='topk_public' needs public_scores (e.g. the last global change)"
+                    )
                 missing = [k for k in spec.keys if k not in public_scores]
                 if missing:
                     raise PrivacyConfigError(f"public_scores lacks update entries: {missing[:5]}")
-                scores = torch.cat([public_scores[k].detach().reshape(-1).to(flat.device, torch.float32) for k in spec.keys])
+                scores = torch.cat(
+                    [public_scores[k].detach().reshape(-1).to(flat.device, torch.float32) for k in spec.keys]
+                )
             mask = sparsify_mask(
                 numel, keep_fraction, policy, gen, public_scores=scores,
                 private_values=flat if policy == "topk_private" else None,

@@ -130,7 +130,9 @@ class RecordLedger:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise PrivacyError(f"record-level privacy ledger {path} is corrupt or invalid: {e}") from None
         if abs(ledger.delta - float(delta)) > 0:
-            raise PrivacyConfigError(f"record-level ledger {path} uses delta={ledger.delta}, the job asks delta={delta}")
+            raise PrivacyConfigError(
+                f"record-level ledger {path} uses delta={ledger.delta}, the job asks delta={delta}"
+            )
         return ledger
 
 __all__ = [

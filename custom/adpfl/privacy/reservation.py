@@ -208,14 +208,18 @@ def reserve_record_round(
         raise
     except (OSError, ValueError) as exc:
         ledger.entries = before
-        raise PrivacyError(f"record-level privacy ledger {path}: reserving the round failed ({exc}); not training") from exc
+        raise PrivacyError(
+            f"record-level privacy ledger {path}: reserving the round failed ({exc}); not training"
+        ) from exc
     except BaseException:
         ledger.entries = before
         raise
     return rid
 
 
-def settle_record_round(ledger: Any, reservation_id: str, steps_done: int, path: str | os.PathLike | None = None) -> None:
+def settle_record_round(
+    ledger: Any, reservation_id: str, steps_done: int, path: str | os.PathLike | None = None
+) -> None:
     """After the round: ``steps_done == 0`` (no noisy gradient was computed) removes the
     reservation; otherwise the entry keeps ``steps_done`` steps (at most the reserved
     ones), whether or not the round's result left the site -- the computed noisy gradients

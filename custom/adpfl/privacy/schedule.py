@@ -61,7 +61,9 @@ class FixedNoise:
         self.noise_multiplier = float(noise_multiplier)
         self.z_max = self.noise_multiplier
 
-    def next_noise_multiplier(self, ledger: PrivacyLedger, round_index: int, global_change: float | None = None) -> float:
+    def next_noise_multiplier(
+        self, ledger: PrivacyLedger, round_index: int, global_change: float | None = None
+    ) -> float:
         return self.noise_multiplier
 
     def describe(self) -> str:
@@ -139,7 +141,9 @@ class AdaptiveNoiseSchedule:
 
         return prv
 
-    def _progress_factor(self, round_index: int, global_change: float | None, remaining_rounds: int) -> tuple[float, str]:
+    def _progress_factor(
+        self, round_index: int, global_change: float | None, remaining_rounds: int
+    ) -> tuple[float, str]:
         """``f_t = 1 + (max_factor - 1) * r_t`` (see module docstring)."""
         if global_change is not None:
             g = float(global_change)
@@ -156,7 +160,9 @@ class AdaptiveNoiseSchedule:
         return 1.0 + (self.max_factor - 1.0) * ratio, source
 
     # ---------------------------------------------------------------- interface
-    def next_noise_multiplier(self, ledger: PrivacyLedger, round_index: int, global_change: float | None = None) -> float:
+    def next_noise_multiplier(
+        self, ledger: PrivacyLedger, round_index: int, global_change: float | None = None
+    ) -> float:
         """Effective multiplier for the release of round ``round_index`` (0-based)."""
         if abs(ledger.delta - self.delta) > 0:
             raise PrivacyConfigError(f"ledger delta={ledger.delta} differs from the schedule's delta={self.delta}")

@@ -62,8 +62,8 @@ class OriginalGrid:
         # a MetaTensor: Invertd takes the image's transform record for it (a plain tensor is skipped)
         p = MetaTensor(torch.as_tensor(pred).detach().float().cpu())
         record = MetaTensor(image.as_tensor()[:0], meta=image.meta,
-                            applied_operations=convert_applied_interp_mode(image.applied_operations, mode="nearest-exact",
-                                                                           align_corners=None))
+                            applied_operations=convert_applied_interp_mode(image.applied_operations,
+                                                                           mode="nearest-exact", align_corners=None))
         out = self.inverter({"pred": p, "image": record})["pred"]
         arr = np.rint(np.asarray(out.detach().cpu().numpy())[0]).astype(np.int16)
         original = image.meta.get("spatial_shape")

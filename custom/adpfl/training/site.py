@@ -197,7 +197,8 @@ class SiteSession:
         sync_record_ledger(ledger, path)
         self.record_ledger = ledger
         line = (f"{self.site}: record-level DP-SGD, ledger {path} ({len(ledger.entries)} earlier rounds, epsilon "
-                f"{ledger.epsilon():.4g} of {dp.target_epsilon} at delta={dp.delta}); z={trainer.noise_multiplier:.4g}, "
+                f"{ledger.epsilon():.4g} of {dp.target_epsilon} at delta={dp.delta}); "
+                f"z={trainer.noise_multiplier:.4g}, "
                 f"q={trainer.sample_rate:.4g}, {trainer.steps_per_round} steps per round, clip {dp.max_grad_norm}")
         return trainer, line
 
@@ -216,7 +217,9 @@ class SiteSession:
         missing = sorted(set(own) - set(weights))
         unexpected = sorted(set(weights) - set(own))
         if missing or unexpected:
-            raise ValueError(f"global weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"global weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         new_state = {}
         for k, v in weights.items():
             t = torch.as_tensor(v)
