@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import poc_helpers
 from adpfl import poc
 from adpfl.flare.jobs import export_job
 from adpfl.privacy.analysis import calibrate_noise_multiplier
@@ -40,7 +41,7 @@ def system(tmp_path_factory, request):
 
 def _stop_and_check(ws: Path, home: Path):
     poc.stop(str(ws), home=str(home))
-    assert not poc._live_pids(str(ws)), "POC processes survived stop"
+    assert not poc.live_pids(str(ws)), "POC processes survived stop"
 
 
 def _run(system, mode: str, scope: str = "") -> dict:
@@ -64,7 +65,7 @@ def jobs(system):
 
 
 def _site_entries(system, site: str, name: str = "site_policy") -> list:
-    path = poc.site_ledger(str(system["ws"]), site, name)
+    path = poc_helpers.site_ledger(str(system["ws"]), site, name)
     return json.loads(path.read_text())["entries"] if path.is_file() else []
 
 
