@@ -197,3 +197,56 @@ def test_laplace_release_needs_its_fields_and_consistent_scale(tmp_path):
         check_privacy_meta({k: v for k, v in meta.items() if k != "epsilon_round"}, delta=1e-5)
     with pytest.raises(ValueError, match="noise_scale"):
         check_privacy_meta(dict(meta, noise_scale=meta["noise_scale"] / 4), delta=1e-5)
+
+
+def test_record_metadata_travels_only_as_its_public_schema(tmp_path):
+    """A DP-SGD result's record-level metadata is rebuilt from its schema's fields; anything
+    else a job put under the key (or a contradictory record) gives an error reply, no data."""
+    from adpfl.privacy.metadata import RECORD_PRIVACY_META_KEY
+    from adpfl.privacy.record import opacus_rdp_epsilon
+
+    rec = {"unit": "record", "mechanism": "dpsgd", "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5,
+           "max_grad_norm": 1.0, "steps_per_round": 2, "round": 0, "history": [[1.0, 0.5, 2]],
+           "epsilon_rdp": opacus_rdp_epsilon([(1.0, 0.5, 2)], 1e-5), "target_epsilon": 8.0}
+    res = _result(_update())
+    dxo = from_shareable(res)
+    dxo.set_meta_prop(RECORD_PRIVACY_META_KEY, dict(rec))
+    res = dxo.to_shareable()
+    res.set_header(AppConstants.CURRENT_ROUND, 0)
+    out = _dpfl(tmp_path).process(res, _ctx())
+    assert from_shareable(out).get_meta_prop(RECORD_PRIVACY_META_KEY) == rec
+    smuggled = dict(rec, images=[0.1] * 1000)
+    dxo.set_meta_prop(RECORD_PRIVACY_META_KEY, smuggled)
+    res2 = dxo.to_shareable()
+    res2.set_header(AppConstants.CURRENT_ROUND, 1)
+    bad = _dpfl(tmp_path).process(res2, _ctx(job="job-2"))
+    assert bad.get_return_code() != ReturnCode.OK and _has_no_model_data(bad)
+
+
+def test_site_cap_applies_when_the_job_sets_no_budget(tmp_path):
+    """A DP-FL job with a fixed z and no target_epsilon, on a site with max_epsilon: the
+    site's cap is the budget (it used to crash on float(None) every round)."""
+    f = _dpfl(tmp_path, target_epsilon=None, noise_multiplier=3.0)  # epsilon 1.39, 2.03, 2.54, 2.99, 3.38
+    ws = tmp_path / "site_ws"
+    (ws / "local").mkdir(parents=True)
+    (ws / "local" / "adpfl_site.json").write_text(json.dumps({"max_epsilon": 3.0}))
+
+    class _WS:
+        def get_root_dir(self):
+            return str(ws)
+
+    class _Engine:
+        def get_workspace(self):
+            return _WS()
+
+        def fire_event(self, *args, **kwargs):  # the filter logs a refusal as an event
+            pass
+
+    ctx = _ctx()
+    ctx.set_prop(ReservedKey.ENGINE, _Engine(), private=True, sticky=False)
+    outs = [f.process(_result(_update(), round_=r), ctx) for r in range(6)]
+    codes = [o.get_return_code() for o in outs]
+    assert codes[:4] == [ReturnCode.OK] * 4  # released under the site's cap
+    assert all(c != ReturnCode.OK and _has_no_model_data(o) for c, o in zip(codes[4:], outs[4:]))
+    ledger = json.loads((tmp_path / "site-1" / "privacy_ledger.json").read_text())
+    assert ledger["target_epsilon"] == 3.0 and max(e["epsilon_rdp"] for e in ledger["entries"]) <= 3.0

@@ -120,3 +120,18 @@ def test_seeded_filter_repeats_its_release_and_production_filter_does_not(tmp_pa
     b = from_shareable(_site_result(seed=3, ledger_dir=str(tmp_path / "b"))[0].process(
         _site_result()[1], _site_ctx())).data
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("eps,rounds", [(1.0, 20), (8.0, 20), (0.5, 5), (1e5, 5)])
+def test_server_noise_floor_never_rejects_the_sites_own_floor(eps, rounds):
+    """The widget's floor is computed as the site computes its own (the schedule's
+    min_factor * z_plan), rounded down: a release at the schedule's floor is accepted."""
+    from adpfl.privacy.policy import noise_floor
+    from adpfl.privacy.schedule import AdaptiveNoiseSchedule
+
+    settings = {"mode": "adpfl", "target_epsilon": eps, "delta": 1e-5, "planned_rounds": rounds,
+                "noise_min_factor": 0.5, "ledger_name": "x"}  # non-config keys are ignored
+    site = AdaptiveNoiseSchedule(eps, 1e-5, rounds, min_factor=0.5)
+    floor = noise_floor(settings)
+    assert floor <= site.min_factor * site.z_plan
+    assert floor >= site.min_factor * site.z_plan * (1 - 2e-3)  # 4 significant digits, rounded down

@@ -194,12 +194,20 @@ def test_job_filter_without_site_policy_protects_as_before(tmp_path):
 
 
 def test_dpsgd_result_gets_the_site_noise_and_keeps_its_record_level_claim(tmp_path):
-    record = {"noise_multiplier": 1.1, "sample_rate": 0.1, "steps": 10, "delta": 1e-5, "epsilon_rdp": 2.0}
+    from adpfl.privacy.record import opacus_rdp_epsilon
+
+    record = {"unit": "record", "mechanism": "dpsgd", "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.1,
+              "max_grad_norm": 1.0, "steps_per_round": 10, "round": 0, "history": [[1.1, 0.1, 10]],
+              "epsilon_rdp": opacus_rdp_epsilon([(1.1, 0.1, 10)], 1e-5)}
     out = _send(_result(_update(), meta={RECORD_PRIVACY_META_KEY: record}), _ctx(_site_filter(tmp_path)))
     dxo = from_shareable(out)
     assert dxo.get_meta_prop(PRIVACY_META_KEY)["noise_multiplier"] > 0
     assert dxo.get_meta_prop(RECORD_PRIVACY_META_KEY) == record
     assert len(_entries(tmp_path / "site" / "site-1" / "site_policy.json")) == 1
+    # a record-level key holding anything but its public schema never leaves (error reply, no data)
+    smuggled = dict(record, steps=10, payload=[0.5] * 100)
+    bad = _send(_result(_update(), meta={RECORD_PRIVACY_META_KEY: smuggled}), _ctx(_site_filter(tmp_path)))
+    assert bad.get_return_code() != ReturnCode.OK and _no_model_data(bad)
 
 
 def test_metrics_pass_as_plain_numbers_other_results_are_refused(tmp_path):

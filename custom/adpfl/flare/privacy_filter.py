@@ -25,11 +25,12 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
 
+from adpfl._io import write_json_atomic
 from adpfl.flare.site_config import is_simulation, read_site_config, resolve_ledger_dir
 from adpfl.privacy.config import PrivacyConfig
 from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError
 from adpfl.privacy.ledger import PrivacyLedger
-from adpfl.privacy.metadata import PRIVACY_META_KEY, RECORD_PRIVACY_META_KEY
+from adpfl.privacy.metadata import PRIVACY_META_KEY, RECORD_PRIVACY_META_KEY, public_record_meta
 from adpfl.privacy.pipeline import PrivacyPipeline
 from adpfl.privacy.public_signals import PUBLIC_INFO_PROP
 
@@ -153,8 +154,8 @@ class ADPFilter(DXOFilter):
         target = self.target_epsilon
         site_cap = site_cfg.get("max_epsilon")
         if site_cap is not None:
-            # the site's own cap wins over a job asking for more
-            target = min(float(target), float(site_cap))
+            # the site's own cap wins over a job asking for more (or setting no budget at all)
+            target = float(site_cap) if target is None else min(float(target), float(site_cap))
         config = self._make_config(target).validate()
         folder = os.path.join(resolve_ledger_dir(self.ledger_dir, ws_root, is_simulation(fl_ctx)), site)
         os.makedirs(folder, exist_ok=True)
@@ -242,18 +243,19 @@ class ADPFilter(DXOFilter):
             global_change=public.get("global_change"),
             job_id=job_id,
         )
-        with open(self._state_path + ".tmp", "w") as f:
-            json.dump({"run_key": job_id, "round": current_round, "state": self._pipeline.state_dict()}, f,
-                      default=_json_default)
-        os.replace(self._state_path + ".tmp", self._state_path)
+        write_json_atomic(self._state_path,
+                          {"run_key": job_id, "round": current_round, "state": self._pipeline.state_dict()},
+                          default=_json_default)
         out_meta = {
             # equal weights in private jobs: the true local step count stays at the site
             MetaKey.NUM_STEPS_CURRENT_ROUND: 1,
             PRIVACY_META_KEY: {k: _plain(v) for k, v in meta.items()},
         }
         record = dxo.get_meta_prop(RECORD_PRIVACY_META_KEY)
-        if record is not None:  # DP-SGD's record-level accounting (public parameters) travels on
-            out_meta[RECORD_PRIVACY_META_KEY] = record
+        if record is not None:
+            # DP-SGD's record-level accounting travels on, rebuilt from its schema's public
+            # fields only (anything else under the key would leave un-noised); invalid: error reply
+            out_meta[RECORD_PRIVACY_META_KEY] = public_record_meta(record)
         initial = dxo.get_meta_prop(MetaKey.INITIAL_METRICS)
         if initial is not None:
             out_meta[MetaKey.INITIAL_METRICS] = float(initial)

@@ -197,3 +197,23 @@ def check_record_meta(meta: Any, delta: float) -> dict[str, Any]:
             f"{out['epsilon_recomputed']:.9g})"
         )
     return out
+
+
+def public_record_meta(meta: Any) -> dict[str, Any]:
+    """The record-level metadata a site may forward with a release: validated by
+    :func:`check_record_meta` at its own delta (so unknown or contradictory fields raise
+    ValueError) and rebuilt from the schema's fields as plain numbers, strings and lists --
+    nothing else a job put under the key travels."""
+    if not isinstance(meta, dict):
+        raise ValueError("record-level (DP-SGD) privacy metadata is not a mapping")
+    checked = check_record_meta(meta, float(meta.get("delta", float("nan"))))
+    out: dict[str, Any] = {"unit": "record", "mechanism": "dpsgd"}
+    for k in ("delta", "noise_multiplier", "sample_rate", "max_grad_norm", "epsilon_rdp"):
+        out[k] = float(checked[k])
+    out["steps_per_round"] = int(checked["steps_per_round"])
+    out["round"] = int(checked["round"])
+    out["history"] = [[float(h[0]), float(h[1]), int(h[2])] for h in checked["history"]]
+    if checked.get("target_epsilon") is not None:
+        out["target_epsilon"] = float(checked["target_epsilon"])
+    return out
+

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from typing import Any
 
-from .analysis import calibrate_noise_multiplier
+from .config import PrivacyConfig
 from .ledger import PrivacyLedger
 from .record import opacus_rdp_epsilon
+from .schedule import AdaptiveNoiseSchedule
 
 #: relative slack on the record-level target: float round-off only (calibration lands at or
 #: below the target; a fixed noise multiplier that overshoots it by any real amount is refused)
@@ -54,16 +56,26 @@ UNCOVERED = [
 
 
 def noise_floor(settings: Mapping[str, Any]) -> float:
-    """The least noise multiplier a release may claim under a job's filter ``settings``:
-    the fixed z (DP-FL; calibrated from the target when not given) or the adaptive
-    schedule's floor, ``noise_min_factor`` times the even-spend z of the plan (ADP-FL).
-    Rounded down to 4 significant digits: the floor is a policy, not a bit pattern."""
-    z = settings.get("noise_multiplier") or 0.0
-    if not z:
-        z = calibrate_noise_multiplier(settings["target_epsilon"], settings["delta"], settings["planned_rounds"])
-    if settings["mode"] == "adpfl":
-        z *= settings.get("noise_min_factor", 0.5)
-    return float(f"{z * (1 - 1e-4):.4g}")
+    """The least noise multiplier a release may claim under a job's filter ``settings``,
+    computed exactly as the site computes its own: DP-FL's fixed z
+    (:meth:`PrivacyConfig.resolved_noise_multiplier`, calibrated from the target when not
+    given; Laplace too) or the adaptive schedule's floor, ``noise_min_factor`` times the
+    schedule's even-spend ``z_plan`` (ADP-FL). Rounded DOWN to 4 significant digits (and
+    1e-4 relative below): the floor is a policy, not a bit pattern, and must never reject
+    a release the site's own rules allow."""
+    known = {f.name for f in fields(PrivacyConfig)}
+    config = PrivacyConfig(**{k: v for k, v in settings.items() if k in known})
+    if config.mode == "adpfl":
+        schedule = AdaptiveNoiseSchedule(
+            target_epsilon=config.target_epsilon, delta=config.delta, planned_rounds=int(config.planned_rounds),
+            accountant=config.accountant, min_factor=config.noise_min_factor, max_factor=config.noise_max_factor,
+        )
+        z = schedule.min_factor * schedule.z_plan
+    else:
+        z = config.resolved_noise_multiplier()
+    z *= 1 - 1e-4
+    scale = 10.0 ** (3 - math.floor(math.log10(z)))
+    return math.floor(z * scale) / scale
 
 
 def site_total_epsilon(ledger: PrivacyLedger, reported: float | None) -> float:

@@ -21,7 +21,7 @@ without its spend on disk (fail closed). A failed rollback leaves the entry spen
 side) and raises.
 
 Update-level: :func:`reserve_update_release` / :func:`rollback_update_release` on a
-:class:`~adpfl.privacy.accounting.PrivacyLedger`. Record-level (DP-SGD):
+:class:`~adpfl.privacy.ledger.PrivacyLedger`. Record-level (DP-SGD):
 :func:`reserve_record_round` / :func:`settle_record_round` on a record ledger (duck-typed:
 ``delta``, ``entries``, ``record(...)``, ``save(path)`` and the class method
 ``load_or_create(path, delta)``; this module imports nothing from ``training/``).
