@@ -258,6 +258,11 @@ def test_check_pair_brain(tmp_path):
     with pytest.raises(DataError, match=r"unknown values \[5\].*4 RC") as ei:
         check_pair(chans, bad, task="brain3d")
     assert bad in str(ei.value) and "remap" not in str(ei.value)
+    old = np.zeros((6, 6, 6), np.uint8)
+    old[1, 1, 1], old[2, 2, 2] = 2, 4  # pre-2023 numbering: 4 = enhancing tumour, no 3
+    old_lab = _nii(tmp_path / "old.nii.gz", old)
+    with pytest.warns(DataWarning, match="pre-2023 BraTS numbering"):
+        check_pair(chans, old_lab, task="brain3d")
 
 
 def test_empty_mask_warns_and_all_empty_site_fails(tmp_path):

@@ -197,6 +197,8 @@ def test_laplace_release_needs_its_fields_and_consistent_scale(tmp_path):
         check_privacy_meta({k: v for k, v in meta.items() if k != "epsilon_round"}, delta=1e-5)
     with pytest.raises(ValueError, match="noise_scale"):
         check_privacy_meta(dict(meta, noise_scale=meta["noise_scale"] / 4), delta=1e-5)
+    with pytest.raises(ValueError, match="contradicts a Laplace scale"):
+        check_privacy_meta(dict(meta, noise_std=meta["noise_std"] / 4), delta=1e-5)
 
 
 def test_record_metadata_travels_only_as_its_public_schema(tmp_path):

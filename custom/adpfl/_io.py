@@ -51,6 +51,22 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int = 2, de
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable (a reserved ledger entry must survive a power loss
+    once the release it pays for may have left). Not every platform can open a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"adpfl: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        # configuration errors from our own validation carry the setting's name
+    except (ValueError, FileNotFoundError) as e:
+        # configuration errors from our own validation carry the setting's name; a missing
+        # results/data folder names the path
         print(f"adpfl: error: {e}", file=sys.stderr)
         return 2
 

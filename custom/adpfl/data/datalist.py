@@ -281,6 +281,10 @@ def check_pair(image, label, task: str | None = None, deep: bool = False) -> dic
         if task == "skin2d":
             msg += "; masks must be binary 0/255 PNG (lossless, not JPEG)"
         raise DataError(msg)
+    if task == "brain3d" and 4 in values and 3 not in values:
+        warnings.warn(f"label {label} has value 4 (BraTS 2024: resection cavity) but no 3 (enhancing tumour): "
+                      "if it uses the pre-2023 BraTS numbering (4 = enhancing tumour), remap 4 -> 3, or ET is "
+                      "scored empty and RC is trained on tumour", DataWarning, stacklevel=2)
     empty = bool(values.size == 1 and int(values[0]) == 0)
     if empty:
         warnings.warn(f"label {label} is empty (background only)", DataWarning, stacklevel=2)

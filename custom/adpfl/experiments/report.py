@@ -20,13 +20,13 @@ mean +- std over seeds:
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from adpfl._io import read_json
 from adpfl.metrics.conventions import FAMILY_LABELS, SCORING, describe
 from adpfl.modes import MODE_LABELS, MODES
 
@@ -37,7 +37,7 @@ REACH_FRACTION = 0.9
 def load_runs(out_dir) -> list[dict]:
     runs = []
     for p in sorted(Path(out_dir).glob("runs/*/run.json")):
-        runs.append(json.loads(p.read_text()))
+        runs.append(read_json(p))  # a corrupt file is an error naming it
     return runs
 
 

@@ -253,7 +253,3 @@ class SegmentationExecutor(Executor):
         filter; they never leave the site."""
         info, self._prev_global = public_signals(global_weights, self._prev_global, current_round)
         fl_ctx.set_prop(PUBLIC_INFO_PROP, info, private=True, sticky=False)
-
-
-def _fmt(value: float | None) -> str:
-    return "no cases" if value is None else f"{value:.4f}"

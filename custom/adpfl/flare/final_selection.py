@@ -83,8 +83,8 @@ class FinalModelSelection(Controller):
         pass
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
-        if abort_signal.triggered:
-            return
+        if abort_signal.triggered or self._persistor is None or self._selector is None:
+            return  # start_controller already panicked on a missing component
         name = self._persistor.global_model_file_name
         model = self._persistor.get_model(name, fl_ctx)
         if model is None:

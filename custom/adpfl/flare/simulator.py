@@ -70,8 +70,12 @@ def result_dir(workspace: str | os.PathLike) -> Path:
 def server_log(workspace: str | os.PathLike) -> Path | None:
     """The simulator server's log (the run's, else the workspace's), or None before it exists."""
     server = Path(workspace) / "server"
-    for p in (server / "simulate_job" / "log.txt", server / "log.txt"):
-        if p.is_file():
+    try:
+        run_log = result_dir(workspace) / "log.txt"
+    except FileNotFoundError:
+        run_log = None
+    for p in (run_log, server / "log.txt"):
+        if p is not None and p.is_file():
             return p
     return None
 

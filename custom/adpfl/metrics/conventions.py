@@ -82,7 +82,9 @@ SCORING: dict[str, TaskScoring] = {
         task="brain3d",
         challenge="BraTS 2024 GLI",
         hd95_penalty=BRATS_PENALTY_MM,
-        lesion_wise=LesionWiseSpec(min_volume_mm3={"ET": 10.0}, default_min_volume_mm3=20.0),
+        # the official GLI script sets its threshold to 10 mm^3 at ET and keeps it for the regions
+        # scored after ET (RC), so RC lesions of 10-20 mm^3 count there too
+        lesion_wise=LesionWiseSpec(min_volume_mm3={"ET": 10.0, "RC": 10.0}, default_min_volume_mm3=20.0),
     ),
     "kidney3d": TaskScoring(
         task="kidney3d",

@@ -23,10 +23,15 @@ def run(
     start_timeout: float = 120.0,
     job_timeout: float = 1800.0,
     log: Callable[[str], None] = print,
+    site_epsilon: float | None = DEFAULT_SITE_EPSILON,
+    site_rounds: int = DEFAULT_SITE_ROUNDS,
 ) -> dict:
-    """prepare, start, submit ``job_dir``, wait, download; always stop."""
+    """prepare, start, submit ``job_dir``, wait, download; always stop. ``site_epsilon`` /
+    ``site_rounds``: each site's privacy policy as in :func:`adpfl.poc.project.prepare`
+    (None: no site policy)."""
     try:
-        prepare(workspace, sites=sites, home=home, port=port, data_root=data_root, log=log)
+        prepare(workspace, sites=sites, home=home, port=port, data_root=data_root, log=log,
+                site_epsilon=site_epsilon, site_rounds=site_rounds)
         start(workspace, home=home, timeout=start_timeout, log=log)
         job_id = submit(workspace, job_dir, log=log)
         meta = wait(workspace, job_id, timeout=job_timeout, log=log)
@@ -35,6 +40,15 @@ def run(
         return found
     finally:
         stop(workspace, home=home, log=log)
+
+
+def _site_policy_arguments(q) -> None:
+    q.add_argument("--site-epsilon", type=float, default=DEFAULT_SITE_EPSILON,
+                   help="each site's own budget (site-level update DP, delta 1e-5) enforced on every job through "
+                        f"its local/privacy.json (default {DEFAULT_SITE_EPSILON:g}, the bundled jobs' budget)")
+    q.add_argument("--site-rounds", type=int, default=DEFAULT_SITE_ROUNDS,
+                   help=f"releases the site's budget covers in total (default {DEFAULT_SITE_ROUNDS})")
+    q.add_argument("--no-site-policy", action="store_true", help="write no local/privacy.json: each job decides")
 
 
 def add_parser(sub) -> None:
@@ -55,12 +69,7 @@ def add_parser(sub) -> None:
     q.add_argument("--ledger-dir", default=None, help="sites' privacy ledger folder (default: each site's workspace)")
     q.add_argument("--allow-list", action="store_true",
                    help="allow-list adpfl.* in every site's local/resources.json (jobs without app/custom/)")
-    q.add_argument("--site-epsilon", type=float, default=DEFAULT_SITE_EPSILON,
-                   help="each site's own budget (site-level update DP, delta 1e-5) enforced on every job through "
-                        f"its local/privacy.json (default {DEFAULT_SITE_EPSILON:g}, the bundled jobs' budget)")
-    q.add_argument("--site-rounds", type=int, default=DEFAULT_SITE_ROUNDS,
-                   help=f"releases the site's budget covers in total (default {DEFAULT_SITE_ROUNDS})")
-    q.add_argument("--no-site-policy", action="store_true", help="write no local/privacy.json: each job decides")
+    _site_policy_arguments(q)
     q.set_defaults(func=_cli(lambda a: prepare(a.workspace, a.sites, a.home, a.port, a.data_root, a.ledger_dir,
                                                a.allow_list, site_epsilon=None if a.no_site_policy else a.site_epsilon,
                                                site_rounds=a.site_rounds)))
@@ -116,6 +125,7 @@ def add_parser(sub) -> None:
     q.add_argument("--data-root", default=None)
     q.add_argument("-o", "--output", default=None)
     q.add_argument("--timeout", type=float, default=1800.0)
+    _site_policy_arguments(q)
     q.set_defaults(func=_cli(_cli_run))
 
 
@@ -151,7 +161,8 @@ def _cli_allow_list(a) -> int:
 
 
 def _cli_run(a) -> int:
-    found = run(a.job_dir, a.workspace, a.sites, a.home, a.port, a.data_root, a.output, job_timeout=a.timeout)
+    found = run(a.job_dir, a.workspace, a.sites, a.home, a.port, a.data_root, a.output, job_timeout=a.timeout,
+                site_epsilon=None if a.no_site_policy else a.site_epsilon, site_rounds=a.site_rounds)
     print(f"job {found['job_id']} ended: {found['status']}")
     return 0 if found["status"] == "FINISHED:COMPLETED" else 1
 

@@ -139,6 +139,8 @@ def _check_update_consistency(meta: dict[str, Any]) -> None:
         scale = _positive_number(meta, "noise_scale")
         if not math.isclose(scale, float(meta["noise_multiplier"]) * 2.0 * clip, rel_tol=1e-4):
             raise ValueError(f"noise_scale={scale:.6g} does not equal noise_multiplier * 2 * clip_norm")
+        if not math.isclose(_positive_number(meta, "noise_std"), scale * math.sqrt(2.0), rel_tol=1e-4):
+            raise ValueError(f"noise_std={meta['noise_std']:.6g} contradicts a Laplace scale of {scale:.6g}")
         if not math.isclose(_positive_number(meta, "epsilon_round"), 1.0 / float(meta["noise_multiplier"]),
                             rel_tol=1e-4):
             raise ValueError(f"epsilon_round={meta['epsilon_round']} contradicts 1 / noise_multiplier")
