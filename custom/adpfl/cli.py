@@ -246,12 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # sub-command groups that live with their code register their own parsers
     from adpfl.data.cli import add_parser as add_data_parser
+    from adpfl.experiments.bundle import add_parser as add_export_parser
     from adpfl.experiments.compare import add_compare_parsers
     from adpfl.poc.cli import add_parser as add_poc_parser
 
     add_data_parser(sub)  # `adpfl data generate|prepare|validate`
     add_poc_parser(sub)  # `adpfl poc ...` (POC system)
     add_compare_parsers(sub)  # `adpfl compare` and `adpfl report`
+    add_export_parser(sub)  # `adpfl export` (MONAI bundle with the privacy card)
     return p
 
 
