@@ -145,7 +145,7 @@ def _inference_config(task: str, image_size: list[int]) -> dict:
     else:
         inferer = {"_target_": "SimpleInferer"}
     return {
-        "imports": ["$import torch", "$import adpfl.experiments.bundle"],
+        "imports": ["$import torch", "$from adpfl.experiments.bundle import inference_transforms"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "task": task,
@@ -153,7 +153,7 @@ def _inference_config(task: str, image_size: list[int]) -> dict:
         "network_def": {"_target_": "adpfl.tasks.network.TaskNetwork", "task": "@task"},
         "network": "$@network_def.to(@device)",
         "checkpoint": "$@bundle_root + '/models/model.pt'",
-        "preprocessing": "$adpfl.experiments.bundle.inference_transforms(@task, @image_size)",
+        "preprocessing": "$inference_transforms(@task, @image_size)",
         "inferer": inferer,
         "postprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
