@@ -155,6 +155,7 @@ def cmd_run(args) -> int:
         sim_ws = Path(resume["workspace"])
         cmd = simulator_command(resume["job"], sim_ws, args.sites, threads)
         num_rounds = int(resume["num_rounds"])
+        private = True  # the round printer waits (at most a few seconds) for the privacy report
         what = f"resume job {resume['name']} in the simulator"
     else:
         args.task, args.mode = args.task or "skin2d", args.mode or "adpfl"
@@ -167,7 +168,9 @@ def cmd_run(args) -> int:
         if args.rounds:
             overrides["num_rounds"] = args.rounds
         sites = [f"site-{i}" for i in range(1, args.sites + 1)]
-        num_rounds = job_settings(args.task, args.mode, sites=sites, **overrides)["num_rounds"]
+        settings = job_settings(args.task, args.mode, sites=sites, **overrides)
+        num_rounds = settings["num_rounds"]
+        private = settings["privacy"] is not None or bool(settings["executor"].get("dpsgd"))
         sim_ws = workspace / job_name(args.task, args.mode)
         cmd = [sys.executable, "-m", "adpfl.flare.recipe", "--env", "sim", "--task", args.task, "--mode", args.mode,
                "-w", str(workspace), "-n", str(args.sites), "-t", str(threads), "--no-summary"]
@@ -182,7 +185,8 @@ def cmd_run(args) -> int:
         proc = subprocess.Popen(cmd, env=_child_env(threads), stdout=logf, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            rc = watch(proc, lambda: result_dir(sim_ws), num_rounds, print_line=lambda m: print(m, flush=True))
+            rc = watch(proc, lambda: result_dir(sim_ws), num_rounds, print_line=lambda m: print(m, flush=True),
+                       private=private)
         except KeyboardInterrupt:
             import signal
 

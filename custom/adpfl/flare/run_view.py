@@ -160,11 +160,12 @@ def plot_rounds(rows: list[dict], final: dict, path: str | os.PathLike, title: s
 
 
 def watch(proc: subprocess.Popen, run_dir_of, num_rounds: int, print_line=print, poll: float = 1.0,
-          settle: float = 3.0) -> int:
+          settle: float = 5.0, private: bool = True) -> int:
     """Print one line per completed round of the run ``proc`` is doing until it exits;
     returns its exit code. ``run_dir_of()`` gives the run folder (or raises
-    FileNotFoundError before it exists). A round is printed once the privacy report holds
-    it too, or ``settle`` seconds after its progress record (a site may have released nothing)."""
+    FileNotFoundError before it exists). In a ``private`` run a round is printed once the
+    privacy report holds it too (the two widgets write after the same event, in either
+    order), or ``settle`` seconds after its progress record (no site released that round)."""
     t0 = time.time()
     printed, legend_done, seen_at = set(), False, {}
     while True:
@@ -183,7 +184,7 @@ def watch(proc: subprocess.Popen, run_dir_of, num_rounds: int, print_line=print,
                     continue
                 seen_at.setdefault(row["round"], time.time())
                 has_eps = bool(row["epsilon"] or row["record_epsilon"])
-                if report is not None and not has_eps and running and time.time() - seen_at[row["round"]] < settle:
+                if private and not has_eps and running and time.time() - seen_at[row["round"]] < settle:
                     break  # the report of this round may not be written yet
                 if not legend_done:
                     print_line(privacy_legend(report) + "; Dice: mean over sites, of the model the round starts from")
