@@ -216,7 +216,8 @@ def _check_dpsgd_run(ws):
         assert info["rounds"] == [0] and info["steps"] == info["steps_per_round"] == 2  # q = 3/6, int(1/q)
         # the site's own record-level ledger (kept in the simulator workspace's local/, which
         # survives a re-run of the simulator in the same workspace)
-        ledger = load_json(ws / "local" / "adpfl_privacy" / site / "dpsgd_skin2d.json")
+        # (the run is on SimEnv: that workspace is <ws>/<job name>, the run folder's grandparent)
+        ledger = load_json(rd.parent.parent / "local" / "adpfl_privacy" / site / "dpsgd_skin2d.json")
         assert ledger["entries"][-1]["epsilon_rdp"] == pytest.approx(info["epsilon_rdp"], rel=1e-9)
     scalars = read_scalars(rd / "tb_events")
     assert "privacy_record/site-1/epsilon_rdp" in scalars, sorted(scalars)

@@ -1,9 +1,11 @@
-"""Real `nvflare simulator` runs of the job definitions on tiny synthetic skin data."""
+"""Real simulator runs of the job definitions on tiny synthetic skin data (the ADP-FL run goes
+through the README main command's route, `adpfl run` on FLARE's SimEnv; the others run
+exported job folders with `nvflare simulator`, as the checked-in folders are run)."""
 
 import pytest
 import torch
 
-from flare_helpers import inject_faults, load_json, logs, read_scalars, run_dir, run_simulator, tiny_job
+from flare_helpers import TINY_EXECUTOR, inject_faults, load_json, logs, read_scalars, run_dir, run_simulator, tiny_job
 
 pytestmark = pytest.mark.integration
 
@@ -49,12 +51,32 @@ def test_npfl_run_trains_records_metrics_and_rejects_malformed_contributions(tmp
     assert best_mean >= final_mean - 1e-6, (best_mean, final_mean)
 
 
-def test_adpfl_run_writes_privacy_report_and_curves(tmp_path):
-    job = tiny_job(tmp_path, "skin2d", "adpfl", num_rounds=2)
-    ws = tmp_path / "ws"
-    proc = run_simulator(job, ws, tmp_path / "data")
+@pytest.fixture(scope="module")
+def adpfl_run(tmp_path_factory):
+    """One tiny skin2d ADP-FL run through the README main command's route (`adpfl run`:
+    FLARE's SimEnv in a child process, one line per round); shared by the tests below."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("adpfl_run")
+    overrides = tmp / "tiny.json"
+    overrides.write_text(json.dumps({"executor": TINY_EXECUTOR}))
+    ws = tmp / "ws"
+    env = dict(os.environ, ADPFL_DATA_ROOT=str(tmp / "data"), OMP_NUM_THREADS="1")
+    cli = [os.path.join(os.path.dirname(sys.executable), "adpfl"), "run", "--task", "skin2d", "--mode", "adpfl",
+           "--rounds", "2", "--overrides", str(overrides), "-w", str(ws), "--clean"]
+    proc = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"ws": ws, "sim_ws": ws / "skin2d_adpfl", "stdout": proc.stdout, "stderr": proc.stderr,
+            "data": tmp / "data"}
+
+
+def test_adpfl_run_writes_privacy_report_and_curves(adpfl_run):
+    ws = adpfl_run["ws"]
     rd = run_dir(ws)
+    assert rd.parent.parent == adpfl_run["sim_ws"]  # SimEnv's <workspace root>/<job name> layout
     report = load_json(rd / "privacy_report.json")
     assert report["delta"] > 0 and "site-level" in report["unit"]
     assert set(report["sites"]) == {"site-1", "site-2", "site-3"}
@@ -68,7 +90,7 @@ def test_adpfl_run_writes_privacy_report_and_curves(tmp_path):
         assert entries[1]["epsilon_rdp"] > entries[0]["epsilon_rdp"] > 0
         assert info["epsilon_rdp"] <= report["target_epsilon"]
         # the site's own ledger lives in its workspace and agrees with the server's figure
-        site_ledger = load_json(ws / "local" / "adpfl_privacy" / site / "skin2d.json")
+        site_ledger = load_json(adpfl_run["sim_ws"] / "local" / "adpfl_privacy" / site / "skin2d.json")
         assert len(site_ledger["entries"]) == 2
         assert site_ledger["entries"][-1]["epsilon_rdp"] == pytest.approx(info["epsilon_rdp"], rel=1e-6)
     assert report["stopped_early"] is False
@@ -90,6 +112,70 @@ def test_adpfl_run_writes_privacy_report_and_curves(tmp_path):
     assert set(run["final"]) == {"site-1", "site-2", "site-3"} and run["regions"] == ["lesion"]
     assert [e["round"] for e in run["privacy"]["sites"]["site-1"]["per_round"]] == [0, 1]
     assert epsilon_spent(run) == pytest.approx(max(i["epsilon_rdp"] for i in report["sites"].values()))
+
+
+def test_main_command_prints_a_line_per_round_and_keeps_flares_log(adpfl_run):
+    out, ws = adpfl_run["stdout"], adpfl_run["ws"]
+    lines = out.splitlines()
+    assert len(lines) <= 30, out
+    assert "deprecated" not in out + adpfl_run["stderr"]
+    assert f"FLARE's full log: {ws / 'flare_log.txt'}" in lines[0]
+    rounds = [ln for ln in lines if ln.startswith("round ")]
+    assert [ln.split()[1] for ln in rounds] == ["1/2", "2/2"], out
+    report = load_json(run_dir(ws) / "privacy_report.json")
+    for ln, r in zip(rounds, (0, 1)):
+        assert "Dice 0." in ln and "elapsed, ETA" in ln
+        for site, info in report["sites"].items():
+            eps = next(e["epsilon_rdp"] for e in info["ledger"] if e["round"] == r)
+            assert f"{site} {eps:.4g}" in ln, (ln, site, eps)
+    assert "site-level update DP (replace-one), delta=1e-05, RDP" in out
+    flare_log = (ws / "flare_log.txt").read_text(errors="replace")
+    assert "Round 1 started" in flare_log and "deprecated" not in flare_log
+    # warnings the bundle itself caused are gone (FLARE's aggregator, the final selection)
+    text = flare_log + logs(ws)
+    assert "Aggregation_weight missing" not in text and "cannot change to private" not in text
+    png = run_dir(ws) / "rounds.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG" and f"curves:       {png}" in out
+    progress = load_json(run_dir(ws) / "run_progress.json")
+    assert [h["round"] for h in progress["history"]] == [0, 1]
+    assert set(progress["history"][1]["dice"]) == {"site-1", "site-2", "site-3"}
+
+
+def test_exported_bundle_loads_with_monai_and_carries_the_runs_privacy_card(adpfl_run, tmp_path):
+    from monai.bundle import ConfigParser
+
+    from adpfl.cli import main
+    from adpfl.privacy.policy import UNCOVERED
+
+    out = tmp_path / "bundle"
+    assert main(["export", "--run", str(adpfl_run["ws"]), "--out", str(out)]) == 0
+    parser = ConfigParser()
+    parser.read_config(str(out / "configs" / "inference.json"))
+    parser.read_meta(str(out / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(out)
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(parser.get_parsed_content("checkpoint"), weights_only=True))
+    net.eval()
+    # one validation case of site-1, without its mask, through the bundle's own chain
+    image = sorted((adpfl_run["data"] / "skin2d" / "site-1" / "images").glob("*.png"))[0]
+    case = parser.get_parsed_content("preprocessing")({"image": str(image)})
+    with torch.no_grad():
+        pred = parser.get_parsed_content("inferer")(case["image"][None], net)
+    labels = parser.get_parsed_content("postprocessing")({"pred": pred[0]})["pred"]
+    assert tuple(labels.shape) == (1, 32, 32) and set(torch.unique(labels).tolist()) <= {0.0, 1.0}
+    # the card is the run's privacy report, not a restatement of it
+    card = load_json(out / "configs" / "metadata.json")["privacy_card"]
+    report = load_json(run_dir(adpfl_run["ws"]) / "privacy_report.json")
+    assert card["units"] == [{"level": "update", "unit": report["unit"]}]
+    assert card["delta"] == {"update_level": report["delta"]}
+    assert card["accountants"]["update_level"] == report["accountants"]
+    assert {s: e["epsilon_rdp"] for s, e in card["epsilon_per_site"]["update_level"].items()} == {
+        s: i["epsilon_rdp"] for s, i in report["sites"].items()}
+    assert card["not_covered"] == report["not_covered"] == UNCOVERED
+    assert card["rounds"]["completed"] == card["rounds"]["planned"] == 2
+    assert card["sites"] == ["site-1", "site-2", "site-3"]
+    assert card["mechanism"]["job_settings"]["keep_fraction"] == 0.5
+    assert card["data"]["image_size"] == [32, 32] and card["data"]["cases_per_site"]["train"] == 6
 
 
 @pytest.mark.parametrize("task", ["kidney3d", "brain3d"])

@@ -4,9 +4,9 @@ One argparse tree: this module builds it; the sub-command groups that live with 
 code (``adpfl.data.cli``, ``adpfl.poc.cli``, ``adpfl.experiments.compare``) register their
 own parsers on it.
 
-``adpfl run`` is what the README's main command calls: it runs a job in the FLARE
-simulator (3 sites by default) and prints the final global Dice per site, the privacy
-spent per site, and where the TensorBoard logs and the best model are.
+``adpfl run`` is what the README's main command calls: it runs a job on FLARE's SimEnv
+(3 sites by default), prints one line per round, then the final global Dice per site, the
+privacy spent per site, and where the log, curves, TensorBoard logs and models are.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def summarize(workspace: Path) -> dict:
     pr = run_dir / "privacy_report.json"
     if pr.is_file():
         out["privacy"] = read_json(pr)
+    progress = run_dir / "run_progress.json"
+    if progress.is_file():
+        out["progress"] = read_json(progress)
     out["tensorboard"] = str(run_dir / "tb_events")
     models = {}
     for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
@@ -108,21 +111,38 @@ def print_summary(summary: dict) -> None:
     if priv and priv.get("stopped_early"):
         print(f"  run stopped early: {priv.get('stop_reason')}")
     print(f"TensorBoard:  tensorboard --logdir {summary['tensorboard']}")
+    if summary.get("curves"):
+        print(f"curves:       {summary['curves']}")
     for path in summary.get("models", {}).values():
         print(f"model:        {path}")
 
 
+def _child_env(threads: int) -> dict:
+    from adpfl.flare.simulator import simulator_env
+
+    env = simulator_env(threads)
+    env["PYTHONUNBUFFERED"] = "1"  # the log file fills as the run goes
+    return env
+
+
 def cmd_run(args) -> int:
-    from adpfl.flare.jobs import job_name
-    from adpfl.flare.simulator import simulator_command, simulator_env
+    """The simulator run through FLARE's SimEnv (the Recipe route, :mod:`adpfl.flare.recipe`)
+    in a child process whose whole output goes to ``<workspace>/flare_log.txt``; the terminal
+    gets one line per round (:mod:`adpfl.flare.run_view`) and the summary. ``--resume`` runs
+    the edited copy of the stopped job (:mod:`adpfl.flare.resume`) with the simulator the
+    stopped run used, under the same printer."""
+    from adpfl.flare.jobs import job_name, job_settings
+    from adpfl.flare.run_view import watch
+    from adpfl.flare.simulator import result_dir, simulator_command
 
     workspace = Path(args.workspace).resolve()
-    if args.resume and (args.clean or args.job_api or args.rounds):
-        raise CliError("--resume continues the stopped run in the workspace; it takes no --clean/--job-api/--rounds")
+    if args.resume and (args.clean or args.rounds or args.overrides):
+        raise CliError("--resume continues the stopped run in the workspace; it takes no --clean/--rounds/--overrides")
     if args.clean and workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True, exist_ok=True)
-    resume = None
+    log_path = workspace / "flare_log.txt"
+    threads = args.threads or args.sites
     if args.resume:
         from adpfl.flare.resume import ResumeError, prepare_simulator_resume
 
@@ -132,31 +152,65 @@ def cmd_run(args) -> int:
             raise CliError(str(e)) from None
         print(f"resuming job {resume['resumed_job_id']} at round {resume['start_round']} of {resume['num_rounds']} "
               f"from {resume['checkpoint']} (each site's privacy ledger continues from its spend)", flush=True)
-    args.task, args.mode = args.task or "skin2d", args.mode or "adpfl"
-    name = job_name(args.task, args.mode)
-    t0 = time.perf_counter()
-    if args.job_api:
-        from adpfl.flare.jobs import build_job
-
-        overrides = {"num_rounds": args.rounds} if args.rounds else {}
-        job = build_job(args.task, args.mode, **overrides)
-        os.environ.update(simulator_env(args.threads))
-        rc = job.simulator_run(str(workspace), n_clients=args.sites, threads=args.threads)
+        sim_ws = Path(resume["workspace"])
+        cmd = simulator_command(resume["job"], sim_ws, args.sites, threads)
+        num_rounds = int(resume["num_rounds"])
+        private = True  # the round printer waits (at most a few seconds) for the privacy report
+        what = f"resume job {resume['name']} in the simulator"
     else:
+        args.task, args.mode = args.task or "skin2d", args.mode or "adpfl"
+        overrides = {}
+        if args.overrides:
+            try:
+                overrides = dict(read_json(args.overrides))
+            except (OSError, ValueError, TypeError) as e:
+                raise CliError(f"--overrides {args.overrides}: not a JSON object of job settings ({e})") from None
         if args.rounds:
-            raise CliError("--rounds needs --job-api (checked-in job folders carry their own num_rounds)")
-        job_dir = Path(resume["job"]) if resume else Path(args.jobs_dir) / name
-        if not (job_dir / "meta.json").is_file():
-            raise CliError(f"job folder {job_dir} not found (expected meta.json); run `adpfl jobs export`")
-        cmd = simulator_command(job_dir, workspace, args.sites, args.threads)
-        print("running:", " ".join(["nvflare"] + cmd[1:]), flush=True)
-        rc = subprocess.call(cmd, env=simulator_env(args.threads))
-    print(f"simulator exited with {rc} after {time.perf_counter() - t0:.0f}s")
-    summary = summarize(workspace)
+            overrides["num_rounds"] = args.rounds
+        sites = [f"site-{i}" for i in range(1, args.sites + 1)]
+        settings = job_settings(args.task, args.mode, sites=sites, **overrides)
+        num_rounds = settings["num_rounds"]
+        private = settings["privacy"] is not None or bool(settings["executor"].get("dpsgd"))
+        sim_ws = workspace / job_name(args.task, args.mode)
+        cmd = [sys.executable, "-m", "adpfl.flare.recipe", "--env", "sim", "--task", args.task, "--mode", args.mode,
+               "-w", str(workspace), "-n", str(args.sites), "-t", str(threads), "--no-summary"]
+        if args.rounds:
+            cmd += ["--rounds", str(args.rounds)]
+        if args.overrides:
+            cmd += ["--overrides", str(Path(args.overrides).resolve())]
+        what = f"{args.task}/{args.mode} on FLARE's SimEnv"
+    print(f"{what}: {args.sites} sites, {num_rounds} rounds; FLARE's full log: {log_path}", flush=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, env=_child_env(threads), stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = watch(proc, lambda: result_dir(sim_ws), num_rounds, print_line=lambda m: print(m, flush=True),
+                       private=private)
+        except KeyboardInterrupt:
+            import signal
+
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            raise
+    print(f"FLARE {'finished' if rc == 0 else f'exited with {rc} (see the log)'} after "
+          f"{time.perf_counter() - t0:.0f}s", flush=True)
+    summary = summarize(sim_ws)
+    summary["curves"] = write_curves(summary)
     print_summary(summary)
     if args.json:
         write_json_atomic(args.json, summary)
     return 0 if rc == 0 else 1
+
+
+def write_curves(summary: dict) -> str | None:
+    """The PNG of Dice and epsilon per round per site, in the run folder."""
+    from adpfl.flare.run_view import PLOT_NAME, final_dice, plot_rounds, privacy_legend, round_rows
+
+    rd = Path(summary["run_dir"])
+    rows = round_rows(summary.get("progress"), summary.get("privacy"))
+    return plot_rounds(rows, final_dice(rd), rd / PLOT_NAME, title=rd.parent.parent.name,
+                       legend=privacy_legend(summary.get("privacy")))
 
 
 def cmd_summary(args) -> int:
@@ -175,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     je.add_argument("--jobs-dir", default=str(DEFAULT_JOBS_DIR))
     je.set_defaults(func=cmd_jobs_export)
 
-    r = sub.add_parser("run", help="run a job in the FLARE simulator and print its summary")
+    r = sub.add_parser("run", help="run a job on FLARE's SimEnv, one line per round, then its summary")
     r.add_argument("--task", default=None, choices=TASK_NAMES, help="default skin2d")
     r.add_argument("--mode", default=None, choices=MODES, help="default adpfl")
     r.add_argument("--resume", action="store_true",
@@ -183,9 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-w", "--workspace", default="workspace/run")
     r.add_argument("-n", "--sites", type=int, default=3)
     r.add_argument("-t", "--threads", type=int, default=3)
-    r.add_argument("--jobs-dir", default=str(DEFAULT_JOBS_DIR))
-    r.add_argument("--job-api", action="store_true", help="build the job with the Python Job API instead of jobs/")
-    r.add_argument("--rounds", type=int, default=0, help="override num_rounds (with --job-api)")
+    r.add_argument("--jobs-dir", default=str(DEFAULT_JOBS_DIR), help="where --resume finds the stopped run's job")
+    r.add_argument("--rounds", type=int, default=0, help="override num_rounds")
+    r.add_argument("--overrides", default="", help="JSON file of job settings (adpfl.flare.jobs.job_settings)")
     r.add_argument("--clean", action="store_true", help="delete the workspace first")
     r.add_argument("--json", default="", help="also write the summary to this JSON file")
     r.set_defaults(func=cmd_run)
@@ -196,12 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     # sub-command groups that live with their code register their own parsers
     from adpfl.data.cli import add_parser as add_data_parser
+    from adpfl.experiments.bundle import add_parser as add_export_parser
     from adpfl.experiments.compare import add_compare_parsers
     from adpfl.poc.cli import add_parser as add_poc_parser
 
     add_data_parser(sub)  # `adpfl data generate|prepare|validate`
     add_poc_parser(sub)  # `adpfl poc ...` (POC system)
     add_compare_parsers(sub)  # `adpfl compare` and `adpfl report`
+    add_export_parser(sub)  # `adpfl export` (MONAI bundle with the privacy card)
     return p
 
 

@@ -104,7 +104,9 @@ class FinalModelSelection(Controller):
             return
         self._selector.best_val_metric = final
         self._selector.best_raw_val_metric = final
-        fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, model, private=True, sticky=False)
+        # ScatterAndGather holds GLOBAL_MODEL as a sticky property: set it the same way (FLARE
+        # refuses, with a warning, to change a property's stickiness, and keeps the old value)
+        fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, model, private=True, sticky=True)
         fl_ctx.set_prop(AppConstants.VALIDATION_RESULT, final, private=True, sticky=False)
         fl_ctx.set_prop(AppConstants.METRICS_SELECTION_INFO, {
             "source": type(self).__name__, "metric_source": self.validation_task_name,

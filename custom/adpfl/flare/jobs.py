@@ -130,6 +130,10 @@ def job_settings(task: str, mode: str, **overrides) -> dict:
     # seconds a round waits for the remaining sites once min_clients have answered (a round
     # ends at once when every site has answered; this only matters when a site is slow or gone)
     s.setdefault("wait_time_after_min_received", 10)
+    # the federation's site names: each gets aggregation weight 1.0 (FLARE's aggregator
+    # warns for every contribution from a site it has no weight for). None: site-1 ..
+    # site-<min_clients>, the names of the simulator and of `adpfl poc`
+    s.setdefault("sites", None)
     for key, value in overrides.items():
         if key in ("executor", "privacy") and isinstance(value, dict):
             if key == "privacy" and s["privacy"] is None:
@@ -152,6 +156,11 @@ def job_settings(task: str, mode: str, **overrides) -> dict:
         and "dpsgd_planned_rounds" not in (overrides.get("executor") or {})
     ):
         ex["dpsgd_planned_rounds"] = s["num_rounds"]
+    if s["sites"] is None:
+        s["sites"] = [f"site-{i}" for i in range(1, int(s["min_clients"]) + 1)]
+    if not (isinstance(s["sites"], (list, tuple)) and s["sites"] and all(isinstance(n, str) and n for n in s["sites"])):
+        raise ValueError(f"sites must be a non-empty list of site names, got {s['sites']!r}")
+    s["sites"] = list(s["sites"])
     return s
 
 
@@ -189,14 +198,17 @@ def build_job(task: str, mode: str, name: str | None = None, **overrides):
     # private jobs weigh sites equally: the un-noised local step count must not steer aggregation
     job.to_server(
         _explicit(
-            InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF, weigh_by_local_iter=not private)
+            InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHT_DIFF, weigh_by_local_iter=not private,
+                                               aggregation_weights={site: 1.0 for site in s["sites"]})
         ),
         id="aggregator",
     )
     job.to_server(_explicit(ContributionValidator()), id="contribution_validator")
     # records the last persisted round (run_progress.json) so a stopped run can be resumed
     job.to_server(
-        _explicit(RunProgressWidget(task=task, mode=mode, num_rounds=s["num_rounds"], start_round=0)),
+        _explicit(RunProgressWidget(task=task, mode=mode, num_rounds=s["num_rounds"], start_round=0,
+                                    settings={k: s[k] for k in ("num_rounds", "min_clients", "sites", "executor",
+                                                                "privacy")})),
         id="run_progress",
     )
     job.to_server(_explicit(IntimeModelSelector(key_metric="val_dice")), id="model_selector")

@@ -195,6 +195,8 @@ class PrivacyAccountingWidget(Widget):
         with self._lock:
             info = self._record.setdefault(site, {"rounds": []})
             info["rounds"].append(int(record["round"]))
+            # the cumulative figure after each round (adpfl run's round lines and curves)
+            info.setdefault("epsilon_rdp_by_round", {})[str(int(record["round"]))] = record["epsilon_recomputed"]
             info.update(
                 epsilon_rdp=record["epsilon_recomputed"],
                 site_reported_epsilon_rdp=claimed,

@@ -30,7 +30,7 @@ import shutil
 
 from adpfl._io import read_json, write_json_atomic
 from adpfl.flare.progress import PROGRESS_FILE, PROGRESS_FORMAT
-from adpfl.flare.simulator import result_dir
+from adpfl.flare.simulator import result_dir, sim_workspace
 
 SAG_SUFFIX = "ScatterAndGather"
 PERSISTOR_SUFFIX = "PTFileModelPersistor"
@@ -152,8 +152,11 @@ def prepare_simulator_resume(workspace: str, jobs_dir: str, task: str | None = N
     (the one folder the simulator keeps) and write the resume job there.
 
     ``task``/``mode`` default to the stopped run's; the original job is
-    ``<jobs_dir>/<task>_<mode>``. Returns :func:`make_resume_job`'s summary.
+    ``<jobs_dir>/<task>_<mode>``. ``workspace`` may be the ``SimEnv`` root that holds the
+    simulator workspace (see :func:`adpfl.flare.simulator.sim_workspace`). Returns
+    :func:`make_resume_job`'s summary, with ``workspace``: the simulator workspace to resume in.
     """
+    workspace = str(sim_workspace(workspace))
     try:
         run_dir = result_dir(workspace)
     except FileNotFoundError as e:
@@ -183,4 +186,4 @@ def prepare_simulator_resume(workspace: str, jobs_dir: str, task: str | None = N
     write_json_atomic(os.path.join(keep, f"round{k}_{PROGRESS_FILE}"),
                       {k2: v for k2, v in progress.items() if not k2.startswith("_")})
     out = os.path.join(keep, "job", f"{task}_{mode}_from_round{k + 1}")
-    return make_resume_job(job_dir, out, progress, checkpoint)
+    return dict(make_resume_job(job_dir, out, progress, checkpoint), workspace=workspace)

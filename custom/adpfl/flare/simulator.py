@@ -6,7 +6,9 @@ the folders it writes.
 The simulator writes ``<workspace>/server/simulate_job/`` (``simulate_job_0`` in some
 FLARE versions): the server's run folder with the global models (``app_server/``), the
 final validation (``cross_site_val/``), ``tb_events/`` and the bundle's
-``privacy_report.json`` and ``run_progress.json``.
+``privacy_report.json`` and ``run_progress.json``. FLARE's ``SimEnv`` (the Recipe route,
+:mod:`adpfl.flare.recipe`) puts the simulator workspace one level down, at
+``<workspace_root>/<job name>/``; :func:`sim_workspace` finds either.
 """
 
 from __future__ import annotations
@@ -51,13 +53,28 @@ def simulator_env(threads: int, extra: Mapping[str, str] | None = None,
     return env
 
 
+def sim_workspace(workspace: str | os.PathLike) -> Path:
+    """The simulator workspace in ``workspace``: ``workspace`` itself when it holds a
+    ``server/`` folder (``nvflare simulator -w``), else the ``SimEnv`` job folder
+    ``workspace/<job name>/`` that holds one (the most recently written if several);
+    ``workspace`` itself when there is neither (a run that has not started yet)."""
+    ws = Path(workspace)
+    if (ws / "server").is_dir():
+        return ws
+    cands = [p.parent for p in ws.glob("*/server") if p.is_dir()] if ws.is_dir() else []
+    if not cands:
+        return ws
+    return max(cands, key=lambda p: (p / "server").stat().st_mtime)
+
+
 def result_dir(workspace: str | os.PathLike) -> Path:
-    """The server's run folder of the simulator run in ``workspace``.
+    """The server's run folder of the simulator run in ``workspace`` (either layout, see
+    :func:`sim_workspace`).
 
     Raises:
         FileNotFoundError: no simulator run under ``<workspace>/server``.
     """
-    server = Path(workspace) / "server"
+    server = sim_workspace(workspace) / "server"
     for name in ("simulate_job", "simulate_job_0"):
         if (server / name).is_dir():
             return server / name
@@ -69,7 +86,7 @@ def result_dir(workspace: str | os.PathLike) -> Path:
 
 def server_log(workspace: str | os.PathLike) -> Path | None:
     """The simulator server's log (the run's, else the workspace's), or None before it exists."""
-    server = Path(workspace) / "server"
+    server = sim_workspace(workspace) / "server"
     try:
         run_log = result_dir(workspace) / "log.txt"
     except FileNotFoundError:
