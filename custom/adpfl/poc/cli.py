@@ -128,6 +128,11 @@ def add_parser(sub) -> None:
     _site_policy_arguments(q)
     q.set_defaults(func=_cli(_cli_run))
 
+    from adpfl.poc.kits_cli import add_parser as add_kits_parser
+
+    # `adpfl kits ...` (provisioned kits on one machine) shares the site-policy flags and error handling
+    add_kits_parser(sub)
+
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)

@@ -156,11 +156,12 @@ def live_pids(workspace: str) -> list[int]:
     import psutil
 
     workspace = os.path.abspath(workspace)
-    prod = str(prod_dir(workspace))
     try:
         state = load_state(workspace)
     except PocError:
-        state = {"prod_dir": prod, "pids": []}
+        state = {"prod_dir": str(prod_dir(workspace)), "pids": []}
+    # a POC system's kits are under <workspace>/adpfl_poc/prod_00, provisioned kits where provisioning put them
+    prod = state.get("prod_dir") or str(prod_dir(workspace))
     me = {os.getpid()} | {p.pid for p in psutil.Process().parents()}
     cands = set(state.get("pids") or []) | set(pid_file_pids(state))
     roots = set()
