@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -210,17 +209,14 @@ def reply_text(reply: dict) -> str:
 
 
 def submit_cli(workspace: str, job_dir: str, log: Callable[[str], None] = print) -> str:
-    """``nvflare job submit -j <copy of job_dir> --startup-kit <admin kit>``; returns the job id.
-    A copy is submitted because FLARE signs the submitted folder in place."""
+    """``nvflare job submit -j <job_dir> --startup-kit <admin kit>``; returns the job id (the
+    CLI signs and submits a temporary copy: ``job_dir`` stays as it is)."""
     state = load_state(workspace)
     job_dir = os.path.abspath(job_dir)
     if not os.path.isfile(os.path.join(job_dir, "meta.json")):
         raise PocError(f"{job_dir} is not a job folder (no meta.json)")
-    with tempfile.TemporaryDirectory(prefix="adpfl_submit_") as tmp:
-        copy = os.path.join(tmp, os.path.basename(job_dir))
-        shutil.copytree(job_dir, copy)
-        args = ["--format", "json", "job", "submit", "-j", copy, "--startup-kit", state["admin_dir"]]
-        proc = run_nvflare(args, workspace, state.get("home"), timeout=120)
+    args = ["--format", "json", "job", "submit", "-j", job_dir, "--startup-kit", state["admin_dir"]]
+    proc = run_nvflare(args, workspace, state.get("home"), timeout=180)
     job_id = _job_id_from_output(proc.stdout)
     if proc.returncode != 0 or not job_id:
         raise PocError(f"`nvflare job submit -j {job_dir} --startup-kit {state['admin_dir']}` failed "
