@@ -301,16 +301,12 @@ def run(
     log: Callable[[str], None] = print,
 ) -> dict:
     """provision, start, ``nvflare job submit`` ``job_dir``, wait, download; always stop."""
-    from adpfl.poc.admin import download, wait
+    from adpfl.poc.admin import run_cycle
 
-    try:
+    def setup():
         provision(workspace, project_file, home=home, port=port, data_root=data_root, site_epsilon=site_epsilon,
                   site_rounds=site_rounds, log=log)
         start(workspace, log=log)
-        job_id = submit_cli(workspace, job_dir, log=log)
-        meta = wait(workspace, job_id, timeout=job_timeout, log=log)
-        found = download(workspace, job_id, result_dir or os.path.join(workspace, "results"), log=log)
-        found.update(job_id=job_id, status=meta.get("status"))
-        return found
-    finally:
-        stop(workspace, log=log)
+
+    return run_cycle(workspace, setup, lambda: submit_cli(workspace, job_dir, log=log),
+                     lambda: stop(workspace, log=log), result_dir, job_timeout, log)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 from adpfl.poc import kits
-from adpfl.poc.admin import download
 from adpfl.poc.cli import _cli as cli
-from adpfl.poc.cli import _cli_wait
 from adpfl.poc.cli import _site_policy_arguments as site_policy_arguments
 from adpfl.poc.cli import _stderr as stderr
+from adpfl.poc.cli import add_follow_commands
 
 
 def add_parser(sub) -> None:
@@ -59,18 +56,7 @@ def add_parser(sub) -> None:
     q.add_argument("commands", nargs="+", help="one command string each, as typed in the admin console")
     q.set_defaults(func=cli(_cli_console))
 
-    q = ksub.add_parser("wait", help="follow a job (status, round) until it ends")
-    ws(q)
-    q.add_argument("job_id")
-    q.add_argument("--timeout", type=float, default=1800.0)
-    q.set_defaults(func=cli(_cli_wait))
-
-    q = ksub.add_parser("download", help="download a job's result; show where model, TB logs, report are")
-    ws(q)
-    q.add_argument("job_id")
-    q.add_argument("-o", "--output", default=None, help="destination folder (default <workspace>/results)")
-    q.set_defaults(func=cli(lambda a: download(a.workspace, a.job_id,
-                                               a.output or os.path.join(a.workspace, "results"))))
+    add_follow_commands(ksub, ws)
 
     q = ksub.add_parser("stop", help="shutdown client + server through the admin API; kill what is left by PID")
     ws(q)
