@@ -4,9 +4,9 @@ enforcing its own privacy policy (local/privacy.json); the admin console's comma
 One system serves the module: ``nvflare provision`` of a copy of poc/project.yml with the server
 named localhost on a free port, the server kit and the three hospital kits started with their own
 ``startup/start.sh`` (``adpfl kits``), each hospital with its own site config and privacy policy.
-Jobs reach it the ways an operator submits them: an NP-FL job (1 round) with the console's
-``submit_job``; then an ADP-FL job as a Recipe on ``ProdEnv`` and a DP-FL job with
-``nvflare job submit``, submitted at once so that they run at the same time on the same sites
+Jobs reach it the ways an operator submits them: an NP-FL job (1 round) with
+``nvflare job submit``; then an ADP-FL job as a Recipe on ``ProdEnv`` and a DP-FL job with the
+console's ``submit_job``, submitted at once so that they run at the same time on the same sites
 (3 rounds each); a job asking for an undefined scope through the session API (``adpfl poc
 submit``); a job aborted with ``abort_job``. ``check_status``, ``list_jobs``, ``download_job``
 and, last, ``shutdown`` are sent as console command strings through FLARE's admin API.
@@ -96,19 +96,20 @@ def _finish(system, job_id: str, name: str) -> dict:
 def jobs(system):
     ws = str(system["ws"])
     out = {"status_before": _console(system, "check_status server", "check_status client")}
-    # the console's submit_job and download_job
-    reply = _console(system, f"submit_job {_export(system, 'npfl')}")[0]
-    npfl = reply["meta"]["job_id"]
-    out["npfl"] = {"id": npfl, "status": poc.wait(ws, npfl, timeout=JOB_TIMEOUT)["status"]}
-    download = _console(system, f"download_job {npfl}")[0]
+    # `nvflare job submit`; the console's download_job
+    npfl_job = _export(system, "npfl")
+    out["npfl"] = {"id": kits.submit_cli(ws, npfl_job)}
+    out["cli_job_folder_signed"] = sorted(str(p) for p in Path(npfl_job).rglob(".__nvfl_*"))
+    out["npfl"]["status"] = poc.wait(ws, out["npfl"]["id"], timeout=JOB_TIMEOUT)["status"]
+    download = _console(system, f"download_job {out['npfl']['id']}")[0]
     out["npfl"].update(poc.admin.locate_results(download["meta"]["location"]))
-    # two private jobs at once on the same sites, neither waited for: the DP-FL job with
-    # `nvflare job submit`, then the ADP-FL job as a Recipe on ProdEnv
-    dpfl_job = _export(system, "dpfl", rounds=PAIR_ROUNDS)
+    # two private jobs at once on the same sites, neither waited for: the ADP-FL job as a Recipe on
+    # ProdEnv, then at once the DP-FL job with the console's submit_job (a session opened beforehand)
     recipe = kits.job_recipe(TASK, "adpfl", **_settings("adpfl", PAIR_ROUNDS))
-    ids = {"dpfl": kits.submit_cli(ws, dpfl_job)}
-    ids["adpfl"] = kits.submit_recipe(ws, recipe)
-    out["cli_job_folder_signed"] = sorted(str(p) for p in Path(dpfl_job).rglob(".__nvfl_*"))
+    dpfl_job = _export(system, "dpfl", rounds=PAIR_ROUNDS)
+    with kits.admin_console(ws) as send:
+        ids = {"adpfl": kits.submit_recipe(ws, recipe)}
+        ids["dpfl"] = send(f"submit_job {dpfl_job}")["meta"]["job_id"]
     out.update({mode: _finish(system, ids[mode], mode) for mode in PAIR})
     out["public"] = _finish(system, poc.submit(ws, _export(system, "npfl", scope="public")), "public")
     # the console's abort_job on a running job
@@ -269,13 +270,17 @@ def test_console_check_status_shows_the_server_and_every_hospital(jobs):
 
 def test_jobs_from_nvflare_job_submit_and_prodenv_complete_with_model_report_and_tensorboard(jobs):
     assert not jobs["cli_job_folder_signed"], "nvflare job submit signed the job folder in place"
-    for mode in PAIR:  # dpfl: `nvflare job submit`; adpfl: a Recipe on ProdEnv
-        job = jobs[mode]
-        assert job["status"] == "FINISHED:COMPLETED", mode
-        assert torch.load(job["global_model"], weights_only=False)["model"], mode
+    # npfl: `nvflare job submit`; adpfl: a Recipe on ProdEnv; dpfl: the console's submit_job
+    for name in ("npfl",) + PAIR:
+        job = jobs[name]
+        assert job["status"] == "FINISHED:COMPLETED", name
+        assert torch.load(job["global_model"], weights_only=False)["model"], name
+        assert any(Path(job["tensorboard"]).rglob("events.out.tfevents.*")), name
+        if name == "npfl":  # an NP-FL job has no privacy widget: what its sites spent is in their ledgers
+            assert job["privacy_report"] is None
+            continue
         report = json.loads(Path(job["privacy_report"]).read_text())
-        assert set(report["sites"]) == set(SITES), mode
-        assert any(Path(job["tensorboard"]).rglob("events.out.tfevents.*")), mode
+        assert set(report["sites"]) == set(SITES), name
 
 
 def test_console_download_abort_and_list_jobs(system, jobs):

@@ -26,6 +26,7 @@ machine (``nvflare poc`` provisions its own kits).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -117,6 +118,11 @@ def provision(
     data_root = os.path.abspath(data_root) if data_root else os.path.join(workspace, "data")
     for site in sites:
         write_site_files(str(prod / site), data_root, ledger_dir, allow_list, site_epsilon, site_rounds)
+    # the server keeps its job store and snapshots in its own kit, not in FLARE's default
+    # /tmp/nvflare/..., which every provisioned server on the machine would share
+    from nvflare.lighter.utils import update_storage_locations
+
+    update_storage_locations(local_dir=str(prod / LOCALHOST / "local"), workspace=str(prod / LOCALHOST))
     if allow_list:
         write_allow_list(str(prod / LOCALHOST))
     state = {
@@ -167,18 +173,25 @@ def start(workspace: str = DEFAULT_KITS_WORKSPACE, timeout: float = 180.0, extra
     return state
 
 
-def console(workspace: str, *commands: str, timeout: float = 30.0) -> list[dict]:
-    """Send admin console commands (the strings an operator types in ``fl_admin.sh``), in
-    order, in one session as the project admin; returns FLARE's replies (``status``, ``data``,
-    ``meta``). A command the server rejects raises PocError with FLARE's reason."""
+@contextlib.contextmanager
+def admin_console(workspace: str, timeout: float = 30.0):
+    """An admin session as the project admin, yielding ``send(command) -> reply``: one console
+    command string (as typed in ``fl_admin.sh``) per call, FLARE's reply checked
+    (:func:`checked_reply`)."""
     from adpfl.poc.admin import close_session, session
 
-    state = load_state(workspace)
-    sess = session(state, timeout=timeout)
+    sess = session(load_state(workspace), timeout=timeout)
     try:
-        return [checked_reply(command, sess.api.do_command(command)) for command in commands]
+        yield lambda command: checked_reply(command, sess.api.do_command(command))
     finally:
         close_session(sess)
+
+
+def console(workspace: str, *commands: str, timeout: float = 30.0) -> list[dict]:
+    """Send admin console commands in order, in one session; returns FLARE's replies
+    (``status``, ``data``, ``meta``). A command the server rejects raises PocError with FLARE's reason."""
+    with admin_console(workspace, timeout) as send:
+        return [send(command) for command in commands]
 
 
 def checked_reply(command: str, reply) -> dict:
@@ -241,7 +254,6 @@ def _job_id_from_output(text: str) -> str | None:
 def submit_recipe(workspace: str, recipe, log: Callable[[str], None] = print) -> str:
     """Run ``recipe`` (an ``nvflare.recipe`` Recipe) on ``ProdEnv`` with the admin kit; returns
     the job id (the job runs on; follow it with ``adpfl poc wait``)."""
-    import contextlib
     import sys
 
     from nvflare.recipe.prod_env import ProdEnv
