@@ -31,7 +31,7 @@ def poc_system(tmp_path_factory, request):
     ws, home = root / "ws", root / "home"
     # registered first: runs even if prepare/start fail half-way
     request.addfinalizer(lambda: _stop_and_check(ws, home))
-    # the jobs' own filters are under test here: no site policy (tests/test_poc_site_policy.py has it)
+    # the jobs' own filters are under test here: no site policy (tests/test_kits.py has it)
     state = poc.prepare(str(ws), sites=2, home=str(home), data_root=str(root / "data"), site_epsilon=None)
     poc.start(str(ws), home=str(home), timeout=180)
     return {"root": root, "ws": ws, "home": home, "state": state}

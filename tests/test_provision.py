@@ -165,3 +165,29 @@ def test_every_class_of_the_checked_in_jobs_is_allowed_after_allow_listing(kits,
         _authorize(server, p)
     for p in sorted(paths["client"]):
         _authorize(site, p)
+
+
+def test_kits_project_copy_names_the_server_localhost_on_the_chosen_port():
+    from adpfl.poc import kits
+
+    project = kits.local_project(str(PROJECT), 43210)
+    server = _participants(project, "server")[0]
+    assert (server["name"], server["fed_learn_port"], server["admin_port"]) == ("localhost", 43210, 43210)
+    assert [p["name"] for p in _participants(project, "client")] == list(SITES)
+    assert yaml.safe_load(PROJECT.read_text())["participants"][0]["name"] == "fl-server"  # the file is untouched
+
+
+def test_kits_bad_project_file_or_workspace_is_a_clear_error(tmp_path, capsys):
+    from adpfl.cli import main
+    from adpfl.poc import kits
+
+    two_servers = yaml.safe_load(PROJECT.read_text())
+    two_servers["participants"].append(dict(_participants(two_servers, "server")[0], name="other"))
+    bad = tmp_path / "project.yml"
+    bad.write_text(yaml.safe_dump(two_servers))
+    with pytest.raises(poc.PocError, match="must name exactly one server, found 2"):
+        kits.provision(str(tmp_path / "ws"), str(bad))
+    assert main(["kits", "provision", "-w", str(tmp_path / "ws"), "-p", str(tmp_path / "missing.yml")]) == 2
+    assert "missing.yml" in capsys.readouterr().err
+    assert main(["kits", "console", "-w", str(tmp_path / "nothing"), "list_jobs"]) == 2
+    assert "is not a workspace prepared by" in capsys.readouterr().err

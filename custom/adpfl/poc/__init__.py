@@ -30,7 +30,10 @@ from PATH: :func:`poc_env` puts the running interpreter's ``bin`` folder first.
 Modules: ``state`` (names, the workspace's state file), ``project`` (project.yml, site
 config, allow-list, ``prepare``), ``processes`` (``nvflare poc`` calls, ports, ``start``,
 ``stop``, leftovers), ``admin`` (the admin session: submit, wait, download, abort,
-resume), ``cli`` (the ``adpfl poc`` sub-commands and ``run``).
+resume), ``cli`` (the ``adpfl poc`` sub-commands and ``run``), ``kits`` and ``kits_cli``
+(``adpfl kits``: the provisioned kits of ``poc/project.yml`` started with their own
+``start.sh`` on one machine, ``nvflare job submit`` / ``ProdEnv`` submission, admin console
+commands, shutdown through the admin API).
 """
 
 from adpfl.poc.admin import abort, download, resume, submit, wait

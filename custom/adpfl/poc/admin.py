@@ -219,3 +219,20 @@ def resume(workspace: str, job_id: str, job_dir: str, log: Callable[[str], None]
         f"from {checkpoint}")
     return submit(workspace, info["job"], log=log)
 
+
+
+def run_cycle(workspace: str, setup: Callable[[], object], submit_job: Callable[[], str],
+              teardown: Callable[[], object], result_dir: str | None = None, job_timeout: float = 1800.0,
+              log: Callable[[str], None] = print) -> dict:
+    """``setup()`` (bring a system up), ``submit_job()`` (returns the job id), wait, download into
+    ``result_dir`` (default ``<workspace>/results``); ``teardown()`` always. Returns
+    :func:`locate_results` of the result plus ``job_id`` and ``status``."""
+    try:
+        setup()
+        job_id = submit_job()
+        meta = wait(workspace, job_id, timeout=job_timeout, log=log)
+        found = download(workspace, job_id, result_dir or os.path.join(workspace, "results"), log=log)
+        found.update(job_id=job_id, status=meta.get("status"))
+        return found
+    finally:
+        teardown()

@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from adpfl.poc.admin import abort, download, resume, submit, wait
+from adpfl.poc.admin import abort, download, resume, run_cycle, submit, wait
 from adpfl.poc.processes import start, stop
 from adpfl.poc.project import ADPFL_ALLOW_LIST, DEFAULT_SITE_EPSILON, DEFAULT_SITE_ROUNDS, prepare, write_allow_list
 from adpfl.poc.state import DEFAULT_WORKSPACE, PocError
@@ -29,17 +29,14 @@ def run(
     """prepare, start, submit ``job_dir``, wait, download; always stop. ``site_epsilon`` /
     ``site_rounds``: each site's privacy policy as in :func:`adpfl.poc.project.prepare`
     (None: no site policy)."""
-    try:
+
+    def setup():
         prepare(workspace, sites=sites, home=home, port=port, data_root=data_root, log=log,
                 site_epsilon=site_epsilon, site_rounds=site_rounds)
         start(workspace, home=home, timeout=start_timeout, log=log)
-        job_id = submit(workspace, job_dir, log=log)
-        meta = wait(workspace, job_id, timeout=job_timeout, log=log)
-        found = download(workspace, job_id, result_dir or os.path.join(workspace, "results"), log=log)
-        found.update(job_id=job_id, status=meta.get("status"))
-        return found
-    finally:
-        stop(workspace, home=home, log=log)
+
+    return run_cycle(workspace, setup, lambda: submit(workspace, job_dir, log=log),
+                     lambda: stop(workspace, home=home, log=log), result_dir, job_timeout, log)
 
 
 def _site_policy_arguments(q) -> None:
@@ -84,18 +81,7 @@ def add_parser(sub) -> None:
     q.add_argument("job_dir")
     q.set_defaults(func=_cli(lambda a: print(submit(a.workspace, a.job_dir, log=_stderr))))
 
-    q = psub.add_parser("wait", help="follow a job (status, round) until it ends")
-    common(q)
-    q.add_argument("job_id")
-    q.add_argument("--timeout", type=float, default=1800.0)
-    q.set_defaults(func=_cli(_cli_wait))
-
-    q = psub.add_parser("download", help="download a job's result; show where model, TB logs, report are")
-    common(q)
-    q.add_argument("job_id")
-    q.add_argument("-o", "--output", default=None, help="destination folder (default <workspace>/results)")
-    q.set_defaults(func=_cli(lambda a: download(a.workspace, a.job_id,
-                                                a.output or os.path.join(a.workspace, "results"))))
+    add_follow_commands(psub, common)
 
     q = psub.add_parser("abort", help="abort a running job")
     common(q)
@@ -127,6 +113,27 @@ def add_parser(sub) -> None:
     q.add_argument("--timeout", type=float, default=1800.0)
     _site_policy_arguments(q)
     q.set_defaults(func=_cli(_cli_run))
+
+    from adpfl.poc.kits_cli import add_parser as add_kits_parser
+
+    # `adpfl kits ...` (provisioned kits on one machine) shares the site-policy flags and error handling
+    add_kits_parser(sub)
+
+
+def add_follow_commands(psub, common) -> None:
+    """``wait`` and ``download`` of a running system's job (``adpfl poc`` and ``adpfl kits``)."""
+    q = psub.add_parser("wait", help="follow a job (status, round) until it ends")
+    common(q)
+    q.add_argument("job_id")
+    q.add_argument("--timeout", type=float, default=1800.0)
+    q.set_defaults(func=_cli(_cli_wait))
+
+    q = psub.add_parser("download", help="download a job's result; show where model, TB logs, report are")
+    common(q)
+    q.add_argument("job_id")
+    q.add_argument("-o", "--output", default=None, help="destination folder (default <workspace>/results)")
+    q.set_defaults(func=_cli(lambda a: download(a.workspace, a.job_id,
+                                                a.output or os.path.join(a.workspace, "results"))))
 
 
 def _stderr(msg: str) -> None:

@@ -103,9 +103,10 @@ def check_services_alive(state: dict) -> None:
         daemon = prod / name / "daemon_pid.fl"
         if daemon.is_file():
             continue
-        console = prod / name / "poc_console.log"
-        if console.is_file() and "System is in trouble" in console.read_text(errors="replace"):
-            raise PocError(f"{name} failed to start repeatedly; see {console}:\n{tail(console.read_text())}")
+        for fname in ("poc_console.log", "start_console.log"):  # nvflare poc's / adpfl kits' console output
+            console = prod / name / fname
+            if console.is_file() and "System is in trouble" in console.read_text(errors="replace"):
+                raise PocError(f"{name} failed to start repeatedly; see {console}:\n{tail(console.read_text())}")
 
 
 def stop(workspace: str = DEFAULT_WORKSPACE, home: str | None = None, timeout: float = 60.0,
@@ -156,11 +157,12 @@ def live_pids(workspace: str) -> list[int]:
     import psutil
 
     workspace = os.path.abspath(workspace)
-    prod = str(prod_dir(workspace))
     try:
         state = load_state(workspace)
     except PocError:
-        state = {"prod_dir": prod, "pids": []}
+        state = {"prod_dir": str(prod_dir(workspace)), "pids": []}
+    # a POC system's kits are under <workspace>/adpfl_poc/prod_00, provisioned kits where provisioning put them
+    prod = state.get("prod_dir") or str(prod_dir(workspace))
     me = {os.getpid()} | {p.pid for p in psutil.Process().parents()}
     cands = set(state.get("pids") or []) | set(pid_file_pids(state))
     roots = set()
@@ -225,7 +227,7 @@ def service_logs(state: dict) -> list[str]:
     prod = Path(state["prod_dir"])
     out = []
     for name in [state["server"]] + state["sites"]:
-        for fname in ("log.txt", "poc_console.log"):
+        for fname in ("log.txt", "poc_console.log", "start_console.log"):
             if (prod / name / fname).is_file():
                 out.append(str(prod / name / fname))
     return out

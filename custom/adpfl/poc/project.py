@@ -126,13 +126,7 @@ def prepare(
             raise PocError(f"port {port} is already in use; pick another with --port, or --port 0 for a free one")
     else:
         port = free_port()
-    if site_epsilon is not None:
-        try:  # a bad budget fails before anything is written
-            privacy_json_document(site_epsilon, site_rounds)
-        except Exception as e:
-            raise PocError(
-                f"site privacy policy (--site-epsilon {site_epsilon}, --site-rounds {site_rounds}): {e}"
-            ) from None
+    check_site_policy(site_epsilon, site_rounds)  # a bad budget fails before anything is written
     names = site_names(sites)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="adpfl_poc_") as tmp:
@@ -149,12 +143,7 @@ def prepare(
         raise PocError(f"`nvflare poc prepare` wrote no server startup kit under {prod}:\n{tail(proc.stdout)}")
     data_root = os.path.abspath(data_root) if data_root else os.path.join(workspace, "data")
     for name in names:
-        cfg_path = prod / name / "local" / "adpfl_site.json"
-        write_json_atomic(cfg_path, site_config(data_root, ledger_dir))
-        if allow_list:
-            write_allow_list(str(prod / name))
-        if site_epsilon is not None:
-            write_privacy_json(str(prod / name), site_epsilon, site_rounds)
+        write_site_files(str(prod / name), data_root, ledger_dir, allow_list, site_epsilon, site_rounds)
     if allow_list:
         write_allow_list(str(prod / SERVER_NAME))
     state = {
@@ -172,9 +161,38 @@ def prepare(
     save_state(workspace, state)
     log(f"POC workspace {workspace}: server on port {port}, sites {', '.join(names)} "
         f"(prepared in {time.perf_counter() - t0:.0f}s)")
+    log_site_files(prod, names, site_epsilon, site_rounds, log)
+    return state
+
+
+def check_site_policy(site_epsilon: float | None, site_rounds: int) -> None:
+    """Raise PocError naming the flags when the site budget is not a valid policy."""
+    if site_epsilon is None:
+        return
+    try:
+        privacy_json_document(site_epsilon, site_rounds)
+    except Exception as e:
+        raise PocError(
+            f"site privacy policy (--site-epsilon {site_epsilon}, --site-rounds {site_rounds}): {e}"
+        ) from None
+
+
+def write_site_files(site_dir: str, data_root: str, ledger_dir: str | None = None, allow_list: bool = False,
+                     site_epsilon: float | None = DEFAULT_SITE_EPSILON, site_rounds: int = DEFAULT_SITE_ROUNDS) -> None:
+    """A site kit's own files in ``<kit>/local/``: ``adpfl_site.json`` (its data and ledger), the
+    allow-list in ``resources.json`` (``allow_list``) and its privacy policy ``privacy.json``
+    (``site_epsilon`` None: none)."""
+    write_json_atomic(Path(site_dir) / "local" / "adpfl_site.json", site_config(data_root, ledger_dir))
+    if allow_list:
+        write_allow_list(site_dir)
+    if site_epsilon is not None:
+        write_privacy_json(site_dir, site_epsilon, site_rounds)
+
+
+def log_site_files(prod: Path, names: Iterable[str], site_epsilon: float | None, site_rounds: int,
+                   log: Callable[[str], None]) -> None:
     for name in names:
         log(f"  {name}: site config {prod / name / 'local' / 'adpfl_site.json'}"
             + (f"; privacy policy {prod / name / 'local' / 'privacy.json'} (epsilon {site_epsilon:g} over "
                f"{site_rounds} releases)" if site_epsilon is not None else "; no site privacy policy"))
-    return state
 

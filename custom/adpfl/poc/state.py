@@ -26,7 +26,8 @@ def prod_dir(workspace: str) -> Path:
 def load_state(workspace: str) -> dict:
     path = Path(workspace) / STATE_FILE
     if not path.is_file():
-        raise PocError(f"{workspace} is not a POC workspace prepared by `adpfl poc prepare` (no {STATE_FILE})")
+        raise PocError(f"{workspace} is not a workspace prepared by `adpfl poc prepare` or `adpfl kits provision` "
+                       f"(no {STATE_FILE})")
     return read_json(path)
 
 

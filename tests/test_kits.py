@@ -1,18 +1,28 @@
-"""A real 2-site FLARE POC system whose sites enforce their own privacy policy (local/privacy.json).
+"""The provisioned kits of poc/project.yml run end to end on one machine, with each hospital
+enforcing its own privacy policy (local/privacy.json); the admin console's commands.
 
-An NP-FL job (1 round), then an ADP-FL and a DP-FL job submitted back to back so that they run
-at the same time on the same sites (3 rounds each), then a job asking for an undefined scope,
-all on tiny data. Every site's result leaves noised by the site's own filter and is accounted
-once in the site's own ledger (site_policy.json), never in a job's ledger and never twice; the
-two concurrent jobs share each site's budget, which holds 3 more releases when they start (each
-job alone fits, both do not): the site's file keeps every release of both jobs, its epsilon
-stays within the budget and the releases that did not fit are refused, not lost; a job asking
-for a scope the sites do not define is refused. (``nvflare simulator`` does not apply scope
-filters, so this needs POC.) Stopped and every process killed by PID in a finalizer.
+One system serves the module: ``nvflare provision`` of a copy of poc/project.yml with the server
+named localhost on a free port, the server kit and the three hospital kits started with their own
+``startup/start.sh`` (``adpfl kits``), each hospital with its own site config and privacy policy.
+Jobs reach it the ways an operator submits them: an NP-FL job (1 round) with
+``nvflare job submit``; then an ADP-FL job as a Recipe on ``ProdEnv`` and a DP-FL job with the
+console's ``submit_job``, submitted at once so that they run at the same time on the same sites
+(3 rounds each); a job asking for an undefined scope through the session API (``adpfl poc
+submit``); a job aborted with ``abort_job``. ``check_status``, ``list_jobs``, ``download_job``
+and, last, ``shutdown`` are sent as console command strings through FLARE's admin API.
+
+Every site's result leaves noised by the site's own filter and is accounted once in the site's
+own ledger (site_policy.json), never in a job's ledger and never twice; the two concurrent jobs
+share each site's budget, which holds 3 more releases when they start (each job alone fits,
+both do not): the site's file keeps every release of both jobs, its epsilon stays within the
+budget and the releases that did not fit are refused, not lost; a job asking for a scope the
+sites do not define is refused. (``nvflare simulator`` does not apply scope filters.) The
+system is shut down through the admin API and every leftover killed by PID in a finalizer.
 """
 
 import json
 import re
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -23,46 +33,55 @@ import torch
 import poc_helpers
 from adpfl import poc
 from adpfl.flare.jobs import export_job
+from adpfl.poc import kits
 from adpfl.privacy.analysis import calibrate_noise_multiplier, epsilon_rdp
 from adpfl.privacy.ledger import PrivacyLedger
 from flare_helpers import TINY_EXECUTOR
 
 pytestmark = pytest.mark.integration
 
+REPO = Path(__file__).resolve().parents[1]
 TASK = "skin2d"
-SITES = ("site-1", "site-2")
-JOB_TIMEOUT = 240
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+JOB_TIMEOUT = 300
 SITE_EPSILON, SITE_ROUNDS = 8.0, 4  # each site's own budget: epsilon 8 over 4 releases in total
 # run at once after the NP-FL job's release: 3 + 3 rounds against the 3 releases left per site
-# (3 rounds, not 2: each job's releases then span about two rounds' time, well beyond the ~2 s
-# between the two jobs' starts, so their releases interleave; verified below from the logs)
+# (3 rounds, not 2: each job's releases then span about two rounds' time, well beyond the few
+# seconds between the two jobs' starts, so their releases interleave; verified below from the logs)
 PAIR, PAIR_ROUNDS = ("adpfl", "dpfl"), 3
 
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory, request):
-    root = tmp_path_factory.mktemp("poc_policy")
-    ws, home = root / "ws", root / "home"
-    request.addfinalizer(lambda: _stop_and_check(ws, home))  # first: runs even if start fails
-    state = poc.prepare(str(ws), sites=2, home=str(home), data_root=str(root / "data"),
-                        site_epsilon=SITE_EPSILON, site_rounds=SITE_ROUNDS)
-    poc.start(str(ws), home=str(home), timeout=180)
-    return {"root": root, "ws": ws, "home": home, "prod": Path(state["prod_dir"])}
+    root = tmp_path_factory.mktemp("kits")
+    ws = root / "ws"
+    request.addfinalizer(lambda: _stop_and_check(ws))  # first: runs even if provisioning or start fail
+    state = kits.provision(str(ws), str(REPO / "poc" / "project.yml"), home=str(root / "home"),
+                           data_root=str(root / "data"), site_epsilon=SITE_EPSILON, site_rounds=SITE_ROUNDS)
+    kits.start(str(ws), timeout=240)
+    return {"root": root, "ws": ws, "prod": Path(state["prod_dir"]), "state": state}
 
 
-def _stop_and_check(ws: Path, home: Path):
-    poc.stop(str(ws), home=str(home))
-    assert not poc.live_pids(str(ws)), "POC processes survived stop"
+def _stop_and_check(ws: Path):
+    kits.stop(str(ws))
+    assert not poc.live_pids(str(ws)), "kit processes survived stop"
 
 
-def _export(system, mode: str, rounds: int = 1, scope: str = "") -> str:
+def _settings(mode: str, rounds: int = 1) -> dict:
     privacy = {} if mode == "npfl" else {"privacy": {"planned_rounds": 4}}
-    job = Path(export_job(TASK, mode, str(system["root"] / f"job_{mode}{scope}"), num_rounds=rounds, min_clients=2,
-                          executor=TINY_EXECUTOR, **privacy))
+    return dict(num_rounds=rounds, min_clients=len(SITES), executor=TINY_EXECUTOR, **privacy)
+
+
+def _export(system, mode: str, rounds: int = 1, scope: str = "", name: str = "") -> str:
+    job = Path(export_job(TASK, mode, str(system["root"] / f"job_{mode}{scope}{name}"), **_settings(mode, rounds)))
     if scope:
         meta = json.loads((job / "meta.json").read_text())
         (job / "meta.json").write_text(json.dumps(dict(meta, scope=scope)))
     return str(job)
+
+
+def _console(system, *commands):
+    return kits.console(str(system["ws"]), *commands)
 
 
 def _finish(system, job_id: str, name: str) -> dict:
@@ -76,12 +95,41 @@ def _finish(system, job_id: str, name: str) -> dict:
 @pytest.fixture(scope="module")
 def jobs(system):
     ws = str(system["ws"])
-    out = {"npfl": _finish(system, poc.submit(ws, _export(system, "npfl")), "npfl")}
-    # two private jobs at once on the same sites: submitted back to back, neither waited for
-    ids = {mode: poc.submit(ws, _export(system, mode, rounds=PAIR_ROUNDS)) for mode in PAIR}
+    out = {"status_before": _console(system, "check_status server", "check_status client")}
+    # `nvflare job submit`; the console's download_job
+    npfl_job = _export(system, "npfl")
+    out["npfl"] = {"id": kits.submit_cli(ws, npfl_job)}
+    out["cli_job_folder_signed"] = sorted(str(p) for p in Path(npfl_job).rglob(".__nvfl_*"))
+    out["npfl"]["status"] = poc.wait(ws, out["npfl"]["id"], timeout=JOB_TIMEOUT)["status"]
+    download = _console(system, f"download_job {out['npfl']['id']}")[0]
+    out["npfl"].update(poc.admin.locate_results(download["meta"]["location"]))
+    # two private jobs at once on the same sites, neither waited for: the ADP-FL job as a Recipe on
+    # ProdEnv, then at once the DP-FL job with the console's submit_job (a session opened beforehand)
+    recipe = kits.job_recipe(TASK, "adpfl", **_settings("adpfl", PAIR_ROUNDS))
+    dpfl_job = _export(system, "dpfl", rounds=PAIR_ROUNDS)
+    with kits.admin_console(ws) as send:
+        ids = {"adpfl": kits.submit_recipe(ws, recipe)}
+        ids["dpfl"] = send(f"submit_job {dpfl_job}")["meta"]["job_id"]
     out.update({mode: _finish(system, ids[mode], mode) for mode in PAIR})
     out["public"] = _finish(system, poc.submit(ws, _export(system, "npfl", scope="public")), "public")
+    # the console's abort_job on a running job
+    aborted = _console(system, f"submit_job {_export(system, 'npfl', rounds=2, name='_abort')}")[0]["meta"]["job_id"]
+    _wait_running(system, aborted)
+    out["abort_reply"] = _console(system, f"abort_job {aborted}")[0]
+    out["aborted"] = {"id": aborted, "status": poc.wait(ws, aborted, timeout=JOB_TIMEOUT)["status"]}
+    out["list_jobs"] = _console(system, "list_jobs")[0]
     return out
+
+
+def _wait_running(system, job_id: str) -> None:
+    sess = poc.admin.session(system["state"])
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while sess.get_job_meta(job_id)["status"] != "RUNNING":
+            assert time.monotonic() < deadline, f"job {job_id} never started"
+            time.sleep(1)
+    finally:
+        poc.admin.close_session(sess)
 
 
 def _site_entries(system, site: str, name: str = "site_policy") -> list:
@@ -99,11 +147,11 @@ def test_npfl_job_leaves_each_site_noised_and_accounted(system, jobs):
         assert mine[0]["noise_multiplier"] == pytest.approx(z, rel=1e-6)
         log = (system["prod"] / site / job["id"] / "log.txt").read_text(errors="replace")
         assert "released round 0" in log
-    # the global model is the initial one plus the mean of two noised updates (std z * 2C / sqrt 2
+    # the global model is the initial one plus the mean of three noised updates (std z * 2C / sqrt 3
     # per coordinate, C = 1): a clean one-round update of the tiny UNet moves weights far less
     model = torch.load(job["global_model"], weights_only=False)["model"]
     big = max((v for v in model.values() if torch.is_tensor(v) and v.numel() > 1000), key=lambda v: v.numel())
-    assert float(big.float().std()) > 0.5 * z * 2 / np.sqrt(2)
+    assert float(big.float().std()) > 0.5 * z * 2 / np.sqrt(len(SITES))
     # the validation metrics came back through the site's filter (scalars only)
     assert set(json.loads(Path(job["cross_site_val"]).read_text())) == set(SITES)
 
@@ -203,7 +251,57 @@ def test_two_private_jobs_at_once_share_each_site_budget(system, jobs):
 def test_job_asking_for_a_scope_the_sites_do_not_define_is_refused(system, jobs):
     job = jobs["public"]
     assert job["status"] != "FINISHED:COMPLETED"
-    server_log = (system["prod"] / "server" / "log.txt").read_text(errors="replace")
+    server_log = (system["prod"] / system["state"]["server"] / "log.txt").read_text(errors="replace")
     assert all(f"{site}: NVFLARE_ERROR: privacy scope 'public' is not allowed" in server_log for site in SITES)
     for site in SITES:
         assert job["id"] not in [e["job_id"] for e in _site_entries(system, site)]
+
+
+def _rows(reply: dict) -> list:
+    return [row for item in reply["data"] if item.get("type") == "table" for row in item["rows"]]
+
+
+def test_console_check_status_shows_the_server_and_every_hospital(jobs):
+    server, clients = jobs["status_before"]
+    assert "Registered clients: 3" in kits.reply_text(server)
+    assert {row[0] for row in _rows(server)} >= set(SITES)
+    assert {row[0]: row[-1] for row in _rows(clients)[1:]} == dict.fromkeys(SITES, "No Jobs")
+
+
+def test_jobs_from_nvflare_job_submit_and_prodenv_complete_with_model_report_and_tensorboard(jobs):
+    assert not jobs["cli_job_folder_signed"], "nvflare job submit signed the job folder in place"
+    # npfl: `nvflare job submit`; adpfl: a Recipe on ProdEnv; dpfl: the console's submit_job
+    for name in ("npfl",) + PAIR:
+        job = jobs[name]
+        assert job["status"] == "FINISHED:COMPLETED", name
+        assert torch.load(job["global_model"], weights_only=False)["model"], name
+        assert any(Path(job["tensorboard"]).rglob("events.out.tfevents.*")), name
+        if name == "npfl":  # an NP-FL job has no privacy widget: what its sites spent is in their ledgers
+            assert job["privacy_report"] is None
+            continue
+        report = json.loads(Path(job["privacy_report"]).read_text())
+        assert set(report["sites"]) == set(SITES), name
+
+
+def test_console_download_abort_and_list_jobs(system, jobs):
+    npfl = jobs["npfl"]  # downloaded with `download_job` into the admin kit's transfer folder
+    assert Path(npfl["result_dir"]).parent == Path(system["state"]["admin_dir"]) / "transfer"
+    assert npfl["global_model"] and any(Path(npfl["tensorboard"]).rglob("events.out.tfevents.*"))
+    assert "Abort signal has been sent" in kits.reply_text(jobs["abort_reply"])
+    assert jobs["aborted"]["status"] == "FINISHED:ABORTED"
+    listed = {row[0]: row[2] for row in _rows(jobs["list_jobs"])[1:]}
+    expected = {jobs[k]["id"]: jobs[k]["status"] for k in ("npfl", "adpfl", "dpfl", "public", "aborted")}
+    assert listed == expected
+    assert expected[jobs["public"]["id"]] != "FINISHED:COMPLETED"
+
+
+def test_console_shutdown_stops_every_kit_process(system, jobs):
+    """Last in the module: the system ends through the admin API, nothing left to kill."""
+    ws = str(system["ws"])
+    assert poc.live_pids(ws)
+    _console(system, "shutdown client")
+    _console(system, "shutdown server")
+    deadline = time.monotonic() + 90
+    while poc.live_pids(ws) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not poc.live_pids(ws), "kit processes still alive 90 s after shutdown"
