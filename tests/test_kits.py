@@ -105,7 +105,7 @@ def jobs(system):
     out["npfl"].update(poc.admin.locate_results(download["meta"]["location"]))
     # two private jobs at once on the same sites, neither waited for: the ADP-FL job as a Recipe on
     # ProdEnv, then at once the DP-FL job with the console's submit_job (a session opened beforehand)
-    recipe = kits.job_recipe(TASK, "adpfl", **_settings("adpfl", PAIR_ROUNDS))
+    recipe = kits.job_recipe(TASK, "adpfl", workspace=ws, **_settings("adpfl", PAIR_ROUNDS))
     dpfl_job = _export(system, "dpfl", rounds=PAIR_ROUNDS)
     with kits.admin_console(ws) as send:
         ids = {"adpfl": kits.submit_recipe(ws, recipe)}

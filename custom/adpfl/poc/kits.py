@@ -256,10 +256,10 @@ def submit_recipe(workspace: str, recipe, log: Callable[[str], None] = print) ->
     the job id (the job runs on; follow it with ``adpfl poc wait``)."""
     import sys
 
-    from nvflare.recipe.prod_env import ProdEnv
+    from adpfl.flare.recipe import make_env
 
     state = load_state(workspace)
-    env = ProdEnv(startup_kit_location=state["admin_dir"], username=state["admin"], login_timeout=10.0)
+    env = make_env("prod", clients=state["sites"], startup_kit=state["admin_dir"], username=state["admin"])
     with contextlib.redirect_stdout(sys.stderr):  # FLARE prints "Submitted job ..." on stdout
         job_id = recipe.run(env).get_job_id()
     log(f"submitted recipe {recipe.name if hasattr(recipe, 'name') else type(recipe).__name__} on ProdEnv "
@@ -267,13 +267,15 @@ def submit_recipe(workspace: str, recipe, log: Callable[[str], None] = print) ->
     return job_id
 
 
-def job_recipe(task: str, mode: str, **overrides):
-    """A Recipe of the bundle's job definition (:func:`adpfl.flare.jobs.build_job`)."""
-    from nvflare.recipe.spec import Recipe
+def job_recipe(task: str, mode: str, workspace: str | None = None, **overrides):
+    """The bundle's Recipe of ``task`` x ``mode`` (:class:`adpfl.flare.recipe.ADPFLRecipe`, the
+    same one ``python jobs/job.py --env prod`` runs); with ``workspace`` its sites are the
+    provisioned hospitals (each weighed by name in private jobs)."""
+    from adpfl.flare.recipe import ADPFLRecipe
 
-    from adpfl.flare.jobs import build_job
-
-    return Recipe(build_job(task, mode, **overrides))
+    if workspace is not None:
+        overrides.setdefault("sites", list(load_state(workspace)["sites"]))
+    return ADPFLRecipe(task, mode, **overrides)
 
 
 def stop(workspace: str = DEFAULT_KITS_WORKSPACE, timeout: float = 60.0,

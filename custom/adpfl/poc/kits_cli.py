@@ -76,7 +76,8 @@ def add_parser(sub) -> None:
 
 def _cli_recipe(a) -> None:
     overrides = {} if a.num_rounds is None else {"num_rounds": a.num_rounds}
-    print(kits.submit_recipe(a.workspace, kits.job_recipe(a.task, a.mode, **overrides), log=stderr))
+    recipe = kits.job_recipe(a.task, a.mode, workspace=a.workspace, **overrides)
+    print(kits.submit_recipe(a.workspace, recipe, log=stderr))
 
 
 def _cli_console(a) -> None:
