@@ -189,8 +189,31 @@ def _statements(rows: list[dict]) -> list[str]:
                 )
             else:
                 out.append(f"At epsilon={eps:g}, DP-FL keeps {frac:.1%} of NP-FL's final Dice (< 90 %); no ADP-FL run.")
-    if not out:
+    if not out and any(r["mode"] == "dpfl" for r in rows):
         out.append("DP-FL keeps >= 90 % of NP-FL's final Dice at every epsilon compared.")
+    out.extend(_record_statements(by))
+    return out
+
+
+def _record_statements(by: dict) -> list[str]:
+    """Per record-level epsilon: does ADP-SGD beat DP-SGD by more than the seed spread?"""
+    out = []
+    for (mode, eps), adp in sorted(by.items(), key=lambda kv: _sort_key(kv[0])):
+        dp = by.get(("dpsgd", eps))
+        if mode != "adpsgd" or dp is None:
+            continue
+        (ma, sa), (md, sd) = adp["dice_mean"], dp["dice_mean"]
+        n = min(len(adp["seeds"]), len(dp["seeds"]))
+        spread = max(sa, sd)
+        if n < 2 or not all(math.isfinite(v) for v in (ma, md, spread)):
+            verdict = "too few seeds to compare with the seed spread"
+        elif ma - md > spread:
+            verdict = f"ADP-SGD beats DP-SGD by {ma - md:.3f}, more than the seed spread ({spread:.3f})"
+        else:
+            verdict = (f"ADP-SGD does NOT beat DP-SGD by more than the seed spread (difference {ma - md:+.3f}, "
+                       f"spread {spread:.3f})")
+        out.append(f"Record-level epsilon={eps:g} (one record, {n} seeds): ADP-SGD Dice {ma:.3f} +- {sa:.3f}, "
+                   f"DP-SGD {md:.3f} +- {sd:.3f}: {verdict}.")
     return out
 
 

@@ -32,6 +32,7 @@ from adpfl.privacy.metadata import (
     check_privacy_meta,
     check_record_meta,
 )
+from adpfl.privacy.record import record_prv
 from adpfl.privacy.policy import (
     RECORD_UNIT,
     UNCOVERED,
@@ -196,6 +197,7 @@ class PrivacyAccountingWidget(Widget):
             info = self._record.setdefault(site, {"rounds": []})
             info["rounds"].append(int(record["round"]))
             info.update(
+                mechanism=record["mechanism"],
                 epsilon_rdp=record["epsilon_recomputed"],
                 site_reported_epsilon_rdp=claimed,
                 noise_multiplier=float(record["noise_multiplier"]),
@@ -320,8 +322,10 @@ class PrivacyAccountingWidget(Widget):
                 "delta": self.record_delta,
                 "target_epsilon": self.record_target_epsilon,
                 "accountant": "Opacus RDPAccountant over the (z, q, steps) history each site reports, "
-                "recomputed by the server (the site's own claim is kept beside it)",
-                "sites": {site: dict(info) for site, info in sorted(self._record.items())},
+                "recomputed by the server (the site's own claim is kept beside it); epsilon_prv: Opacus "
+                "PRVAccountant over the same history (reported, the tighter figure)",
+                "sites": {site: dict(info, epsilon_prv=record_prv(info.get("history", []), self.record_delta))
+                          for site, info in sorted(self._record.items())},
             }
         return {
             "unit": UNIT if self.update_level else None,
