@@ -195,9 +195,14 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: list[fl
     rdir.mkdir(parents=True)
     overrides = run_overrides(spec, args.rounds, executor, args.delta)
     if getattr(args, "inprocess", False):
+        import torch
+
         from adpfl.experiments.inprocess import run_inprocess
 
-        print(f"    [{k}/{n}] {spec['run_id']}: in-process FedAvg ({args.rounds} rounds, {args.sites} sites)", flush=True)
+        torch.set_num_threads(args.threads or 1)  # several threads on a shared small CPU: measured 50x slower
+
+        print(f"    [{k}/{n}] {spec['run_id']}: in-process FedAvg ({args.rounds} rounds, {args.sites} sites)",
+              flush=True)
         try:
             result = run_inprocess(spec, args.task, args.rounds, args.sites, overrides,
                                    out / "data" / f"seed{spec['seed']}", rdir)

@@ -32,7 +32,6 @@ from adpfl.privacy.metadata import (
     check_privacy_meta,
     check_record_meta,
 )
-from adpfl.privacy.record import record_prv
 from adpfl.privacy.policy import (
     RECORD_UNIT,
     UNCOVERED,
@@ -43,6 +42,7 @@ from adpfl.privacy.policy import (
     record_limit,
     site_total_epsilon,
 )
+from adpfl.privacy.record import record_prv
 
 _D = PrivacyConfig()  # update-level defaults (one source: adpfl.privacy.config)
 _R = DPSGDConfig()  # record-level defaults

@@ -29,7 +29,8 @@ Poisson sampling at rate ``q``. Three adaptive parts, each accounted:
    release at rate 1. The plan is computed with Opacus' RDP analysis on the integer orders
    of Opacus' default grid (about 30x faster than the fractional ones; a subset of the
    orders can only give a larger epsilon, so the plan errs on the safe side), and the last
-   planned round is calibrated on the full grid so the planned total meets the target. The budget check of the reservation
+   planned round is calibrated on the full grid so the planned total meets the target. The
+   budget check of the reservation
    (:mod:`adpfl.privacy.reservation`, full Opacus RDP) enforces it.
 3. **Data-independent sparsification** (optional ``keep_fraction``): a random coordinate
    mask drawn from fresh OS randomness once per round; per-sample gradients are masked

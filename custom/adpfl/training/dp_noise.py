@@ -76,8 +76,8 @@ class RecordDPOptimizer(Float64NoiseDPOptimizer):
         self.mask = mask
         self.quantile_clip = quantile_clip
         self.count_noise = None if quantile_clip is None else float(count_noise)
-        self.gradient_noise_multiplier = (float(self.noise_multiplier) if quantile_clip is None
-                                          else gradient_noise_multiplier(float(self.noise_multiplier), self.count_noise))
+        z = float(self.noise_multiplier)
+        self.gradient_noise_multiplier = z if quantile_clip is None else gradient_noise_multiplier(z, self.count_noise)
         self._centred_count = 0.0
         self.released_counts: list[float] = []
 
@@ -95,7 +95,8 @@ class RecordDPOptimizer(Float64NoiseDPOptimizer):
     def clip_and_accumulate(self) -> None:
         self._reduce_grad_samples()
         if self.quantile_clip is not None and len(self.grad_samples[0]) > 0:
-            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples], dim=1).norm(2, dim=1)
+            rows = [g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples]
+            norms = torch.stack(rows, dim=1).norm(2, dim=1)
             self._centred_count += float((norms <= self.max_grad_norm).sum()) - 0.5 * len(norms)
         super().clip_and_accumulate()
 
