@@ -88,6 +88,22 @@ def test_augmult_clips_one_averaged_gradient_per_record():
     assert total <= clip * (1 + 1e-5)
 
 
+def test_data_independent_mask_keeps_noise_and_gradient_off_masked_coordinates():
+    from adpfl.training.dp_extras import random_mask
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(50, 40)
+    mask = random_mask(model, 0.3, torch.Generator().manual_seed(3))
+    kept = sum(float(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())
+    assert 0.2 < kept < 0.4
+    _grad_rows(model, torch.randn(5, 50), torch.randn(5, 40))
+    opt = RecordDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                            expected_batch_size=5, mask=mask, generator=torch.Generator().manual_seed(4))
+    opt.step()
+    for p in model.parameters():
+        assert torch.all(p.grad[mask[p] == 0] == 0) and torch.all(p.grad[mask[p] == 1] != 0)
+
+
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("adpsgd")
