@@ -172,8 +172,8 @@ def _record_privacy(rep: dict) -> dict:
                       "epsilon_prv": None, "noise_multiplier": hist[offset + i][0],
                       "clip_norm": info.get("max_grad_norm")}
                      for i, r in enumerate(rounds)]
-        sites[site] = {"releases": len(rounds), "epsilon_rdp": info.get("epsilon_rdp"), "epsilon_prv": None,
-                       "per_round": per_round}
+        sites[site] = {"releases": len(rounds), "epsilon_rdp": info.get("epsilon_rdp"),
+                       "epsilon_prv": info.get("epsilon_prv"), "per_round": per_round}
     return {"unit": "record", "delta": delta, "target_epsilon": rec.get("target_epsilon"),
             "stopped_early": rep.get("stopped_early"), "stop_reason": rep.get("stop_reason"),
             "rejected_contributions": rep.get("rejected_contributions"), "sites": sites}
