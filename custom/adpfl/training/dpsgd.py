@@ -13,7 +13,9 @@ Mechanism, per optimizer step (Abadi et al. 2016, as implemented by Opacus):
 * per-sample gradients (Opacus ``GradSampleModule``, hooks), each clipped to L2 norm
   ``max_grad_norm`` (flat clipping over all parameters);
 * Gaussian noise ``N(0, (z * max_grad_norm)^2)`` on the summed clipped gradient, divided
-  by the expected batch size (Opacus ``DPOptimizer``, loss reduction "mean"); the noise
+  by the configured ``batch_size`` -- a public constant, never a function of the private
+  dataset size (Opacus issue #819; it used to be ``round(q * n)``, which is ``n`` once
+  ``n < batch_size``) -- (Opacus ``DPOptimizer``, loss reduction "mean"); the noise
   generator is seeded from the OS entropy at each round;
 * accounting: one Opacus ``RDPAccountant`` per trainer, appended to by the optimizer's
   step hook with ``(z, q)`` at every step and **kept across rounds** (the FL client
