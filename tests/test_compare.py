@@ -142,8 +142,9 @@ def test_plan_and_overrides():
     plan = plan_runs([0, 1], [1e4, 1e5])
     assert len(plan) == 2 * (1 + 2 * 2)
     with_dpsgd = plan_runs([0], [1e5], [8.0])
-    assert [p["run_id"] for p in with_dpsgd][-1] == "dpsgd_eps8_seed0"
-    ov = run_overrides(with_dpsgd[-1], 2, {"num_train": 6}, 1e-5)
+    assert [p["run_id"] for p in with_dpsgd][-2:] == ["dpsgd_eps8_seed0", "adpsgd_eps8_seed0"]
+    assert run_overrides(with_dpsgd[-1], 2, {}, 1e-5)["executor"]["dpsgd_target_epsilon"] == 8.0
+    ov = run_overrides(with_dpsgd[-2], 2, {"num_train": 6}, 1e-5)
     assert ov["executor"] == {"num_train": 6, "data_seed": 0, "dpsgd_target_epsilon": 8.0, "dpsgd_delta": 1e-5}
     assert "privacy" not in ov  # DP-SGD runs have no update-level filter
     assert [p["mode"] for p in plan_runs([0], [1e5], [8.0], modes=("npfl", "dpsgd"))] == ["npfl", "dpsgd"]

@@ -17,9 +17,13 @@ every layer may use it.
 from __future__ import annotations
 
 #: every job mode, in the order reports list them
-MODES = ("npfl", "dpfl", "adpfl", "dpsgd")
+MODES = ("npfl", "dpfl", "adpfl", "dpsgd", "adpsgd")
 
 #: how reports and plots name each mode
-MODE_LABELS = {"npfl": "NP-FL", "dpfl": "DP-FL", "adpfl": "ADP-FL", "dpsgd": "DP-SGD (record-level)"}
+MODE_LABELS = {"npfl": "NP-FL", "dpfl": "DP-FL", "adpfl": "ADP-FL", "dpsgd": "DP-SGD (record-level)",
+               "adpsgd": "ADP-SGD (record-level)"}
 
-__all__ = ["MODES", "MODE_LABELS"]
+#: the modes whose privacy unit is one training record (DP-SGD inside local training)
+RECORD_MODES = ("dpsgd", "adpsgd")
+
+__all__ = ["MODES", "MODE_LABELS", "RECORD_MODES"]

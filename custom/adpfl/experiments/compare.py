@@ -31,7 +31,7 @@ from pathlib import Path
 
 from adpfl._io import read_json, write_json_atomic
 from adpfl.flare.simulator import last_started_round, result_dir, server_log, simulator_env
-from adpfl.modes import MODES
+from adpfl.modes import MODES, RECORD_MODES
 from adpfl.tasks.base import TASK_NAMES
 
 #: tiny CPU settings (--tiny): seconds per round on a laptop
@@ -54,9 +54,10 @@ def plan_runs(seeds, epsilons, dpsgd_epsilons=(), modes=MODES) -> list[dict]:
             for mode in ("dpfl", "adpfl"):
                 if mode in modes:
                     runs.append({"mode": mode, "seed": int(seed), "epsilon": float(eps)})
-        if "dpsgd" in modes:
-            for eps in dpsgd_epsilons or ():
-                runs.append({"mode": "dpsgd", "seed": int(seed), "epsilon": float(eps)})
+        for eps in dpsgd_epsilons or ():
+            for mode in RECORD_MODES:
+                if mode in modes:
+                    runs.append({"mode": mode, "seed": int(seed), "epsilon": float(eps)})
     for r in runs:
         r["run_id"] = run_id(r["mode"], r["seed"], r["epsilon"])
     return runs
@@ -78,7 +79,7 @@ def parse_kv(items: list[str] | None) -> dict:
 
 def run_overrides(spec: dict, rounds: int, executor: dict, delta: float) -> dict:
     ov = {"num_rounds": int(rounds), "executor": dict(executor, data_seed=spec["seed"])}
-    if spec["mode"] == "dpsgd":  # record-level budget of each site's training records
+    if spec["mode"] in RECORD_MODES:  # record-level budget of each site's training records
         ov["executor"].update(dpsgd_target_epsilon=spec["epsilon"], dpsgd_delta=delta)
     elif spec["mode"] != "npfl":
         ov["privacy"] = {"target_epsilon": spec["epsilon"], "delta": delta}
@@ -123,7 +124,7 @@ def collect_run(ws: Path, spec: dict) -> dict:
     regions = sorted({k[5:] for m in final.values() for k in m if k.startswith("dice_") and k != "dice_mean"})
     privacy = None
     pr = rd / "privacy_report.json"
-    if pr.is_file() and spec.get("mode") == "dpsgd":
+    if pr.is_file() and spec.get("mode") in RECORD_MODES:
         privacy = _record_privacy(read_json(pr))
     elif pr.is_file():
         rep = read_json(pr)
@@ -171,8 +172,8 @@ def _record_privacy(rep: dict) -> dict:
                       "epsilon_prv": None, "noise_multiplier": hist[offset + i][0],
                       "clip_norm": info.get("max_grad_norm")}
                      for i, r in enumerate(rounds)]
-        sites[site] = {"releases": len(rounds), "epsilon_rdp": info.get("epsilon_rdp"), "epsilon_prv": None,
-                       "per_round": per_round}
+        sites[site] = {"releases": len(rounds), "epsilon_rdp": info.get("epsilon_rdp"),
+                       "epsilon_prv": info.get("epsilon_prv"), "per_round": per_round}
     return {"unit": "record", "delta": delta, "target_epsilon": rec.get("target_epsilon"),
             "stopped_early": rep.get("stopped_early"), "stop_reason": rep.get("stop_reason"),
             "rejected_contributions": rep.get("rejected_contributions"), "sites": sites}
@@ -193,6 +194,26 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: list[fl
         shutil.rmtree(rdir)  # an unfinished earlier attempt
     rdir.mkdir(parents=True)
     overrides = run_overrides(spec, args.rounds, executor, args.delta)
+    if getattr(args, "inprocess", False):
+        import torch
+
+        from adpfl.experiments.inprocess import run_inprocess
+
+        torch.set_num_threads(args.threads or 1)  # several threads on a shared small CPU: measured 50x slower
+
+        print(f"    [{k}/{n}] {spec['run_id']}: in-process FedAvg ({args.rounds} rounds, {args.sites} sites)",
+              flush=True)
+        try:
+            result = run_inprocess(spec, args.task, args.rounds, args.sites, overrides,
+                                   out / "data" / f"seed{spec['seed']}", rdir)
+        except Exception as e:  # one failed run must not end the grid; rerunning retries it
+            print(f"    [{k}/{n}] {spec['run_id']} FAILED: {type(e).__name__}: {e}", flush=True)
+            return None
+        record = {"run_id": spec["run_id"], "task": args.task, "mode": spec["mode"], "epsilon": spec["epsilon"],
+                  "seed": spec["seed"], "rounds": int(args.rounds), "sites": int(args.sites),
+                  "delta": float(args.delta), "workspace": None, **result}
+        write_json_atomic(rdir / "run.json", record, indent=1, default=float)
+        return record
     settings = job_settings(args.task, spec["mode"], **overrides)
     # the run is the job definition with these overrides on FLARE's SimEnv (the Recipe route,
     # adpfl.flare.recipe); the exported job folder beside it records what ran
@@ -265,12 +286,13 @@ def cmd_compare(args) -> int:
         "task": args.task, "epsilons": [float(e) for e in args.epsilons], "seeds": [int(s) for s in args.seeds],
         "dpsgd_epsilons": [float(e) for e in args.dpsgd_epsilons],
         "rounds": int(args.rounds), "sites": int(args.sites), "delta": float(args.delta), "executor": executor,
+        "runner": "inprocess" if getattr(args, "inprocess", False) else "simulator",
     }
     prev = out / "compare.json"
     if prev.is_file():
         old = read_json(prev)
-        for key in ("task", "rounds", "sites", "delta", "executor"):
-            if old.get(key) != settings[key]:
+        for key in ("task", "rounds", "sites", "delta", "executor", "runner"):
+            if old.get(key, "simulator" if key == "runner" else None) != settings[key]:
                 raise ValueError(
                     f"{out} holds a comparison with {key}={old.get(key)!r}, this one asks {settings[key]!r}; "
                     "use another --out (runs of one folder must share their settings)"
@@ -333,8 +355,8 @@ def add_compare_parsers(sub) -> None:
     c.add_argument("--task", default="skin2d", choices=TASK_NAMES)
     c.add_argument("--epsilons", type=float, nargs="+", default=[1e4, 1e5], help="target epsilons (per site)")
     c.add_argument("--dpsgd-epsilons", type=float, nargs="*", default=[8.0],
-                   help="record-level targets of the DP-SGD runs (one training image; a different unit from "
-                        "--epsilons; none: no DP-SGD runs)")
+                   help="record-level targets of the DP-SGD and ADP-SGD runs (one training image; a different unit "
+                        "from --epsilons; none: no record-level runs)")
     c.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                    help="methods to run (default: all four)")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -346,6 +368,9 @@ def add_compare_parsers(sub) -> None:
     c.add_argument("--tiny", action="store_true", help="tiny data/model settings (CPU smoke test)")
     c.add_argument("--executor", nargs="*", default=[], metavar="KEY=VALUE", help="executor overrides")
     c.add_argument("--poll", type=float, default=2.0, help="seconds between progress polls")
+    c.add_argument("--inprocess", action="store_true",
+                   help="run NP-FL and the record-level modes as an in-process FedAvg over the same SiteSession, "
+                        "job settings and aggregation rule (no simulator; see adpfl.experiments.inprocess)")
     c.set_defaults(func=_compare_entry)
 
     r = sub.add_parser("report", help="regenerate a comparison's report from its run.json files")

@@ -28,7 +28,7 @@ import numpy as np
 
 from adpfl._io import read_json
 from adpfl.metrics.conventions import FAMILY_LABELS, SCORING, describe
-from adpfl.modes import MODE_LABELS, MODES
+from adpfl.modes import MODE_LABELS, MODES, RECORD_MODES
 
 REACH_FRACTION = 0.9
 
@@ -189,8 +189,31 @@ def _statements(rows: list[dict]) -> list[str]:
                 )
             else:
                 out.append(f"At epsilon={eps:g}, DP-FL keeps {frac:.1%} of NP-FL's final Dice (< 90 %); no ADP-FL run.")
-    if not out:
+    if not out and any(r["mode"] == "dpfl" for r in rows):
         out.append("DP-FL keeps >= 90 % of NP-FL's final Dice at every epsilon compared.")
+    out.extend(_record_statements(by))
+    return out
+
+
+def _record_statements(by: dict) -> list[str]:
+    """Per record-level epsilon: does ADP-SGD beat DP-SGD by more than the seed spread?"""
+    out = []
+    for (mode, eps), adp in sorted(by.items(), key=lambda kv: _sort_key(kv[0])):
+        dp = by.get(("dpsgd", eps))
+        if mode != "adpsgd" or dp is None:
+            continue
+        (ma, sa), (md, sd) = adp["dice_mean"], dp["dice_mean"]
+        n = min(len(adp["seeds"]), len(dp["seeds"]))
+        spread = max(sa, sd)
+        if n < 2 or not all(math.isfinite(v) for v in (ma, md, spread)):
+            verdict = "too few seeds to compare with the seed spread"
+        elif ma - md > spread:
+            verdict = f"ADP-SGD beats DP-SGD by {ma - md:.3f}, more than the seed spread ({spread:.3f})"
+        else:
+            verdict = (f"ADP-SGD does NOT beat DP-SGD by more than the seed spread (difference {ma - md:+.3f}, "
+                       f"spread {spread:.3f})")
+        out.append(f"Record-level epsilon={eps:g} (one record, {n} seeds): ADP-SGD Dice {ma:.3f} +- {sa:.3f}, "
+                   f"DP-SGD {md:.3f} +- {sd:.3f}: {verdict}.")
     return out
 
 
@@ -229,7 +252,7 @@ def markdown(summary: dict, title: str = "ADP-FL comparison", task: str = "") ->
            + ["Rounds to 90% NP-FL", "eps RDP (max site)", "eps PRV (max site)", "Dice / NP-FL"])
     lines = [f"# {title}", "", "Mean +- std over seeds; per seed, Dice/HD95 are means over sites of the final global "
              "model's validation; epsilon is the spend of the most-spent site (site-level update DP, at the run's "
-             "delta; for DP-SGD rows: record-level DP, one training image, a different unit that is not "
+             "delta; for DP-SGD/ADP-SGD rows: record-level DP, one training image, a different unit that is not "
              "comparable with, and never added to, the update-level figures).", ""]
     if task in SCORING:
         lines += ["## Scoring", ""] + [f"- {d}" for d in describe(task)] + [
@@ -246,7 +269,8 @@ def markdown(summary: dict, title: str = "ADP-FL comparison", task: str = "") ->
     lines += ["", "## Privacy / utility", ""] + [f"- {s}" for s in summary["statements"]]
     lines += ["", "Rounds to 90 % of NP-FL: first round r whose global model (validated by the sites at the start of "
               "round r; the final model counts as the last round) reaches 90 % of the same seed's NP-FL final Dice.",
-              "", "Plots: `plots/convergence.png`, `plots/frontier.png`, `plots/epsilon_by_round.png`.", ""]
+              "", "Plots: `plots/convergence.png`, `plots/frontier.png` (update level), `plots/frontier_record.png` "
+              "(record level, when there are such runs), `plots/epsilon_by_round.png`.", ""]
     return "\n".join(lines)
 
 
@@ -309,22 +333,27 @@ def plot_all(runs: Sequence[dict], summary: dict, folder: Path) -> list[str]:
     ax.grid(alpha=0.3)
     paths.append(_save(fig, folder / "convergence.png"))
 
-    # 2. frontier
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for mode in ("dpfl", "adpfl"):
-        rows = [r for r in summary["rows"] if r["mode"] == mode]
-        if rows:
-            ax.errorbar([r["epsilon"] for r in rows], [r["dice_mean"][0] for r in rows],
-                        yerr=[r["dice_mean"][1] for r in rows], marker="o", capsize=3, label=MODE_LABELS[mode])
-    if math.isfinite(summary["npfl_dice"]):
-        ax.axhline(summary["npfl_dice"], color="k", lw=1, label="NP-FL")
-    ax.set_xscale("log")
-    ax.set_xlabel("target epsilon per site (site-level update DP)")
-    ax.set_ylabel("final Dice (mean)")
-    ax.set_title("Privacy-utility frontier")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    paths.append(_save(fig, folder / "frontier.png"))
+    # 2. frontier, one plot per privacy unit (never on one epsilon axis)
+    units = [(("dpfl", "adpfl"), "target epsilon per site (site-level update DP)", "frontier.png"),
+             (RECORD_MODES, "target epsilon per site (record-level DP: one training image)", "frontier_record.png")]
+    for modes, xlabel, name in units:
+        if name != "frontier.png" and not any(r["mode"] in modes for r in summary["rows"]):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for mode in modes:
+            rows = [r for r in summary["rows"] if r["mode"] == mode]
+            if rows:
+                ax.errorbar([r["epsilon"] for r in rows], [r["dice_mean"][0] for r in rows],
+                            yerr=[r["dice_mean"][1] for r in rows], marker="o", capsize=3, label=MODE_LABELS[mode])
+        if math.isfinite(summary["npfl_dice"]):
+            ax.axhline(summary["npfl_dice"], color="k", lw=1, label="NP-FL")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("final Dice (mean)")
+        ax.set_title("Privacy-utility frontier")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        paths.append(_save(fig, folder / name))
 
     # 3. epsilon vs round per site
     private = [k for k in keys if k[0] != "npfl"]

@@ -73,6 +73,16 @@ class SegmentationExecutor(Executor):
         dpsgd_max_grad_norm: float = _D.max_grad_norm,
         dpsgd_noise_multiplier: float | None = _D.noise_multiplier,
         dpsgd_planned_rounds: int | None = _D.planned_rounds,
+        dpsgd_adaptive: bool = _D.adaptive,
+        dpsgd_clip_quantile: float = _D.clip_quantile,
+        dpsgd_clip_learning_rate: float = _D.clip_learning_rate,
+        dpsgd_clip_count_noise: float = _D.clip_count_noise,
+        dpsgd_noise_min_factor: float = _D.noise_min_factor,
+        dpsgd_noise_max_factor: float = _D.noise_max_factor,
+        dpsgd_keep_fraction: float = _D.keep_fraction,
+        dpsgd_augmult: int = _D.augmult,
+        dpsgd_ema_decay: float = _D.ema_decay,
+        dpsgd_physical_batch_size: int | None = _D.physical_batch_size,
         dpsgd_ledger_name: str | None = _S.dpsgd_ledger_name,
         ledger_dir: str | None = _S.ledger_dir,
         train_task_name: str = AppConstants.TASK_TRAIN,
@@ -110,6 +120,14 @@ class SegmentationExecutor(Executor):
         self.dpsgd_max_grad_norm = dpsgd_max_grad_norm
         self.dpsgd_noise_multiplier = dpsgd_noise_multiplier
         self.dpsgd_planned_rounds = dpsgd_planned_rounds
+        # ADP-SGD and the best-DP-training options (DPSGDConfig fields of the same name)
+        extra = dict(adaptive=dpsgd_adaptive, clip_quantile=dpsgd_clip_quantile,
+                     clip_learning_rate=dpsgd_clip_learning_rate, clip_count_noise=dpsgd_clip_count_noise,
+                     noise_min_factor=dpsgd_noise_min_factor, noise_max_factor=dpsgd_noise_max_factor,
+                     keep_fraction=dpsgd_keep_fraction, augmult=dpsgd_augmult, ema_decay=dpsgd_ema_decay,
+                     physical_batch_size=dpsgd_physical_batch_size)
+        for name, value in extra.items():
+            setattr(self, f"dpsgd_{name}", value)
         self.ledger_dir = ledger_dir
         self.train_task_name = train_task_name
         self.validate_task_name = validate_task_name
@@ -131,7 +149,7 @@ class SegmentationExecutor(Executor):
                 raise ValueError("dpsgd needs dpsgd_planned_rounds (the job's num_rounds) or a dpsgd_noise_multiplier")
             dp = DPSGDConfig(
                 max_grad_norm=dpsgd_max_grad_norm, target_epsilon=dpsgd_target_epsilon, delta=dpsgd_delta,
-                planned_rounds=dpsgd_planned_rounds, noise_multiplier=dpsgd_noise_multiplier,
+                planned_rounds=dpsgd_planned_rounds, noise_multiplier=dpsgd_noise_multiplier, **extra,
             )
         self._session_args = (self._site_config, self._train_config, dp)
         # validated now: a bad job config fails at start-up, naming the setting

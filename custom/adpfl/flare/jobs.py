@@ -78,6 +78,7 @@ MODE_DEFAULTS: dict[str, dict | None] = {
     },
     # no update-level filter: the executor trains with record-level DP-SGD (MODE_EXECUTOR)
     "dpsgd": None,
+    "adpsgd": None,
 }
 
 #: executor settings per mode: record-level DP-SGD (Opacus) for "dpsgd". Unit: one training
@@ -86,6 +87,9 @@ MODE_DEFAULTS: dict[str, dict | None] = {
 MODE_EXECUTOR: dict[str, dict] = {
     # delta, clip and z (None: calibrated over the job's rounds) are DPSGDConfig's defaults
     "dpsgd": {"dpsgd": True, "dpsgd_target_epsilon": 8.0},
+    # ADP-SGD: the same record-level budget and ledger, with adaptive clipping (Andrew et al.)
+    # and the progress-driven noise schedule (adpfl.privacy.record_adaptive)
+    "adpsgd": {"dpsgd": True, "dpsgd_adaptive": True, "dpsgd_target_epsilon": 8.0},
 }
 
 BYOC_NOTE = (

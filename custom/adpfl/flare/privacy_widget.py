@@ -42,6 +42,7 @@ from adpfl.privacy.policy import (
     record_limit,
     site_total_epsilon,
 )
+from adpfl.privacy.record import record_prv
 
 _D = PrivacyConfig()  # update-level defaults (one source: adpfl.privacy.config)
 _R = DPSGDConfig()  # record-level defaults
@@ -198,6 +199,7 @@ class PrivacyAccountingWidget(Widget):
             # the cumulative figure after each round (adpfl run's round lines and curves)
             info.setdefault("epsilon_rdp_by_round", {})[str(int(record["round"]))] = record["epsilon_recomputed"]
             info.update(
+                mechanism=record["mechanism"],
                 epsilon_rdp=record["epsilon_recomputed"],
                 site_reported_epsilon_rdp=claimed,
                 noise_multiplier=float(record["noise_multiplier"]),
@@ -322,8 +324,10 @@ class PrivacyAccountingWidget(Widget):
                 "delta": self.record_delta,
                 "target_epsilon": self.record_target_epsilon,
                 "accountant": "Opacus RDPAccountant over the (z, q, steps) history each site reports, "
-                "recomputed by the server (the site's own claim is kept beside it)",
-                "sites": {site: dict(info) for site, info in sorted(self._record.items())},
+                "recomputed by the server (the site's own claim is kept beside it); epsilon_prv: Opacus "
+                "PRVAccountant over the same history (reported, the tighter figure)",
+                "sites": {site: dict(info, epsilon_prv=record_prv(info.get("history", []), self.record_delta))
+                          for site, info in sorted(self._record.items())},
             }
         return {
             "unit": UNIT if self.update_level else None,

@@ -208,6 +208,28 @@ class DPSGDConfig:
                                                 "target_epsilon)", "noise std / max_grad_norm")
     epsilon_tolerance: float = setting(0.01, "calibration stops within this of the target", "epsilon")
     optimizer: str = setting("adam", "optimizer over the noisy gradients: adam or sgd")
+    # ---- ADP-SGD (mode adpsgd; privacy/record_adaptive.py) and what the best DP training uses
+    adaptive: bool = setting(False, "ADP-SGD: adaptive per-sample clip from a private quantile estimate and a "
+                                    "noise schedule driven by public training progress under the budget")
+    clip_quantile: float = setting(0.5, "adaptive clip: target quantile of per-record gradient norms",
+                                   "quantile in (0, 1)")
+    clip_learning_rate: float = setting(0.2, "adaptive clip: geometric step per optimizer step (0 = fixed clip)")
+    clip_count_noise: float = setting(10.0, "adaptive clip: noise std of the released centred unclipped count "
+                                            "(accounted; needs 2 x it > the effective noise multiplier)",
+                                      "records")
+    noise_min_factor: float = setting(0.5, "adaptive noise: least multiplier as a factor of the even plan",
+                                      "factor in (0, 1]")
+    noise_max_factor: float = setting(1.5, "adaptive noise: largest multiplier as a factor of the even plan",
+                                      "factor >= 1")
+    keep_fraction: float = setting(1.0, "fraction of coordinates updated per round (random mask drawn from "
+                                        "fresh randomness each round, data-independent)", "fraction in (0, 1]")
+    augmult: int = setting(1, "augmentation multiplicity: per-record gradient averaged over K augmentations "
+                              "before clipping (still one record's contribution)", "K copies")
+    ema_decay: float = setting(0.0, "EMA of the weights over the round's steps; the EMA is what leaves "
+                                    "(post-processing; 0 = off)", "decay in [0, 1)")
+    physical_batch_size: int | None = setting(None, "largest physical batch (Opacus BatchMemoryManager): "
+                                                    "larger Poisson batches as virtual steps (None = no split)",
+                                              "records")
 
     def validate(self) -> DPSGDConfig:
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
@@ -225,6 +247,30 @@ class DPSGDConfig:
             raise PrivacyConfigError(f"target_epsilon must be positive, got {self.target_epsilon}")
         if self.planned_rounds is not None and int(self.planned_rounds) < 1:
             raise PrivacyConfigError(f"planned_rounds must be >= 1, got {self.planned_rounds}")
+        if self.adaptive:
+            if self.target_epsilon is None or self.planned_rounds is None or self.noise_multiplier is not None:
+                raise PrivacyConfigError("adaptive DP-SGD needs target_epsilon and planned_rounds and no fixed "
+                                         "noise_multiplier (the schedule chooses it)")
+            if not 0 < self.clip_quantile < 1:
+                raise PrivacyConfigError(f"clip_quantile must be in (0, 1), got {self.clip_quantile}")
+            if not (self.clip_learning_rate >= 0 and math.isfinite(self.clip_learning_rate)):
+                raise PrivacyConfigError(f"clip_learning_rate must be finite and >= 0, got {self.clip_learning_rate}")
+            _positive("clip_count_noise", self.clip_count_noise)
+            if not 0 < self.noise_min_factor <= 1:
+                raise PrivacyConfigError(f"noise_min_factor must be in (0, 1], got {self.noise_min_factor}")
+            if not (self.noise_max_factor >= 1 and math.isfinite(self.noise_max_factor)):
+                raise PrivacyConfigError(f"noise_max_factor must be >= 1, got {self.noise_max_factor}")
+        if not (isinstance(self.keep_fraction, (int, float)) and 0 < self.keep_fraction <= 1):
+            raise PrivacyConfigError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if isinstance(self.augmult, bool) or not isinstance(self.augmult, int) or self.augmult < 1:
+            raise PrivacyConfigError(f"augmult must be an integer >= 1, got {self.augmult!r}")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise PrivacyConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if self.physical_batch_size is not None and (
+            isinstance(self.physical_batch_size, bool) or not isinstance(self.physical_batch_size, int)
+            or self.physical_batch_size < 1
+        ):
+            raise PrivacyConfigError(f"physical_batch_size must be an integer >= 1, got {self.physical_batch_size!r}")
         return self
 
 

@@ -43,7 +43,9 @@ OPTIONAL_FIELDS = (
 )
 #: fields only a Laplace release carries; in a Gaussian release they contradict the mechanism
 LAPLACE_FIELDS = ("noise_scale", "epsilon_round")
-RECORD_OPTIONAL_FIELDS = ("target_epsilon",)
+RECORD_OPTIONAL_FIELDS = ("target_epsilon", "keep_fraction", "gradient_noise_multiplier", "clip_count_noise")
+#: record-level mechanisms: DP-SGD, and ADP-SGD (adaptive clip + noise schedule; privacy/record_adaptive.py)
+RECORD_MECHANISMS = ("dpsgd", "adpsgd")
 #: the mask policy a release names when it keeps every coordinate
 NO_MASK = "none"
 #: relative tolerance for fields that must agree (float round-off of one computation)
@@ -157,7 +159,7 @@ def check_record_meta(meta: Any, delta: float) -> dict[str, Any]:
     missing = [k for k in RECORD_REQUIRED_FIELDS if k not in meta]
     if missing:
         raise ValueError(f"record-level privacy metadata lacks {missing}")
-    if meta["unit"] != "record" or meta["mechanism"] != "dpsgd":
+    if meta["unit"] != "record" or meta["mechanism"] not in RECORD_MECHANISMS:
         raise ValueError(f"record-level metadata names unit={meta['unit']!r}, mechanism={meta['mechanism']!r}")
     unknown = sorted(k for k in meta if k not in set(RECORD_REQUIRED_FIELDS) | set(RECORD_OPTIONAL_FIELDS))
     if unknown:
@@ -168,6 +170,7 @@ def check_record_meta(meta: Any, delta: float) -> dict[str, Any]:
             raise ValueError(f"record-level metadata field {k}={v!r} is not a positive finite number")
     if abs(float(meta["delta"]) - float(delta)) > 1e-15:
         raise ValueError(f"site accounted record-level delta={meta['delta']}, the job's is {delta}")
+    _check_record_split(meta)
     hist = meta["history"]
     if not isinstance(hist, list) or not hist:
         raise ValueError("record-level history is empty: a DP-SGD result must account its steps")
@@ -201,6 +204,31 @@ def check_record_meta(meta: Any, delta: float) -> dict[str, Any]:
     return out
 
 
+def _check_record_split(meta: dict[str, Any]) -> None:
+    """ADP-SGD's effective multiplier must be the composition of its gradient noise and its
+    clip count's noise (Andrew et al. 2021, Theorem 1); only ADP-SGD carries the split."""
+    from .record_adaptive import effective_noise_multiplier
+
+    split = [k for k in ("gradient_noise_multiplier", "clip_count_noise") if k in meta]
+    if split and meta["mechanism"] != "adpsgd":
+        raise ValueError(f"record-level metadata of mechanism {meta['mechanism']!r} carries ADP-SGD fields {split}")
+    if "keep_fraction" in meta and not (isinstance(meta["keep_fraction"], (int, float))
+                                        and 0 < meta["keep_fraction"] <= 1):
+        raise ValueError(f"record-level keep_fraction={meta['keep_fraction']!r} outside (0, 1]")
+    if "gradient_noise_multiplier" not in meta:
+        if "clip_count_noise" in meta:
+            raise ValueError("record-level metadata has clip_count_noise but no gradient_noise_multiplier")
+        return
+    z_g = _positive_number(meta, "gradient_noise_multiplier", "record-level metadata")
+    z = _positive_number(meta, "noise_multiplier", "record-level metadata")
+    expected = z_g
+    if "clip_count_noise" in meta:
+        expected = effective_noise_multiplier(z_g, _positive_number(meta, "clip_count_noise", "record-level metadata"))
+    if not math.isclose(z, expected, rel_tol=_AGREE):
+        raise ValueError(f"record-level noise_multiplier={z} contradicts its gradient noise {z_g} and clip count "
+                         f"noise (effective {expected:.9g})")
+
+
 def public_record_meta(meta: Any) -> dict[str, Any]:
     """The record-level metadata a site may forward with a release: validated by
     :func:`check_record_meta` at its own delta (so unknown or contradictory fields raise
@@ -209,13 +237,14 @@ def public_record_meta(meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ValueError("record-level (DP-SGD) privacy metadata is not a mapping")
     checked = check_record_meta(meta, float(meta.get("delta", float("nan"))))
-    out: dict[str, Any] = {"unit": "record", "mechanism": "dpsgd"}
+    out: dict[str, Any] = {"unit": "record", "mechanism": checked["mechanism"]}
     for k in ("delta", "noise_multiplier", "sample_rate", "max_grad_norm", "epsilon_rdp"):
         out[k] = float(checked[k])
     out["steps_per_round"] = int(checked["steps_per_round"])
     out["round"] = int(checked["round"])
     out["history"] = [[float(h[0]), float(h[1]), int(h[2])] for h in checked["history"]]
-    if checked.get("target_epsilon") is not None:
-        out["target_epsilon"] = float(checked["target_epsilon"])
+    for k in ("target_epsilon", "keep_fraction", "gradient_noise_multiplier", "clip_count_noise"):
+        if checked.get(k) is not None:
+            out[k] = float(checked[k])
     return out
 

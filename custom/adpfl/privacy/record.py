@@ -9,13 +9,13 @@ import json
 import math
 import os
 import warnings
+from functools import lru_cache
 
-from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from adpfl._io import write_json_atomic
 
-from .analysis import calibrate, grouped_history, history_epsilon_rdp
+from .analysis import calibrate, history_epsilon_rdp, history_rdp, rdp_to_epsilon
 from .errors import BudgetExhausted, PrivacyConfigError, PrivacyError
 
 PRIVACY_UNIT = "record-level DP: one training image/patient"
@@ -24,6 +24,23 @@ def opacus_rdp_epsilon(history, delta: float) -> float:
     """Record-level epsilon of a DP-SGD history ``[(z, q, steps), ...]`` (Opacus RDP; see
     :func:`adpfl.privacy.analysis.history_epsilon_rdp`)."""
     return history_epsilon_rdp(history, delta)
+
+def record_prv(history, delta: float) -> float | None:
+    """Record-level epsilon of a history by Opacus' PRV accountant (the tighter figure reported
+    beside RDP); None where PRV's numerics do not apply. Remembered per history."""
+    key = tuple((float(z), float(q), int(n)) for z, q, n in history)
+    return _record_prv(key, float(delta)) if key else 0.0
+
+
+@lru_cache(maxsize=512)
+def _record_prv(history: tuple, delta: float) -> float | None:
+    from .analysis import history_epsilon_prv
+
+    try:
+        return history_epsilon_prv(history, delta)
+    except ValueError:
+        return None
+
 
 #: calibration aims this far (relative) below the target, so float round-off never makes the
 #: strict budget check (any excess refused) refuse a calibrated round
@@ -43,11 +60,8 @@ def calibrate_with_prior(
     target_epsilon = float(target_epsilon) * (1.0 - CALIBRATION_MARGIN)
     prior = [tuple(h) for h in prior_history or []]
     if not prior:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(get_noise_multiplier(target_epsilon=float(target_epsilon), target_delta=float(delta),
-                                              sample_rate=float(sample_rate), steps=int(steps), accountant="rdp",
-                                              epsilon_tolerance=float(tolerance)))
+        return _opacus_noise_multiplier(float(target_epsilon), float(delta), float(sample_rate), int(steps),
+                                        float(tolerance))
     spent = opacus_rdp_epsilon(prior, delta)
     if spent >= target_epsilon:
         raise BudgetExhausted(
@@ -55,22 +69,26 @@ def calibrate_with_prior(
             f"(delta={delta}); no DP-SGD training is possible"
         )
 
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    prior_rdp = sum(rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=orders)
-                    for z, q, n in grouped_history(prior))
+    prior_rdp = history_rdp(prior)
 
     def eps(z: float) -> float:  # what RDPAccountant.get_epsilon computes for prior + new steps
-        new = rdp_analysis.compute_rdp(q=float(sample_rate), noise_multiplier=z, steps=int(steps), orders=orders)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(rdp_analysis.get_privacy_spent(orders=orders, rdp=prior_rdp + new, delta=delta)[0])
+        return rdp_to_epsilon(prior_rdp + history_rdp([(z, float(sample_rate), int(steps))]), delta)
 
     try:
         return calibrate(eps, float(target_epsilon), upper=1e6, start=10.0, stop_within=float(tolerance))
     except PrivacyConfigError:
         raise PrivacyConfigError(f"no noise multiplier reaches record-level epsilon {target_epsilon}") from None
+
+@lru_cache(maxsize=256)
+def _opacus_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                             tolerance: float) -> float:
+    """Opacus' ``get_noise_multiplier`` (RDP), remembered: every site of a comparison and
+    every seed asks the same question, and one answer costs ~10 s of fractional RDP orders."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant="rdp", epsilon_tolerance=tolerance))
+
 
 RECORD_LEDGER_FORMAT = "adpfl-record-ledger"
 
@@ -140,6 +158,7 @@ __all__ = [
     "RECORD_LEDGER_FORMAT",
     "RecordLedger",
     "calibrate_with_prior",
+    "record_prv",
 
     "opacus_rdp_epsilon",
 ]

@@ -13,7 +13,9 @@ Mechanism, per optimizer step (Abadi et al. 2016, as implemented by Opacus):
 * per-sample gradients (Opacus ``GradSampleModule``, hooks), each clipped to L2 norm
   ``max_grad_norm`` (flat clipping over all parameters);
 * Gaussian noise ``N(0, (z * max_grad_norm)^2)`` on the summed clipped gradient, divided
-  by the expected batch size (Opacus ``DPOptimizer``, loss reduction "mean"); the noise
+  by the configured ``batch_size`` -- a public constant, never a function of the private
+  dataset size (Opacus issue #819; it used to be ``round(q * n)``, which is ``n`` once
+  ``n < batch_size``) -- (Opacus ``DPOptimizer``, loss reduction "mean"); the noise
   generator is seeded from the OS entropy at each round;
 * accounting: one Opacus ``RDPAccountant`` per trainer, appended to by the optimizer's
   step hook with ``(z, q)`` at every step and **kept across rounds** (the FL client
@@ -48,6 +50,7 @@ from monai.data import DataLoader
 from monai.data.utils import list_data_collate
 from opacus.accountants import RDPAccountant
 from opacus.grad_sample import GradSampleModule
+from opacus.utils.batch_memory_manager import wrap_data_loader
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 
@@ -55,8 +58,10 @@ from adpfl.privacy.config import DPSGDConfig
 from adpfl.privacy.errors import BudgetExhausted, PrivacyConfigError
 from adpfl.privacy.mechanisms import make_generator
 from adpfl.privacy.record import PRIVACY_UNIT, RecordLedger, calibrate_with_prior, opacus_rdp_epsilon
+from adpfl.privacy.record_adaptive import QuantileClip, RecordNoiseSchedule, gradient_noise_multiplier
 from adpfl.tasks.base import SegTask
-from adpfl.training.dp_noise import Float64NoiseDPOptimizer
+from adpfl.training.dp_extras import AugmentedCopies, ema_tracker, random_mask
+from adpfl.training.dp_noise import RecordDPOptimizer
 from adpfl.training.loop import LocalTrainer, TrainConfig
 
 __all__ = [
@@ -134,11 +139,27 @@ class DPSGDTrainer:
         prior = [tuple(h) for h in prior_history or []]
         if dp.noise_multiplier is not None:
             self.noise_multiplier = float(dp.noise_multiplier)
+        elif dp.adaptive:
+            self.noise_multiplier = float("nan")  # set below from the schedule
         else:
             self.noise_multiplier = calibrate_with_prior(
                 prior, float(dp.target_epsilon), float(dp.delta), self.sample_rate,
                 int(dp.planned_rounds) * self.steps_per_round, float(dp.epsilon_tolerance),
             )
+        #: the public constant the noisy gradient sum is divided by (Opacus issue #819): the
+        #: configured batch size, never a function of the private dataset size n
+        self.expected_batch_size = int(config.batch_size)
+        self.schedule = None
+        self.quantile_clip = None
+        self.clip = float(dp.max_grad_norm)
+        if dp.adaptive:
+            self.schedule = RecordNoiseSchedule(
+                float(dp.target_epsilon), float(dp.delta), int(dp.planned_rounds), self.sample_rate,
+                self.steps_per_round, min_factor=float(dp.noise_min_factor), max_factor=float(dp.noise_max_factor))
+            self.noise_multiplier = self.schedule.z_plan  # until plan_round re-plans from the ledger
+            if dp.clip_learning_rate > 0:
+                self.quantile_clip = QuantileClip(self.clip, dp.clip_quantile, dp.clip_learning_rate,
+                                                  self.expected_batch_size)
         self.accountant = RDPAccountant()
         self.accountant.history = list(prior)
         self._optimizer: torch.optim.Optimizer | None = None
@@ -146,6 +167,23 @@ class DPSGDTrainer:
         self.rounds_trained = 0
 
     # -- accounting -----------------------------------------------------------------
+    def plan_round(self, ledger: Any, round_index: int, global_change: float | None = None) -> float:
+        """ADP-SGD: the effective noise multiplier of round ``round_index`` from the site's
+        record ledger (every job's spend, re-read under its lock by the caller) and the
+        public progress signal; sets ``noise_multiplier``. Fixed-noise DP-SGD: unchanged."""
+        if self.schedule is not None:
+            self.noise_multiplier = float(self.schedule.next_noise_multiplier(ledger, round_index, global_change))
+            if self.quantile_clip is not None:
+                gradient_noise_multiplier(self.noise_multiplier, float(self.dp.clip_count_noise))  # feasible?
+        return self.noise_multiplier
+
+    @property
+    def gradient_noise_multiplier(self) -> float:
+        """The multiplier of the gradient's own noise (the effective one without adaptive clipping)."""
+        if self.quantile_clip is None:
+            return self.noise_multiplier
+        return gradient_noise_multiplier(self.noise_multiplier, float(self.dp.clip_count_noise))
+
     @property
     def history(self) -> list:
         return list(self.accountant.history)
@@ -168,7 +206,7 @@ class DPSGDTrainer:
             "accountant": "rdp",
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
-            "max_grad_norm": self.dp.max_grad_norm,
+            "max_grad_norm": self.clip,
             "steps": sum(int(h[2]) for h in self.accountant.history),
             "planned_rounds": self.dp.planned_rounds,
             "target_epsilon": self.dp.target_epsilon,
@@ -176,11 +214,14 @@ class DPSGDTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [list(h) for h in self.accountant.history], "noise_multiplier": self.noise_multiplier,
-                "rounds_trained": self.rounds_trained}
+                "rounds_trained": self.rounds_trained, "clip": self.clip}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.history = [tuple(h) for h in state.get("history", [])]
         self.rounds_trained = int(state.get("rounds_trained", 0))
+        self.clip = float(state.get("clip", self.clip))
+        if self.quantile_clip is not None:
+            self.quantile_clip.clip = self.clip
 
     # -- training -------------------------------------------------------------------
     def _base_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -199,9 +240,27 @@ class DPSGDTrainer:
         sampler = UniformWithReplacementSampler(
             num_samples=self.num_train, sample_rate=self.sample_rate, generator=generator
         )
-        return DataLoader(
-            self.base.train_ds, batch_sampler=sampler, num_workers=self.config.num_workers, collate_fn=_collate_or_empty
+        ds = self.base.train_ds if self.dp.augmult == 1 else AugmentedCopies(self.base.train_ds, self.dp.augmult)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=self.config.num_workers, collate_fn=_collate_or_empty)
+
+    def make_optimizer(self, model: torch.nn.Module, generator: torch.Generator | None = None,
+                       mask: dict | None = None) -> RecordDPOptimizer:
+        """The round's DP optimizer over ``model`` (already wrapped for per-sample gradients),
+        normalising by the public ``expected_batch_size`` and accounting ``(z, q)`` per step."""
+        opt = RecordDPOptimizer(  # Opacus' DPOptimizer, noise drawn and added in float64
+            self._base_optimizer(model),
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.clip,
+            expected_batch_size=self.expected_batch_size,
+            loss_reduction="mean",
+            generator=generator if generator is not None else make_generator(self.device),
+            augmult=self.dp.augmult,
+            mask=mask,
+            quantile_clip=self.quantile_clip,
+            count_noise=self.dp.clip_count_noise,
         )
+        opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        return opt
 
     def train(
         self,
@@ -226,19 +285,12 @@ class DPSGDTrainer:
                     f"{self.dp.target_epsilon} (delta={self.dp.delta}); not training"
                 )
         model.to(self.device).train()
-        base_opt = self._base_optimizer(model)
-        gen = make_generator(self.device)  # OS entropy: Poisson sampling and noise
+        gen = make_generator(self.device)  # OS entropy: noise and the mask
         sample_gen = make_generator("cpu")
+        mask = random_mask(model, float(self.dp.keep_fraction), gen)
+        ema = ema_tracker(model, float(self.dp.ema_decay))
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        opt = Float64NoiseDPOptimizer(  # Opacus' DPOptimizer with the noise drawn and added in float64
-            base_opt,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.dp.max_grad_norm,
-            expected_batch_size=max(1, int(round(self.sample_rate * self.num_train))),
-            loss_reduction="mean",
-            generator=gen,
-        )
-        opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        opt = self.make_optimizer(model, gen, mask)
         params = [p for p in model.parameters() if p.requires_grad]
         loss_fn = self.base.loss_fn
         steps, samples, loss_sum, nonempty = 0, 0, 0.0, 0
@@ -246,11 +298,14 @@ class DPSGDTrainer:
         t0 = time.perf_counter()
         try:
             while steps < self.steps_per_round and not aborted:
-                for batch in self._poisson_loader(sample_gen):
+                loader = self._poisson_loader(sample_gen)
+                if self.dp.physical_batch_size:
+                    loader = wrap_data_loader(data_loader=loader, max_batch_size=int(self.dp.physical_batch_size),
+                                              optimizer=opt)  # Opacus BatchMemoryManager: virtual steps
+                for batch in loader:
                     if should_stop is not None and should_stop():
                         aborted = True
                         break
-                    opt.zero_grad(set_to_none=True)
                     n = int(batch["image"].shape[0]) if batch else 0
                     if n == 0:
                         # empty Poisson batch: the step still releases noise
@@ -266,8 +321,13 @@ class DPSGDTrainer:
                         loss_sum += float(loss.detach())
                         nonempty += 1
                     opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    samples += n // self.dp.augmult
+                    if opt._is_last_step_skipped:
+                        continue  # a physical batch inside a logical one: no step yet
                     steps += 1
-                    samples += n
+                    if ema is not None:
+                        ema.update_parameters(model)
                     if on_step is not None:
                         on_step(steps, loss_sum / max(nonempty, 1))
                     if steps >= self.steps_per_round:
@@ -282,6 +342,11 @@ class DPSGDTrainer:
                             delattr(p, attr)
                         except AttributeError:
                             pass
+        self.clip = float(opt.max_grad_norm)
+        if ema is not None and steps > 0:
+            with torch.no_grad():  # what leaves is the EMA of the noisy iterates (post-processing)
+                for p, q in zip(model.parameters(), ema.module.parameters()):
+                    p.copy_(q)
         self.rounds_trained += 1
         return {
             "loss": loss_sum / max(nonempty, 1),
@@ -293,6 +358,7 @@ class DPSGDTrainer:
             "delta": self.dp.delta,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
+            "max_grad_norm": self.clip,
             "privacy_unit": PRIVACY_UNIT,
         }
 

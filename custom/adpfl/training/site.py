@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from adpfl.privacy.config import DPSGDConfig
+from adpfl.privacy.public_signals import public_signals
 from adpfl.privacy.record import RecordLedger
 from adpfl.privacy.reservation import reserve_record_round, settle_record_round, sync_record_ledger
 from adpfl.tasks.base import get_task
@@ -132,6 +133,8 @@ class SiteSession:
         self.trainer = None
         self.model: torch.nn.Module | None = None
         self.record_ledger: RecordLedger | None = None
+        self._prev_global: Weights | None = None
+        self._global_change: float | None = None
 
     @property
     def ready(self) -> bool:
@@ -227,6 +230,11 @@ class SiteSession:
                 raise ValueError(f"global weight {k} has shape {tuple(t.shape)}, model expects {tuple(own[k].shape)}")
             new_state[k] = t.to(own[k].dtype)
         self.model.load_state_dict(new_state)
+        # public progress signal of the ADP-SGD noise schedule (both global models are public)
+        self._global_change = public_signals(weights, self._prev_global, 0)[0]["global_change"] \
+            if self.dp is not None and self.dp.adaptive else None
+        if self.dp is not None and self.dp.adaptive:
+            self._prev_global = {k: v.astype(np.float32).copy() for k, v in weights.items()}
         return weights
 
     def validate(self) -> dict[str, float]:
@@ -286,6 +294,10 @@ class SiteSession:
         lock and checked against every job's spend (BudgetExhausted: not trained). Returns
         ``(reservation id, the trainer's step count before the round)``."""
         trainer = self.trainer
+        if trainer.schedule is not None:
+            # ADP-SGD: plan this round's noise on every job's spend (re-read under the lock)
+            sync_record_ledger(self.record_ledger)
+            trainer.plan_round(self.record_ledger, current_round, self._global_change)
         rid = reserve_record_round(
             self.record_ledger, target_epsilon=trainer.dp.target_epsilon, job_id=job_id, round=current_round,
             noise_multiplier=trainer.noise_multiplier, sample_rate=trainer.sample_rate,
@@ -300,19 +312,25 @@ class SiteSession:
         ledger, trainer = self.record_ledger, self.trainer
         rid, steps_before = reservation
         settle_record_round(ledger, rid, sum(int(h[2]) for h in trainer.history) - steps_before)
-        return {
+        meta = {
             "unit": "record",
-            "mechanism": "dpsgd",
+            "mechanism": "adpsgd" if trainer.dp.adaptive else "dpsgd",
             "delta": float(trainer.dp.delta),
             "noise_multiplier": float(trainer.noise_multiplier),
             "sample_rate": float(trainer.sample_rate),
-            "max_grad_norm": float(trainer.dp.max_grad_norm),
+            "max_grad_norm": float(trainer.clip),
             "steps_per_round": int(trainer.steps_per_round),
             "round": int(current_round),
             "history": [list(h) for h in ledger.history()],
             "epsilon_rdp": float(ledger.epsilon()),
             "target_epsilon": float(trainer.dp.target_epsilon),
         }
+        if trainer.dp.adaptive:  # how the effective multiplier splits (the server checks the composition)
+            meta["gradient_noise_multiplier"] = float(trainer.gradient_noise_multiplier)
+            if trainer.quantile_clip is not None:
+                meta["clip_count_noise"] = float(trainer.dp.clip_count_noise)
+        meta["keep_fraction"] = float(trainer.dp.keep_fraction)
+        return meta
 
 
 def _fmt(value: float | None) -> str:

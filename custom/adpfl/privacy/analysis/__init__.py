@@ -16,7 +16,10 @@ from .epsilon import (
     epsilon_rdp,
     group_history,
     grouped_history,
+    history_epsilon_prv,
     history_epsilon_rdp,
+    history_rdp,
+    rdp_to_epsilon,
 )
 
 __all__ = [
@@ -33,5 +36,8 @@ __all__ = [
     "epsilon_rdp",
     "group_history",
     "grouped_history",
+    "history_epsilon_prv",
     "history_epsilon_rdp",
+    "history_rdp",
+    "rdp_to_epsilon",
 ]

@@ -69,15 +69,44 @@ def group_history(noise_multipliers: Iterable[float]) -> list[tuple[float, float
     return grouped_history((_check_z(z), 1.0, 1) for z in noise_multipliers)
 
 
-def history_epsilon_rdp(history: Iterable[Sequence[float]], delta: float) -> float:
-    """Epsilon of an Opacus history ``[(z, q, steps), ...]`` with a fresh RDPAccountant."""
-    delta = _check_delta(delta)
-    acc = RDPAccountant()
-    acc.history = grouped_history(history)
-    if not acc.history:
+@lru_cache(maxsize=8192)
+def _one_step_rdp(q: float, z: float, orders: tuple[float, ...]) -> np.ndarray:
+    """Opacus' RDP of ONE subsampled-Gaussian step at ``(q, z)`` on ``orders`` (read-only).
+    ``compute_rdp`` is linear in the steps (Opacus returns ``steps * one step``), so a
+    history's RDP is ``sum(steps * one_step_rdp)``; cached because the fractional orders
+    cost ~0.2 s per ``(q, z)`` and a ledger's rounds repeat them."""
+    with _quiet():
+        out = np.asarray(rdp_analysis.compute_rdp(q=float(q), noise_multiplier=float(z), steps=1, orders=list(orders)),
+                         dtype=float)
+    out.setflags(write=False)
+    return out
+
+
+def history_rdp(history: Iterable[Sequence[float]], orders: Sequence[float] = tuple(RDPAccountant.DEFAULT_ALPHAS)):
+    """Opacus RDP curve (on ``orders``) of a history ``[(z, q, steps), ...]``; None when empty."""
+    orders = tuple(float(a) for a in orders)
+    total = None
+    for z, q, n in grouped_history(history):
+        if n > 0:
+            term = n * _one_step_rdp(float(q), _check_z(z), orders)
+            total = term if total is None else total + term
+    return total
+
+
+def rdp_to_epsilon(rdp, delta: float, orders: Sequence[float] = tuple(RDPAccountant.DEFAULT_ALPHAS)) -> float:
+    """Opacus' ``get_privacy_spent`` of an RDP curve (0 for None: nothing spent)."""
+    if rdp is None:
         return 0.0
     with _quiet():
-        return float(acc.get_epsilon(delta=delta))
+        return float(rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=_check_delta(delta))[0])
+
+
+def history_epsilon_rdp(history: Iterable[Sequence[float]], delta: float) -> float:
+    """Epsilon of an Opacus history ``[(z, q, steps), ...]``: what a fresh ``RDPAccountant``
+    with that history returns (its ``compute_rdp`` per entry summed, ``get_privacy_spent`` on
+    its default orders), with each distinct ``(z, q)`` computed once (:func:`_one_step_rdp`)."""
+    delta = _check_delta(delta)
+    return rdp_to_epsilon(history_rdp(history), delta)
 
 
 def epsilon_rdp(noise_multipliers: Sequence[float], delta: float) -> float:
@@ -89,14 +118,22 @@ def epsilon_prv(noise_multipliers: Sequence[float], delta: float) -> float:
     """Epsilon of Gaussian releases at ``noise_multipliers``, PRV accountant (upper
     estimate, ``eps_error=0.01``). Raises ValueError below PRV_MIN_NOISE_MULTIPLIER
     or when the PRV numerics give a non-finite value."""
+    return history_epsilon_prv(group_history(noise_multipliers), delta)
+
+
+def history_epsilon_prv(history: Iterable[Sequence[float]], delta: float) -> float:
+    """Epsilon of an Opacus history ``[(z, q, steps), ...]`` with a fresh PRVAccountant (the
+    tighter figure reported beside RDP; record-level DP-SGD histories and update-level ones
+    alike). Raises ValueError below PRV_MIN_NOISE_MULTIPLIER or for a non-finite result."""
     delta = _check_delta(delta)
-    small = [z for z in noise_multipliers if float(z) < PRV_MIN_NOISE_MULTIPLIER]
+    history = grouped_history(history)
+    small = [z for z, _, _ in history if float(z) < PRV_MIN_NOISE_MULTIPLIER]
     if small:
         raise ValueError(
             f"PRV accountant not used below noise multiplier {PRV_MIN_NOISE_MULTIPLIER} (got {min(small):.3g}); "
             "use the RDP figure"
         )
-    history = group_history(noise_multipliers)
+    history = [h for h in history if h[2] > 0]
     if not history:
         return 0.0
     acc = PRVAccountant()

@@ -1,0 +1,58 @@
+"""What the best DP training adds to DP-SGD (De et al. 2022), as small helpers of
+:class:`adpfl.training.dpsgd.DPSGDTrainer`; none of them changes the privacy unit.
+
+* :class:`AugmentedCopies`: augmentation multiplicity. Item ``i`` is a list of ``K``
+  independently augmented views of record ``i`` (the task's random train transforms run
+  once per view); MONAI's ``list_data_collate`` flattens them, so a Poisson batch of ``B``
+  records becomes ``B * K`` rows with each record's views contiguous. The optimizer
+  (:class:`adpfl.training.dp_noise.RecordDPOptimizer`) averages the ``K`` per-sample
+  gradients into one per record *before* clipping: one record, one clipped contribution.
+* :func:`ema_tracker`: exponential moving average of the weights over the round's steps
+  (``torch.optim.swa_utils``); the EMA of noisy iterates is post-processing, and it is what
+  leaves the site.
+* :func:`random_mask`: a data-independent coordinate mask (Bernoulli ``keep_fraction`` per
+  coordinate from the round's OS-seeded generator) for gradient sparsification.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+__all__ = ["AugmentedCopies", "ema_tracker", "random_mask"]
+
+
+class AugmentedCopies(torch.utils.data.Dataset):
+    """``K`` augmented views per record (see the module docstring)."""
+
+    def __init__(self, dataset, k: int):
+        if int(k) < 1:
+            raise ValueError(f"augmult must be >= 1, got {k}")
+        self.dataset, self.k = dataset, int(k)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> list:
+        return [self.dataset[index] for _ in range(self.k)]
+
+
+def ema_tracker(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """An EMA of ``model``'s weights starting from its current ones (None when ``decay == 0``).
+    Call ``update_parameters(model)`` after each optimizer step."""
+    if decay <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=False)
+
+
+def random_mask(model: torch.nn.Module, keep_fraction: float, generator: torch.Generator) -> dict | None:
+    """``{parameter: 0/1 tensor}`` keeping each coordinate with probability ``keep_fraction``,
+    drawn from ``generator`` only (never from data); None when everything is kept."""
+    if keep_fraction >= 1.0:
+        return None
+    out = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            u = torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float64)
+            out[p] = (u < float(keep_fraction)).to(p.dtype)
+    return out
