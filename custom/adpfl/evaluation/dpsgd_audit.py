@@ -94,6 +94,20 @@ def _optimizer_class(cls):
         dpsgd_module.Float64NoiseDPOptimizer = saved
 
 
+@contextlib.contextmanager
+def _seeded_trainer_noise(seed: int | None):
+    if seed is None:
+        yield
+        return
+    saved = dpsgd_module.make_generator
+    counter = iter(range(seed, seed + 10**6))
+    dpsgd_module.make_generator = lambda device, s=None: saved(device, next(counter))
+    try:
+        yield
+    finally:
+        dpsgd_module.make_generator = saved
+
+
 def audit_dpsgd_trainer(
     datalist: dict,
     noise_multiplier: float = 2.0,
@@ -108,12 +122,15 @@ def audit_dpsgd_trainer(
     delta: float = 1e-5,
     alpha: float = 0.05,
     seed: int = 0,
+    noise_seed: int | None = None,
 ) -> dict[str, Any]:
     """Train ``runs`` rounds of ``steps`` DP-SGD steps (SGD, learning rate 1) with the real
     trainer on ``datalist``'s skin2d training records, each round from the same initial
     UNet with ``canaries_per_run`` fresh canaries (half in, on average), then bound epsilon
     from the top-``guesses`` canary scores over all runs. Returns the bound, the trainer's
-    claimed epsilon for one round (Opacus RDP at ``delta``), ``q``, ``n`` and timings."""
+    claimed epsilon for one round (Opacus RDP at ``delta``), ``q``, ``n`` and timings.
+    ``noise_seed`` (tests only) seeds the trainer's sampling and noise generators (None: the
+    production path, OS entropy every round)."""
     task = get_task("skin2d")
     cfg = TrainConfig(local_epochs=1, batch_size=batch_size, learning_rate=1.0, max_steps_per_round=steps,
                       image_size=image_size, device="cpu", amp=False)
@@ -133,7 +150,8 @@ def audit_dpsgd_trainer(
         trainer = dpsgd_module.DPSGDTrainer(task, datalist, cfg, dp)
         q, n = trainer.sample_rate, trainer.num_train
         model.load_state_dict(theta0)
-        with _optimizer_class(_canary_optimizer(pidx, coords[member], canary_norm, q, gen)):
+        with _optimizer_class(_canary_optimizer(pidx, coords[member], canary_norm, q, gen)), \
+                _seeded_trainer_noise(None if noise_seed is None else int(noise_seed) + 1000 * _run):
             out = trainer.train(model)
         claimed = float(out["epsilon"])
         moved = (theta0[names[pidx]] - model.state_dict()[names[pidx]]).reshape(-1)[coords]

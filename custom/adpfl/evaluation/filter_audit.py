@@ -38,6 +38,7 @@ from adpfl.flare.privacy_filter import ADPFilter
 from adpfl.flare.sparse import decode_sparse, is_sparse
 from adpfl.privacy.analysis import epsilon_rdp
 from adpfl.privacy.ledger import PrivacyLedger
+from adpfl.privacy.mechanisms import seeded_generators
 from adpfl.privacy.metadata import PRIVACY_META_KEY
 
 __all__ = ["audit_filter", "site_context"]
@@ -67,6 +68,7 @@ def audit_filter(
     seed: int = 0,
     ledger_dir: str | None = None,
     releases_per_filter: int = 100,
+    noise_seed: int | None = None,
 ) -> dict[str, Any]:
     """Run ``2 * releases_per_side`` releases of ``ADPFilter(**filter_args)`` (ledgers under
     ``ledger_dir`` or a fresh temporary folder) on the canary game of the module docstring.
@@ -78,7 +80,10 @@ def audit_filter(
     claim (``epsilon_claimed``: the largest single-release epsilon of the multipliers the
     filter reported), the trial cap, the ledger's entry count and cumulative epsilon as
     stored on disk (summed over the ledgers; the largest cumulative epsilon), and the wall
-    time. Raises RuntimeError if any release is refused.
+    time. ``noise_seed`` (tests only) injects fixed noise through the filter's generator
+    factory, as ``tests/test_privacy_filter.py`` does (releases are then flagged ``seeded``);
+    None: the production path, OS entropy at every release. Raises RuntimeError if any
+    release is refused.
     """
     rng = np.random.default_rng(seed)
     e = rng.standard_normal(dim)
@@ -93,6 +98,8 @@ def audit_filter(
         for r in range(2 * int(releases_per_side)):
             if r % int(releases_per_filter) == 0:
                 flt = ADPFilter(**args)
+                if noise_seed is not None:
+                    flt._generator_factory = seeded_generators(int(noise_seed))  # one stream per round
                 ctx = site_context(site=f"site-{len(ledgers) + 1}")
                 ledgers.append(flt)
             side = r % 2
