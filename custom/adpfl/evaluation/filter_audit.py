@@ -99,12 +99,14 @@ def audit_filter(
             if r % int(releases_per_filter) == 0:
                 flt = ADPFilter(**args)
                 if noise_seed is not None:
-                    flt._generator_factory = seeded_generators(int(noise_seed))  # one stream per round
+                    # one stream per filter and round (rounds restart at 0 in every filter)
+                    flt._generator_factory = seeded_generators(int(noise_seed) * 100_003 + len(ledgers))
                 ctx = site_context(site=f"site-{len(ledgers) + 1}")
                 ledgers.append(flt)
             side = r % 2
             u = (canary_norm if side == 0 else -canary_norm) * e
-            reply = flt.process(_shareable({"canary.weight": u.astype(np.float32)}, r), ctx)
+            # each filter has its own ledger and plans its own rounds: rounds count from 0 per filter
+            reply = flt.process(_shareable({"canary.weight": u.astype(np.float32)}, r % int(releases_per_filter)), ctx)
             if reply.get_return_code() != ReturnCode.OK:
                 raise RuntimeError(f"the filter refused release {r} (return code {reply.get_return_code()})")
             dxo = from_shareable(reply)
