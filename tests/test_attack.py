@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from adpfl.data.synthetic_skin import make_skin_case, skin_domain_shift
-from adpfl.evaluation.attack import AttackConfig, attack_release, image_metrics, small_attack_net
+from adpfl.evaluation.attack import (
+    AttackConfig,
+    attack_release,
+    image_metrics,
+    mask_painted_baseline,
+    small_attack_net,
+)
 from adpfl.privacy.config import PrivacyConfig
 
 torch.set_num_threads(1)
@@ -56,3 +62,19 @@ def test_metrics_identity(case):
     x, _, base = case
     m = image_metrics(x, x, base)
     assert m["ssim"] == pytest.approx(1.0, abs=1e-4) and m["relative_leakage"] > 0
+
+
+def test_mask_painted_baseline_and_normalised_parametrisation(case):
+    x, y, _ = case
+    painted = mask_painted_baseline(y, x, y)
+    lesion = y.bool().expand_as(x)
+    # inside the mask: the mean lesion colour; outside: the mean skin colour
+    assert torch.allclose(painted[lesion].view(3, -1).T, x[lesion].view(3, -1).mean(1).expand(int(y.sum()), 3))
+    assert torch.allclose(painted[~lesion].view(3, -1).mean(1), x[~lesion].view(3, -1).mean(1), atol=1e-6)
+    mean, std = x.mean(dim=(2, 3), keepdim=True), x.std(dim=(2, 3), keepdim=True)
+    cfg = AttackConfig(parametrisation="normalised", prior_mean=mean, prior_std=std)
+    img = cfg.image(torch.randn(1, 3, 32, 32) * 5 + 3)
+    assert torch.allclose(img.mean(dim=(2, 3), keepdim=True), mean, atol=1e-5)
+    assert torch.allclose(img.std(dim=(2, 3), keepdim=True), std, atol=1e-5)
+    with pytest.raises(ValueError, match="prior_mean"):
+        AttackConfig(parametrisation="normalised").image(torch.zeros(1, 3, 4, 4))
