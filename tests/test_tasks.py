@@ -222,14 +222,41 @@ def test_brain_channels_follow_the_datalist_order(datalists):
 
 
 # -- network ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("network", ["standard", "dp"])
 @pytest.mark.parametrize("name, spatial", [("skin2d", (32, 32)), ("kidney3d", (32,) * 3), ("brain3d", (32,) * 3)])
-def test_task_network_forward(name, spatial):
+def test_task_network_forward(name, spatial, network):
     task = get_task(name)
-    net = TaskNetwork(name).eval()
+    net = TaskNetwork(name, network).eval()
     with torch.no_grad():
         out = net(torch.randn(2, task.in_channels, *spatial))
     assert tuple(out.shape) == (2, task.num_classes, *spatial)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_dp_network_has_only_opacus_native_per_sample_gradients(name):
+    """Every parametrised layer of the `dp` variant has an Opacus grad sampler of its own (no
+    functorch fallback), Opacus' validator accepts it, and it is as large as the standard UNet
+    (the same channels; only the up-sampling convolutions' shapes differ)."""
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    dp, std = TaskNetwork(name, "dp"), TaskNetwork(name)
+    layers = {type(m) for m in dp.modules() if any(True for _ in m.parameters(recurse=False))}
+    assert layers and layers <= set(GradSampleModule.GRAD_SAMPLERS), layers
+    assert torch.nn.PReLU in {type(m) for m in std.modules()}  # the standard one still is MONAI's default
+    assert ModuleValidator.validate(dp, strict=True) == []
+    n_dp, n_std = (sum(p.numel() for p in m.parameters()) for m in (dp, std))
+    assert abs(n_dp - n_std) / n_std < 0.01
+
+
+def test_network_setting_is_checked():
+    from adpfl.training.site import SiteConfig
+
+    with pytest.raises(ValueError, match="network"):
+        TaskNetwork("skin2d", "fast")
+    with pytest.raises(ValueError, match="network"):
+        SiteConfig(network="DP").validate()
 
 
 # -- one local epoch ------------------------------------------------------------------------

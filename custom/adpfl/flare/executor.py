@@ -53,6 +53,7 @@ class SegmentationExecutor(Executor):
     def __init__(
         self,
         task: str = _S.task,
+        network: str = _S.network,
         data_root: str | None = _S.data_root,
         synthetic: bool = _S.synthetic,
         num_train: int = _S.num_train,
@@ -90,6 +91,7 @@ class SegmentationExecutor(Executor):
         """
         super().__init__()
         self.task = task
+        self.network = network
         self.data_root = data_root
         self.synthetic = synthetic
         self.num_train = num_train
@@ -114,7 +116,7 @@ class SegmentationExecutor(Executor):
         self.train_task_name = train_task_name
         self.validate_task_name = validate_task_name
         self._site_config = SiteConfig(
-            task=task, data_root=data_root, synthetic=synthetic, num_train=num_train, num_val=num_val,
+            task=task, network=network, data_root=data_root, synthetic=synthetic, num_train=num_train, num_val=num_val,
             data_seed=data_seed, hd95=hd95, dpsgd=self.dpsgd, dpsgd_ledger_name=dpsgd_ledger_name,
             ledger_dir=ledger_dir,
         )

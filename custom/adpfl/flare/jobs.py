@@ -84,8 +84,9 @@ MODE_DEFAULTS: dict[str, dict | None] = {
 #: image/patient of a site, add/remove-one, Poisson sampling; the budget is the site's,
 #: cumulative over every DP-SGD job on its data (record-level ledger in the site workspace).
 MODE_EXECUTOR: dict[str, dict] = {
-    # delta, clip and z (None: calibrated over the job's rounds) are DPSGDConfig's defaults
-    "dpsgd": {"dpsgd": True, "dpsgd_target_epsilon": 8.0},
+    # delta, clip and z (None: calibrated over the job's rounds) are DPSGDConfig's defaults;
+    # the `dp` network variant: every layer has an Opacus-native per-sample gradient
+    "dpsgd": {"dpsgd": True, "dpsgd_target_epsilon": 8.0, "network": "dp"},
 }
 
 BYOC_NOTE = (
@@ -184,7 +185,8 @@ def build_job(task: str, mode: str, name: str | None = None, **overrides):
     job.set_app_packages(["adpfl"])
 
     # ---- server
-    job.to_server(_explicit(PTFileModelPersistor(model=_explicit(TaskNetwork(task=task)))), id="persistor")
+    network = _explicit(TaskNetwork(task=task, network=s["executor"]["network"]))
+    job.to_server(_explicit(PTFileModelPersistor(model=network)), id="persistor")
     job.to_server(_explicit(FullModelShareableGenerator()), id="shareable_generator")
     # private jobs weigh sites equally: the un-noised local step count must not steer aggregation
     job.to_server(

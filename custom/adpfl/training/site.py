@@ -30,7 +30,7 @@ import torch
 from adpfl.privacy.config import DPSGDConfig
 from adpfl.privacy.record import RecordLedger
 from adpfl.privacy.reservation import reserve_record_round, settle_record_round, sync_record_ledger
-from adpfl.tasks.base import get_task
+from adpfl.tasks.base import check_network, get_task
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training.dpsgd import DPSGDTrainer
 from adpfl.training.loop import LocalTrainer, TrainConfig
@@ -45,6 +45,10 @@ class SiteConfig:
     """A site's data and run settings (the executor's settings that are not training ones)."""
 
     task: str = field(default="skin2d", metadata={"help": "the segmentation task: skin2d, kidney3d or brain3d"})
+    network: str = field(default="standard", metadata={
+        "help": "the task network's variant: `standard` (MONAI UNet, PReLU, transposed convolutions) or `dp` "
+                "(same UNet with ReLU and convolution + linear up-sampling: every layer has an Opacus-native "
+                "per-sample gradient, for fast DP-SGD); server and sites build the same one"})
     data_root: str | None = field(default=None, metadata={
         "help": "the task's data folder holding `<site>/datalist.json`; the site's `local/adpfl_site.json` "
                 "or `$ADPFL_DATA_ROOT` override it (None: `~/.cache/adpfl/data/<task>`)", "unit": "path"})
@@ -65,6 +69,7 @@ class SiteConfig:
     def validate(self) -> SiteConfig:
         """Check every setting; ValueError names the offending one. Returns self."""
         get_task(self.task)
+        check_network(self.network)
         for name in ("num_train", "num_val"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -163,13 +168,14 @@ class SiteSession:
         validate_site(datalist)
         lines = [f"{self.site}: task {cfg.task}, data {os.path.join(data_root, self.site)}: "
                  f"{len(datalist['training'])} training / {len(datalist['validation'])} validation cases"]
-        model = TaskNetwork(cfg.task)
+        model = TaskNetwork(cfg.task, cfg.network)
         if cfg.dpsgd:
             from opacus.validators import ModuleValidator
 
             # the server's model must stay the task network (same keys), so it is checked,
-            # not rewritten: MONAI's UNet here uses InstanceNorm without affine weights (no
-            # BatchNorm), PReLU and transposed convolutions (Opacus' functorch path)
+            # not rewritten: both variants use InstanceNorm without affine weights (no
+            # BatchNorm); `standard` has PReLU and transposed convolutions (Opacus' slow
+            # functorch path), `dp` only layers with Opacus-native per-sample gradients
             errors = ModuleValidator.validate(model, strict=False)
             if errors:
                 raise ValueError(f"task {cfg.task}'s network is not Opacus-compatible for DP-SGD: {errors}")
