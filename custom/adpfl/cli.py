@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from adpfl._io import read_json, write_json_atomic
+from adpfl.data.sizes import DATA_SIZES
 from adpfl.modes import MODES
 from adpfl.tasks.base import TASK_NAMES
 
@@ -36,8 +37,11 @@ def cmd_jobs_export(args) -> int:
     from adpfl.flare.jobs import all_jobs, export_job
 
     out = Path(args.jobs_dir)
+    overrides = {"executor": {"data_size": args.data_size}} if args.data_size else {}
+    if args.data_size and Path(args.jobs_dir).resolve() == DEFAULT_JOBS_DIR.resolve():
+        raise CliError("--data-size writes jobs that differ from the checked-in ones; give another --jobs-dir")
     for task, mode in all_jobs():
-        path = export_job(task, mode, str(out))
+        path = export_job(task, mode, str(out), **overrides)
         print(f"exported {path}")
     return 0
 
@@ -117,8 +121,9 @@ def cmd_run(args) -> int:
     from adpfl.flare.simulator import simulator_command, simulator_env
 
     workspace = Path(args.workspace).resolve()
-    if args.resume and (args.clean or args.job_api or args.rounds):
-        raise CliError("--resume continues the stopped run in the workspace; it takes no --clean/--job-api/--rounds")
+    if args.resume and (args.clean or args.job_api or args.rounds or args.data_size):
+        raise CliError("--resume continues the stopped run in the workspace; it takes no "
+                       "--clean/--job-api/--rounds/--data-size")
     if args.clean and workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True, exist_ok=True)
@@ -139,12 +144,14 @@ def cmd_run(args) -> int:
         from adpfl.flare.jobs import build_job
 
         overrides = {"num_rounds": args.rounds} if args.rounds else {}
+        if args.data_size:
+            overrides["executor"] = {"data_size": args.data_size}
         job = build_job(args.task, args.mode, **overrides)
         os.environ.update(simulator_env(args.threads))
         rc = job.simulator_run(str(workspace), n_clients=args.sites, threads=args.threads)
     else:
-        if args.rounds:
-            raise CliError("--rounds needs --job-api (checked-in job folders carry their own num_rounds)")
+        if args.rounds or args.data_size:
+            raise CliError("--rounds and --data-size need --job-api (checked-in job folders carry their own settings)")
         job_dir = Path(resume["job"]) if resume else Path(args.jobs_dir) / name
         if not (job_dir / "meta.json").is_file():
             raise CliError(f"job folder {job_dir} not found (expected meta.json); run `adpfl jobs export`")
@@ -173,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     jsub = j.add_subparsers(dest="jobs_command", required=True)
     je = jsub.add_parser("export", help="(re)generate jobs/<task>_<mode> from the job definition")
     je.add_argument("--jobs-dir", default=str(DEFAULT_JOBS_DIR))
+    je.add_argument("--data-size", default=None, choices=DATA_SIZES,
+                    help="export every job with this executor data_size (not into the checked-in jobs/)")
     je.set_defaults(func=cmd_jobs_export)
 
     r = sub.add_parser("run", help="run a job in the FLARE simulator and print its summary")
@@ -186,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs-dir", default=str(DEFAULT_JOBS_DIR))
     r.add_argument("--job-api", action="store_true", help="build the job with the Python Job API instead of jobs/")
     r.add_argument("--rounds", type=int, default=0, help="override num_rounds (with --job-api)")
+    r.add_argument("--data-size", default=None, choices=DATA_SIZES,
+                   help="override the executor's data_size (with --job-api; default: the job's, tiny)")
     r.add_argument("--clean", action="store_true", help="delete the workspace first")
     r.add_argument("--json", default="", help="also write the summary to this JSON file")
     r.set_defaults(func=cmd_run)

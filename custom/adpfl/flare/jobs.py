@@ -23,20 +23,18 @@ TASK_DEFAULTS: dict[str, dict] = {
     "skin2d": {
         "num_rounds": 5,
         "min_clients": 3,
-        # 40 / 20 synthetic cases, 2 local epochs of batch 8 at the task's default size
+        # the data_size preset's cases (tiny: 40 / 20), 2 local epochs of batch 8 at the task's default size
         "executor": {"task": "skin2d", "learning_rate": 0.002},
         # update norms of this UNet after 2 local epochs: about 5 (round 1) falling to 1.5
         "privacy": {"clip_norm": 2.0},
     },
-    # both 3D tasks: 8/4 cases per site at 64^3, 48^3 patches (see the task modules)
+    # both 3D tasks: the data_size preset's cases per site (tiny: 8/4 at 64^3, 48^3 patches)
     **{
         task: {
             "num_rounds": 5,
             "min_clients": 3,
             "executor": {
                 "task": task,
-                "num_train": 8,
-                "num_val": 4,
                 "local_epochs": 5,
                 "batch_size": 2,
                 "learning_rate": 0.002,
