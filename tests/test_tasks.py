@@ -267,8 +267,14 @@ def test_local_trainer_one_epoch(name, datalists):
     cfg = TrainConfig(local_epochs=1, batch_size=2, image_size=SIZE, device="cpu", amp=False)
     trainer = LocalTrainer(task, datalists[name], cfg)
     model = TaskNetwork(name)
+    cached = [{k: v.clone() for k, v in it.items() if isinstance(v, torch.Tensor)} for it in trainer.train_ds._cache]
     res = trainer.train(model)
     assert res["steps"] == 1 and res["samples"] == 2 and not res["aborted"]
+    # the random transforms never touch the cached items (the cache is not copied per epoch)
+    for before, item in zip(cached, trainer.train_ds._cache):
+        assert all(torch.equal(v, item[k]) for k, v in before.items())
+    batch = next(iter(trainer._loader(True, trainer.train_ds, 2)))
+    assert type(batch["image"]) is torch.Tensor and type(batch["label"]) is torch.Tensor  # no MetaTensor overhead
     assert math.isfinite(res["loss"]) and res["loss"] > 0
     metrics = trainer.evaluate(model)
     families = {"kidney3d": ["dice", "hd95", "sdice"], "brain3d": ["dice", "hd95", "lesion_dice", "lesion_hd95"]}[name]
