@@ -10,9 +10,8 @@ sample and is what made DP-SGD 4-13x slower than plain training on the standard 
 :class:`DPUNet` is MONAI's :class:`~monai.networks.nets.UNet` (same channels, strides,
 residual units, affine-free InstanceNorm) with two changes, both MONAI building blocks:
 
-* activation LeakyReLU with slope 0.25 instead of PReLU (parameter-free; 0.25 is PReLU's
-  initial slope). Plain ReLU was tried first and trained the 3D tasks worse in NP-FL
-  (docs/benchmarks.md);
+* activation ``relu`` instead of PReLU (a parameter-free layer; LeakyReLU(0.25) was tried
+  too and trained skin2d worse, see docs/benchmarks.md);
 * each up-sampling step is a stride-1 :class:`~monai.networks.blocks.Convolution` at the
   coarse resolution followed by a parameter-free :class:`~monai.networks.blocks.UpSample`
   (``mode="nontrainable"``, bi/tri-linear) instead of a strided transposed convolution.
@@ -37,7 +36,7 @@ class DPUNet(UNet):
     """MONAI UNet whose every parametrised layer has an Opacus-native per-sample gradient."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("act", ("leakyrelu", {"negative_slope": 0.25}))
+        kwargs.setdefault("act", "relu")
         super().__init__(*args, **kwargs)
 
     def _get_up_layer(self, in_channels: int, out_channels: int, strides: int, is_top: bool) -> torch.nn.Module:
