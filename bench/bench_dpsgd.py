@@ -2,9 +2,12 @@
 
 Usage: python bench/bench_dpsgd.py [--tasks skin2d kidney3d brain3d] [--image-size 32]
                                    [--num-train 8] [--batch-size 4] [--rounds 2] [--device auto]
+                                   [--networks standard dp]
 
-For each task: the executor's LocalTrainer and DPSGDTrainer (task UNet as the jobs use it:
-PReLU and transposed convolutions go through Opacus' functorch per-sample path) each train
+For each task and network variant (setting ``network``: ``standard`` has PReLU and
+transposed convolutions, which go through Opacus' functorch per-sample path; ``dp`` has only
+layers with Opacus-native per-sample gradients): the executor's LocalTrainer and
+DPSGDTrainer, both on that network, each train
 ``--rounds`` rounds of one epoch on the same synthetic site; reported: seconds per optimizer
 step (median over rounds after one warm-up round), samples/s, the slowdown, the peak GPU
 memory on CUDA, and the record-level epsilon DP-SGD spent. DP-SGD's Poisson batches vary in
@@ -53,6 +56,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--networks", nargs="+", default=["standard", "dp"], choices=["standard", "dp"])
     args = ap.parse_args()
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as root:
@@ -63,25 +67,30 @@ def main() -> None:
             dl = load_site_datalist(root, "site-1", task=task_name)
             cfg = TrainConfig(local_epochs=1, batch_size=args.batch_size, image_size=args.image_size,
                               device=args.device, learning_rate=1e-3)
-            plain = LocalTrainer(task, dl, cfg)
-            device = plain.device
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            p = run(plain, TaskNetwork(task_name).to(device), args.rounds, device)
-            mem_plain = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-            dp = DPSGDTrainer(task, dl, cfg, DPSGDConfig(target_epsilon=8.0, delta=1e-5,
-                                                         planned_rounds=args.rounds + 1, max_grad_norm=1.0))
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            d = run(dp, TaskNetwork(task_name).to(device), args.rounds, device)
-            mem_dp = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-            mem = "" if mem_plain is None else f"; peak GPU memory {mem_plain:.0f} -> {mem_dp:.0f} MiB"
-            print(f"{task_name} ({args.image_size}^{task.spatial_dims}, batch {args.batch_size}, "
-                  f"{args.num_train} training cases): plain {p['s_per_step'] * 1000:.0f} ms/step "
-                  f"({p['samples_per_s']:.1f} samples/s), DP-SGD {d['s_per_step'] * 1000:.0f} ms/step "
-                  f"({d['samples_per_s']:.1f} samples/s): {d['s_per_step'] / p['s_per_step']:.1f}x per step{mem}; "
-                  f"record-level epsilon {d['last']['epsilon']:.3f} at delta 1e-5 "
-                  f"(z={dp.noise_multiplier:.3f}, q={dp.sample_rate:.3f})", flush=True)
+            for network in args.networks:
+                compare(task, dl, cfg, network, args)
+
+
+def compare(task, dl, cfg, network: str, args) -> None:
+    plain = LocalTrainer(task, dl, cfg)
+    device = plain.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    p = run(plain, TaskNetwork(task.name, network).to(device), args.rounds, device)
+    mem_plain = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    dp = DPSGDTrainer(task, dl, cfg, DPSGDConfig(target_epsilon=8.0, delta=1e-5,
+                                                 planned_rounds=args.rounds + 1, max_grad_norm=1.0))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    d = run(dp, TaskNetwork(task.name, network).to(device), args.rounds, device)
+    mem_dp = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    mem = "" if mem_plain is None else f"; peak GPU memory {mem_plain:.0f} -> {mem_dp:.0f} MiB"
+    print(f"{task.name} network {network} ({args.image_size}^{task.spatial_dims}, batch {args.batch_size}, "
+          f"{args.num_train} training cases): plain {p['s_per_step'] * 1000:.0f} ms/step "
+          f"({p['samples_per_s']:.1f} samples/s), DP-SGD {d['s_per_step'] * 1000:.0f} ms/step "
+          f"({d['samples_per_s']:.1f} samples/s): {d['s_per_step'] / p['s_per_step']:.2f}x per step{mem}; "
+          f"record-level epsilon {d['last']['epsilon']:.3f} at delta 1e-5 "
+          f"(z={dp.noise_multiplier:.3f}, q={dp.sample_rate:.3f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """FL overhead: simulator round wall time vs the pure local compute of that round.
 
-Usage: python bench/bench_fl_overhead.py [--task skin2d] [--mode npfl] [--sites 3 16] [--rounds 3]
+Usage: python bench/bench_fl_overhead.py [--task skin2d] [--mode npfl] [--sites 3 8 16] [--rounds 3]
                                          [--timeout 300]
 
 Per site count it runs the tiny job (tests' TINY settings: 6 training / 3 validation
@@ -13,6 +13,12 @@ validate(global) + train + validate(local), times the number of sites divided by
 min(threads, CPU cores) (the ideal time of the sites' compute run concurrently).
 
 overhead ratio = median round wall time / local compute per round (1.0 = no FL overhead).
+
+Memory: the simulator's process tree (server, one worker process per client thread) is
+sampled every 0.5 s with psutil (an nvflare dependency): peak of the summed RSS (shared
+pages count once per process, so this over-states the machine's use a little) and the
+largest single process. Growth with sites: round time and peak RSS per site, relative to
+the smallest site count run (<= 1.0: at most linear).
 """
 
 import argparse
@@ -70,30 +76,62 @@ def local_compute_per_site(task: str, executor: dict, repeats: int = 3) -> float
     return statistics.median(ts[1:])
 
 
+def _tree_rss(proc) -> tuple[int, int]:
+    import psutil
+
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0
+    rss = []
+    for p in procs:
+        try:
+            rss.append(p.memory_info().rss)
+        except psutil.Error:
+            pass
+    return sum(rss), max(rss, default=0)
+
+
 def run_sim(task, mode, sites, rounds, timeout, threads) -> dict:
+    import psutil
+
     tmp = Path(tempfile.mkdtemp(prefix=f"adpfl_bench_fl{sites}_"))
     job = export_job(task, mode, str(tmp / "jobs"), num_rounds=rounds, min_clients=sites,
                      executor=dict(TINY_EXECUTOR))
     env = dict(os.environ, ADPFL_DATA_ROOT=str(tmp / "data"), OMP_NUM_THREADS="1")
     nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([nvflare, "simulator", job, "-w", str(tmp / "ws"), "-n", str(sites), "-t", str(threads)],
-                              env=env, capture_output=True, text=True, timeout=timeout)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
+    peak_total = peak_one = 0
+    with open(tmp / "simulator.out", "w") as out:
+        proc = subprocess.Popen([nvflare, "simulator", job, "-w", str(tmp / "ws"), "-n", str(sites),
+                                 "-t", str(threads)], env=env, stdout=out, stderr=subprocess.STDOUT)
+        ps = psutil.Process(proc.pid)
+        rc = None
+        while rc is None:
+            total, one = _tree_rss(ps)
+            peak_total, peak_one = max(peak_total, total), max(peak_one, one)
+            if time.perf_counter() - t0 > timeout:
+                for child in ps.children(recursive=True):
+                    child.kill()
+                proc.kill()
+                proc.wait()
+                rc = "timeout"
+                break
+            try:
+                rc = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                rc = None
     wall = time.perf_counter() - t0
     log = tmp / "ws" / "server" / "log.txt"
     rt = round_times(log) if log.is_file() else {}
-    return {"rc": rc, "wall": wall, "rounds": rt, "dir": str(tmp)}
+    return {"rc": rc, "wall": wall, "rounds": rt, "dir": str(tmp), "peak_rss": peak_total, "peak_rss_one": peak_one}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", default="skin2d")
     ap.add_argument("--mode", default="npfl")
-    ap.add_argument("--sites", type=int, nargs="+", default=[3, 16])
+    ap.add_argument("--sites", type=int, nargs="+", default=[3, 8, 16])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=300, help="per simulator run, seconds")
     ap.add_argument("--threads", type=int, default=0, help="simulator client threads (default: one per site; "
@@ -103,6 +141,7 @@ def main() -> None:
     per_site = local_compute_per_site(args.task, TINY_EXECUTOR)
     print(f"local compute per site per round (validate + train + validate, tiny {args.task}, 1 thread): "
           f"{per_site:.2f} s")
+    base = None
     for n in args.sites:
         threads = args.threads or n
         r = run_sim(args.task, args.mode, n, args.rounds, args.timeout, threads)
@@ -117,7 +156,16 @@ def main() -> None:
         print(f"{n} sites ({args.mode}, -t {threads}): round wall time median {wall:.2f} s "
               f"over rounds 1..{args.rounds - 1} "
               f"(round 0 with set-up: {r['rounds'].get(0, float('nan')):.2f} s), local compute {compute:.2f} s, "
-              f"FL overhead ratio {wall / compute:.2f}; whole simulator run {r['wall']:.0f} s", flush=True)
+              f"FL overhead ratio {wall / compute:.2f}; whole simulator run {r['wall']:.0f} s; peak RSS of the "
+              f"simulator's processes {r['peak_rss'] / 2**30:.2f} GiB (largest one {r['peak_rss_one'] / 2**20:.0f} "
+              f"MiB)", flush=True)
+        if base is None:
+            base = (n, wall, r["peak_rss"])
+        else:
+            k = n / base[0]
+            print(f"  {n} vs {base[0]} sites ({k:.2f}x the sites): round time {wall / base[1]:.2f}x, peak RSS "
+                  f"{r['peak_rss'] / base[2]:.2f}x; per site {wall / base[1] / k:.2f}x and "
+                  f"{r['peak_rss'] / base[2] / k:.2f}x (<= 1: at most linear)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""In-process FedAvg of NP-FL / DP-FL / ADP-FL on the synthetic skin sites (no FLARE).
+"""In-process FedAvg of NP-FL / DP-FL / ADP-FL on the synthetic sites (no FLARE).
 
-Same trainer, pipeline and data as the FLARE jobs, without simulator overhead, to choose
-privacy defaults quickly. Prints, per configuration and round: update norms per site, the
-global model's Dice at each site, epsilon (update-level, RDP, delta 1e-5), z and C.
+Same trainer, pipeline and data as the FLARE jobs (the task's job settings: learning rate,
+local epochs, batch size; tiny site sizes), without simulator overhead, to choose privacy
+defaults quickly and to compare the network variants (setting ``network``). Prints, per
+configuration, network and round: update norms per site, the global model's Dice at each
+site, epsilon (update-level, RDP, delta 1e-5), z and C; at the end the final mean Dice per
+network.
 
     python bench/inprocess_fedavg.py --rounds 3 --configs npfl dpfl adpfl_topk adpfl_random
+    python bench/inprocess_fedavg.py --task kidney3d --image-size 32 --rounds 5 --configs npfl --networks standard dp
 """
 
 from __future__ import annotations
@@ -31,13 +35,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epsilon", type=float, default=1e5)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    ap.add_argument("--data-root", default=os.path.join(tempfile.gettempdir(), "adpfl_bench_data", "skin2d"))
+    ap.add_argument("--task", default="skin2d", choices=["skin2d", "kidney3d", "brain3d"])
+    ap.add_argument("--networks", nargs="+", default=["standard"], choices=["standard", "dp"])
+    ap.add_argument("--image-size", type=int, default=None, help="default: the task's")
+    ap.add_argument("--data-root", default=None, help="default: <tmp>/adpfl_bench_data/<task>")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    data_root = args.data_root or os.path.join(tempfile.gettempdir(), "adpfl_bench_data", args.task)
 
     from adpfl.data.datalist import load_site_datalist
+    from adpfl.data.sizes import resolve_data_size
     from adpfl.data.synthetic import ensure_site_data
+    from adpfl.flare.jobs import job_settings
     from adpfl.privacy.config import PrivacyConfig
     from adpfl.privacy.ledger import PrivacyLedger
     from adpfl.privacy.pipeline import PrivacyPipeline
@@ -45,19 +55,26 @@ def main() -> None:
     from adpfl.tasks.network import TaskNetwork
     from adpfl.training import LocalTrainer, TrainConfig
 
-    task = get_task("skin2d")
+    task = get_task(args.task)
+    ex = job_settings(args.task, "npfl")["executor"]
+    n_train, n_val, _ = resolve_data_size(args.task, "tiny")
     sites = ["site-1", "site-2", "site-3"]
     trainers = []
     for s in sites:
-        ensure_site_data("skin2d", args.data_root, s, num_train=40, num_val=20, seed=0)
-        dl = load_site_datalist(args.data_root, s, task="skin2d")
-        trainers.append(LocalTrainer(task, dl, TrainConfig(local_epochs=2, batch_size=8, learning_rate=2e-3)))
-    print(f"machine: {os.cpu_count()} CPU cores, cuda={torch.cuda.is_available()}; data {args.data_root}")
-    for name in args.configs:
+        ensure_site_data(args.task, data_root, s, num_train=n_train, num_val=n_val, size=args.image_size, seed=0)
+        dl = load_site_datalist(data_root, s, task=args.task)
+        trainers.append(LocalTrainer(task, dl, TrainConfig(local_epochs=ex["local_epochs"], batch_size=ex["batch_size"],
+                                                           learning_rate=ex["learning_rate"],
+                                                           image_size=args.image_size)))
+    print(f"machine: {os.cpu_count()} CPU cores, cuda={torch.cuda.is_available()}; data {data_root}; task "
+          f"{args.task}, {n_train}/{n_val} cases per site, image size {args.image_size or 'default'}, "
+          f"{ex['local_epochs']} local epochs, batch {ex['batch_size']}, lr {ex['learning_rate']}")
+    final = {}
+    for name, network in [(c, n) for c in args.configs for n in args.networks]:
         cfg = CONFIGS[name]
         torch.manual_seed(0)
-        g = TaskNetwork("skin2d")
-        models = [TaskNetwork("skin2d") for _ in trainers]
+        g = TaskNetwork(args.task, network)
+        models = [TaskNetwork(args.task, network) for _ in trainers]
         pipes = None
         if cfg is not None:
             pc = dict(cfg, target_epsilon=args.epsilon, planned_rounds=args.rounds, delta=1e-5)
@@ -83,12 +100,15 @@ def main() -> None:
                 deltas.append(d)
             g.load_state_dict({k: gs[k] + sum(d[k] for d in deltas) / len(deltas) for k in gs})
             dice = [tr.evaluate(g, with_hd95=False)["dice_mean"] for tr in trainers]
+            final[(name, network)] = sum(dice) / len(dice)
             print(
-                f"{name} round {r}: norms {[round(n, 2) for n in norms]} dice {[round(x, 3) for x in dice]} "
+                f"{name} {network} round {r}: norms {[round(n, 2) for n in norms]} dice {[round(x, 3) for x in dice]} "
                 f"mean {sum(dice) / len(dice):.3f} eps_rdp {meta.get('epsilon_rdp', 0):.4g} "
                 f"z {meta.get('noise_multiplier', 0):.4g} C {meta.get('clip_norm', 0):.4g}",
                 flush=True,
             )
+    for (name, network), dice in final.items():
+        print(f"final: {name} network {network}: mean Dice {dice:.4f} after {args.rounds} rounds")
 
 
 if __name__ == "__main__":

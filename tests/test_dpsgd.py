@@ -81,13 +81,17 @@ def test_refuses_past_budget(site):
     assert tr.history == hist
 
 
-def test_per_sample_grads_of_3d_unet_match_microbatches():
-    """The 3D MONAI UNet (PReLU, InstanceNorm, ConvTranspose3d) works with Opacus."""
+@pytest.mark.parametrize("network", ["standard", "dp"])
+def test_per_sample_grads_of_3d_unet_match_microbatches(network):
+    """Both 3D network variants work with Opacus: the MONAI UNet (PReLU, InstanceNorm,
+    ConvTranspose3d: functorch fallback) and the `dp` variant (native grad samplers only)."""
     from monai.networks.nets import UNet
     from opacus import GradSampleModule
 
+    from adpfl.tasks.dp_unet import DPUNet
+
     torch.manual_seed(0)
-    net = UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=2)
+    net = {"standard": UNet, "dp": DPUNet}[network](3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=2)
     gsm = GradSampleModule(net, loss_reduction="sum")
     x = torch.randn(2, 1, 16, 16, 16)
     (gsm(x) ** 2).sum().backward()

@@ -45,13 +45,14 @@ def test_jobs_start_from_the_registry_defaults():
 
     ex = job_settings("kidney3d", "npfl")["executor"]
     assert list(ex) == list(reg.defaults("executor"))
-    assert ex["max_steps_per_round"] is None and ex["image_size"] is None and ex["num_train"] == 8
+    assert ex["max_steps_per_round"] is None and ex["image_size"] is None
+    assert ex["num_train"] is None and ex["data_size"] == "tiny"  # the preset's 8 cases
 
 
 def test_check_and_write(tmp_path, capsys):
     stale = tmp_path / "README.md"
     text = README.read_text()
-    stale.write_text(text.replace("| `num_train` | `40` |", "| `num_train` | `41` |"))
+    stale.write_text(text.replace("| `data_seed` | `0` |", "| `data_seed` | `1` |"))
     assert reg.main([str(stale)]) == 1
     assert "differ from the registry" in capsys.readouterr().err
     assert reg.main([str(stale), "--write"]) == 0

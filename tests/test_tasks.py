@@ -222,14 +222,41 @@ def test_brain_channels_follow_the_datalist_order(datalists):
 
 
 # -- network ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("network", ["standard", "dp"])
 @pytest.mark.parametrize("name, spatial", [("skin2d", (32, 32)), ("kidney3d", (32,) * 3), ("brain3d", (32,) * 3)])
-def test_task_network_forward(name, spatial):
+def test_task_network_forward(name, spatial, network):
     task = get_task(name)
-    net = TaskNetwork(name).eval()
+    net = TaskNetwork(name, network).eval()
     with torch.no_grad():
         out = net(torch.randn(2, task.in_channels, *spatial))
     assert tuple(out.shape) == (2, task.num_classes, *spatial)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_dp_network_has_only_opacus_native_per_sample_gradients(name):
+    """Every parametrised layer of the `dp` variant has an Opacus grad sampler of its own (no
+    functorch fallback), Opacus' validator accepts it, and it is as large as the standard UNet
+    (the same channels; only the up-sampling convolutions' shapes differ)."""
+    from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
+
+    dp, std = TaskNetwork(name, "dp"), TaskNetwork(name)
+    layers = {type(m) for m in dp.modules() if any(True for _ in m.parameters(recurse=False))}
+    assert layers and layers <= set(GradSampleModule.GRAD_SAMPLERS), layers
+    assert torch.nn.PReLU in {type(m) for m in std.modules()}  # the standard one still is MONAI's default
+    assert ModuleValidator.validate(dp, strict=True) == []
+    n_dp, n_std = (sum(p.numel() for p in m.parameters()) for m in (dp, std))
+    assert abs(n_dp - n_std) / n_std < 0.01
+
+
+def test_network_setting_is_checked():
+    from adpfl.training.site import SiteConfig
+
+    with pytest.raises(ValueError, match="network"):
+        TaskNetwork("skin2d", "fast")
+    with pytest.raises(ValueError, match="network"):
+        SiteConfig(network="DP").validate()
 
 
 # -- one local epoch ------------------------------------------------------------------------
@@ -240,8 +267,14 @@ def test_local_trainer_one_epoch(name, datalists):
     cfg = TrainConfig(local_epochs=1, batch_size=2, image_size=SIZE, device="cpu", amp=False)
     trainer = LocalTrainer(task, datalists[name], cfg)
     model = TaskNetwork(name)
+    cached = [{k: v.clone() for k, v in it.items() if isinstance(v, torch.Tensor)} for it in trainer.train_ds._cache]
     res = trainer.train(model)
     assert res["steps"] == 1 and res["samples"] == 2 and not res["aborted"]
+    # the random transforms never touch the cached items (the cache is not copied per epoch)
+    for before, item in zip(cached, trainer.train_ds._cache):
+        assert all(torch.equal(v, item[k]) for k, v in before.items())
+    batch = next(iter(trainer._loader(True, trainer.train_ds, 2)))
+    assert type(batch["image"]) is torch.Tensor and type(batch["label"]) is torch.Tensor  # no MetaTensor overhead
     assert math.isfinite(res["loss"]) and res["loss"] > 0
     metrics = trainer.evaluate(model)
     families = {"kidney3d": ["dice", "hd95", "sdice"], "brain3d": ["dice", "hd95", "lesion_dice", "lesion_hd95"]}[name]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from adpfl._io import read_json, write_json_atomic
+from adpfl.data.sizes import DATA_SIZES
 from adpfl.modes import MODES
 from adpfl.tasks.base import TASK_NAMES
 
@@ -36,8 +37,11 @@ def cmd_jobs_export(args) -> int:
     from adpfl.flare.jobs import all_jobs, export_job
 
     out = Path(args.jobs_dir)
+    overrides = {"executor": {"data_size": args.data_size}} if args.data_size else {}
+    if args.data_size and Path(args.jobs_dir).resolve() == DEFAULT_JOBS_DIR.resolve():
+        raise CliError("--data-size writes jobs that differ from the checked-in ones; give another --jobs-dir")
     for task, mode in all_jobs():
-        path = export_job(task, mode, str(out))
+        path = export_job(task, mode, str(out), **overrides)
         print(f"exported {path}")
     return 0
 
@@ -136,8 +140,9 @@ def cmd_run(args) -> int:
     from adpfl.flare.simulator import result_dir, simulator_command
 
     workspace = Path(args.workspace).resolve()
-    if args.resume and (args.clean or args.rounds or args.overrides):
-        raise CliError("--resume continues the stopped run in the workspace; it takes no --clean/--rounds/--overrides")
+    if args.resume and (args.clean or args.rounds or args.overrides or args.data_size):
+        raise CliError("--resume continues the stopped run in the workspace; it takes no "
+                       "--clean/--rounds/--overrides/--data-size")
     if args.clean and workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True, exist_ok=True)
@@ -167,6 +172,8 @@ def cmd_run(args) -> int:
                 raise CliError(f"--overrides {args.overrides}: not a JSON object of job settings ({e})") from None
         if args.rounds:
             overrides["num_rounds"] = args.rounds
+        if args.data_size:
+            overrides["executor"] = {**dict(overrides.get("executor") or {}), "data_size": args.data_size}
         sites = [f"site-{i}" for i in range(1, args.sites + 1)]
         settings = job_settings(args.task, args.mode, sites=sites, **overrides)
         num_rounds = settings["num_rounds"]
@@ -174,10 +181,10 @@ def cmd_run(args) -> int:
         sim_ws = workspace / job_name(args.task, args.mode)
         cmd = [sys.executable, "-m", "adpfl.flare.recipe", "--env", "sim", "--task", args.task, "--mode", args.mode,
                "-w", str(workspace), "-n", str(args.sites), "-t", str(threads), "--no-summary"]
-        if args.rounds:
-            cmd += ["--rounds", str(args.rounds)]
-        if args.overrides:
-            cmd += ["--overrides", str(Path(args.overrides).resolve())]
+        if overrides:  # the run's settings, as the recipe's child process reads them
+            settings_file = workspace / "overrides.json"
+            write_json_atomic(settings_file, overrides)
+            cmd += ["--overrides", str(settings_file.resolve())]
         what = f"{args.task}/{args.mode} on FLARE's SimEnv"
     print(f"{what}: {args.sites} sites, {num_rounds} rounds; FLARE's full log: {log_path}", flush=True)
     t0 = time.perf_counter()
@@ -227,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     jsub = j.add_subparsers(dest="jobs_command", required=True)
     je = jsub.add_parser("export", help="(re)generate jobs/<task>_<mode> from the job definition")
     je.add_argument("--jobs-dir", default=str(DEFAULT_JOBS_DIR))
+    je.add_argument("--data-size", default=None, choices=DATA_SIZES,
+                    help="export every job with this executor data_size (not into the checked-in jobs/)")
     je.set_defaults(func=cmd_jobs_export)
 
     r = sub.add_parser("run", help="run a job on FLARE's SimEnv, one line per round, then its summary")
@@ -240,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs-dir", default=str(DEFAULT_JOBS_DIR), help="where --resume finds the stopped run's job")
     r.add_argument("--rounds", type=int, default=0, help="override num_rounds")
     r.add_argument("--overrides", default="", help="JSON file of job settings (adpfl.flare.jobs.job_settings)")
+    r.add_argument("--data-size", default=None, choices=DATA_SIZES,
+                   help="the executor's data_size: synthetic sites of the preset size (default: the job's, tiny)")
     r.add_argument("--clean", action="store_true", help="delete the workspace first")
     r.add_argument("--json", default="", help="also write the summary to this JSON file")
     r.set_defaults(func=cmd_run)

@@ -113,7 +113,7 @@ _HERE = __name__
 COMPONENTS: dict[str, dict] = {
     "executor": {
         "component": "adpfl.flare.executor:SegmentationExecutor",
-        "args": _group(_SITE, "task data_root synthetic num_train num_val")
+        "args": _group(_SITE, "task network data_root synthetic data_size num_train num_val")
         + _group(_TRAIN, "image_size")
         + _group(_SITE, "data_seed")
         + _group(_TRAIN, "local_epochs batch_size learning_rate max_steps_per_round amp device num_workers")

@@ -37,7 +37,7 @@ from scipy.stats import binom
 import adpfl.training.dpsgd as dpsgd_module
 from adpfl.privacy.config import DPSGDConfig
 from adpfl.tasks.base import get_task
-from adpfl.training.dp_noise import Float64NoiseDPOptimizer
+from adpfl.training.dp_noise import RecordDPOptimizer
 from adpfl.training.loop import TrainConfig
 
 __all__ = ["audit_dpsgd_trainer", "one_run_epsilon_lower_bound"]
@@ -67,10 +67,10 @@ def one_run_epsilon_lower_bound(correct: int, guesses: int, canaries: int, delta
 
 
 def _canary_optimizer(param_index: int, coords: torch.Tensor, height: float, q: float, gen: torch.Generator):
-    """A Float64NoiseDPOptimizer subclass that appends one Dirac gradient row per included
+    """A RecordDPOptimizer subclass (the trainer's optimizer) that appends one Dirac gradient row per included
     canary (each joining the step with probability ``q``) before Opacus clips."""
 
-    class CanaryDPOptimizer(Float64NoiseDPOptimizer):
+    class CanaryDPOptimizer(RecordDPOptimizer):
         def clip_and_accumulate(self):
             joined = coords[torch.rand(len(coords), generator=gen) < q]
             if len(joined):
@@ -86,12 +86,12 @@ def _canary_optimizer(param_index: int, coords: torch.Tensor, height: float, q: 
 
 @contextlib.contextmanager
 def _optimizer_class(cls):
-    saved = dpsgd_module.Float64NoiseDPOptimizer
-    dpsgd_module.Float64NoiseDPOptimizer = cls
+    saved = dpsgd_module.RecordDPOptimizer
+    dpsgd_module.RecordDPOptimizer = cls
     try:
         yield
     finally:
-        dpsgd_module.Float64NoiseDPOptimizer = saved
+        dpsgd_module.RecordDPOptimizer = saved
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from adpfl._io import read_json, write_json_atomic
+from adpfl.data.sizes import DATA_SIZES
 from adpfl.flare.simulator import last_started_round, result_dir, server_log, simulator_env
 from adpfl.modes import MODES, RECORD_MODES
 from adpfl.tasks.base import TASK_NAMES
@@ -280,7 +281,11 @@ def cmd_compare(args) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.tiny and args.data_size == "realistic":
+        raise ValueError("--tiny and --data-size realistic contradict each other; choose one")
     executor = dict(TINY_EXECUTOR) if args.tiny else {}
+    if args.data_size:
+        executor["data_size"] = args.data_size
     executor.update(parse_kv(args.executor))
     settings = {
         "task": args.task, "epsilons": [float(e) for e in args.epsilons], "seeds": [int(s) for s in args.seeds],
@@ -366,6 +371,8 @@ def add_compare_parsers(sub) -> None:
     c.add_argument("--delta", type=float, default=1e-5, help="delta of every private run")
     c.add_argument("--out", default="", help="results folder (default results/compare_<task>)")
     c.add_argument("--tiny", action="store_true", help="tiny data/model settings (CPU smoke test)")
+    c.add_argument("--data-size", default=None, choices=DATA_SIZES,
+                   help="the executor's data_size: synthetic sites of the preset size (default: the jobs', tiny)")
     c.add_argument("--executor", nargs="*", default=[], metavar="KEY=VALUE", help="executor overrides")
     c.add_argument("--poll", type=float, default=2.0, help="seconds between progress polls")
     c.add_argument("--inprocess", action="store_true",

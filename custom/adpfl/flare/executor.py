@@ -53,10 +53,12 @@ class SegmentationExecutor(Executor):
     def __init__(
         self,
         task: str = _S.task,
+        network: str = _S.network,
         data_root: str | None = _S.data_root,
         synthetic: bool = _S.synthetic,
-        num_train: int = _S.num_train,
-        num_val: int = _S.num_val,
+        data_size: str = _S.data_size,
+        num_train: int | None = _S.num_train,
+        num_val: int | None = _S.num_val,
         image_size: int | None = _T.image_size,
         data_seed: int = _S.data_seed,
         local_epochs: int = _T.local_epochs,
@@ -100,8 +102,10 @@ class SegmentationExecutor(Executor):
         """
         super().__init__()
         self.task = task
+        self.network = network
         self.data_root = data_root
         self.synthetic = synthetic
+        self.data_size = data_size
         self.num_train = num_train
         self.num_val = num_val
         self.image_size = image_size
@@ -132,7 +136,8 @@ class SegmentationExecutor(Executor):
         self.train_task_name = train_task_name
         self.validate_task_name = validate_task_name
         self._site_config = SiteConfig(
-            task=task, data_root=data_root, synthetic=synthetic, num_train=num_train, num_val=num_val,
+            task=task, network=network, data_root=data_root, synthetic=synthetic, data_size=data_size,
+            num_train=num_train, num_val=num_val,
             data_seed=data_seed, hd95=hd95, dpsgd=self.dpsgd, dpsgd_ledger_name=dpsgd_ledger_name,
             ledger_dir=ledger_dir,
         )

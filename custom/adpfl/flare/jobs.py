@@ -23,20 +23,18 @@ TASK_DEFAULTS: dict[str, dict] = {
     "skin2d": {
         "num_rounds": 5,
         "min_clients": 3,
-        # 40 / 20 synthetic cases, 2 local epochs of batch 8 at the task's default size
+        # the data_size preset's cases (tiny: 40 / 20), 2 local epochs of batch 8 at the task's default size
         "executor": {"task": "skin2d", "learning_rate": 0.002},
         # update norms of this UNet after 2 local epochs: about 5 (round 1) falling to 1.5
         "privacy": {"clip_norm": 2.0},
     },
-    # both 3D tasks: 8/4 cases per site at 64^3, 48^3 patches (see the task modules)
+    # both 3D tasks: the data_size preset's cases per site (tiny: 8/4 at 64^3, 48^3 patches)
     **{
         task: {
             "num_rounds": 5,
             "min_clients": 3,
             "executor": {
                 "task": task,
-                "num_train": 8,
-                "num_val": 4,
                 "local_epochs": 5,
                 "batch_size": 2,
                 "learning_rate": 0.002,
@@ -85,11 +83,12 @@ MODE_DEFAULTS: dict[str, dict | None] = {
 #: image/patient of a site, add/remove-one, Poisson sampling; the budget is the site's,
 #: cumulative over every DP-SGD job on its data (record-level ledger in the site workspace).
 MODE_EXECUTOR: dict[str, dict] = {
-    # delta, clip and z (None: calibrated over the job's rounds) are DPSGDConfig's defaults
-    "dpsgd": {"dpsgd": True, "dpsgd_target_epsilon": 8.0},
+    # delta, clip and z (None: calibrated over the job's rounds) are DPSGDConfig's defaults;
+    # the `dp` network variant: every layer has an Opacus-native per-sample gradient
+    "dpsgd": {"dpsgd": True, "dpsgd_target_epsilon": 8.0, "network": "dp"},
     # ADP-SGD: the same record-level budget and ledger, with adaptive clipping (Andrew et al.)
     # and the progress-driven noise schedule (adpfl.privacy.record_adaptive)
-    "adpsgd": {"dpsgd": True, "dpsgd_adaptive": True, "dpsgd_target_epsilon": 8.0},
+    "adpsgd": {"dpsgd": True, "dpsgd_adaptive": True, "dpsgd_target_epsilon": 8.0, "network": "dp"},
 }
 
 BYOC_NOTE = (
@@ -197,7 +196,8 @@ def build_job(task: str, mode: str, name: str | None = None, **overrides):
     job.set_app_packages(["adpfl"])
 
     # ---- server
-    job.to_server(_explicit(PTFileModelPersistor(model=_explicit(TaskNetwork(task=task)))), id="persistor")
+    network = _explicit(TaskNetwork(task=task, network=s["executor"]["network"]))
+    job.to_server(_explicit(PTFileModelPersistor(model=network)), id="persistor")
     job.to_server(_explicit(FullModelShareableGenerator()), id="shareable_generator")
     # private jobs weigh sites equally: the un-noised local step count must not steer aggregation
     job.to_server(

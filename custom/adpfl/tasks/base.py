@@ -17,9 +17,22 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SegTask", "get_task", "TASK_NAMES", "labels_to_regions"]
+__all__ = ["SegTask", "get_task", "TASK_NAMES", "NETWORKS", "check_network", "labels_to_regions"]
 
 TASK_NAMES = ("skin2d", "kidney3d", "brain3d")
+
+#: the network variants every task builds (setting ``network``): ``standard`` is MONAI's UNet
+#: (PReLU, transposed-convolution up-sampling); ``dp`` is :class:`adpfl.tasks.dp_unet.DPUNet`,
+#: the same UNet with ReLU and convolution + linear up-sampling, whose every layer has an
+#: Opacus-native per-sample gradient (fast record-level DP-SGD). Their state dicts differ.
+NETWORKS = ("standard", "dp")
+
+
+def check_network(network: str) -> str:
+    """``network`` if it names a variant of :data:`NETWORKS`; ValueError naming the setting otherwise."""
+    if network not in NETWORKS:
+        raise ValueError(f"setting network must be one of {NETWORKS}, got {network!r}")
+    return network
 
 
 @dataclass(frozen=True)
@@ -82,9 +95,13 @@ class SegTask:
             return []
         return sorted(vals - set(self.mask_values)) or sorted(vals - set(allowed[0]))
 
-    def build_network(self) -> torch.nn.Module:
-        """The MONAI UNet of this task (wrapped by :class:`adpfl.tasks.network.TaskNetwork`)."""
-        from monai.networks.nets import UNet
+    def build_network(self, network: str = "standard") -> torch.nn.Module:
+        """The MONAI UNet of this task in variant ``network`` (:data:`NETWORKS`; wrapped by
+        :class:`adpfl.tasks.network.TaskNetwork`)."""
+        if check_network(network) == "dp":
+            from adpfl.tasks.dp_unet import DPUNet as UNet
+        else:
+            from monai.networks.nets import UNet
 
         return UNet(
             spatial_dims=self.spatial_dims,

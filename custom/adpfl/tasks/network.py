@@ -1,8 +1,9 @@
 """The task's network as a module constructible from its task name alone.
 
 FLARE's model persistor instantiates the model from the job config (``path`` + ``args``);
-``TaskNetwork(task="kidney3d")`` keeps that config to one argument, and the executor
-builds the same module, so server and sites agree on the state-dict keys.
+``TaskNetwork(task="kidney3d", network="dp")`` keeps that config to the two settings that
+define the module, and the executor builds the same one, so server and sites agree on the
+state-dict keys.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from adpfl.tasks.base import get_task
 
 
 class TaskNetwork(torch.nn.Module):
-    def __init__(self, task: str = "skin2d"):
+    def __init__(self, task: str = "skin2d", network: str = "standard"):
         super().__init__()
         self.task = task
-        self.net = get_task(task).build_network()
+        self.network = network
+        self.net = get_task(task).build_network(network)
 
     def forward(self, x):
         return self.net(x)

@@ -50,13 +50,19 @@ def _load_and_normalize(task: SegTask, size):
 def _train(task: SegTask, size):
     from monai import transforms as mt
 
+    from adpfl.tasks.meta_free import MetaFree
+
+    # the deterministic part (up to the first random transform) is what CacheDataset caches;
+    # the per-epoch random flips run without MONAI's metadata tracking (plain tensors)
     return mt.Compose(
         _load_and_normalize(task, size)
         + [
-            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
-            mt.RandRotate90d(keys=["image", "label"], prob=0.5, max_k=3),
             mt.EnsureTyped(keys=["image", "label"], track_meta=False),
+            MetaFree([
+                mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+                mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
+                mt.RandRotate90d(keys=["image", "label"], prob=0.5, max_k=3),
+            ]),
         ]
     )
 

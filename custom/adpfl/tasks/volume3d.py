@@ -67,12 +67,22 @@ def finish(track_meta: bool = False):
 
 def train_chain(task: SegTask, size, load_and_normalize, intensity_shift: float):
     """Random patches centred on foreground/background 2:1, mirroring on all axes, small
-    intensity scale/shift jitter, after the task's own loading and normalisation."""
+    intensity scale/shift jitter, after the task's own loading and normalisation.
+
+    The deterministic part (up to the first random transform) is what CacheDataset caches:
+    it ends with the foreground/background voxel indices the patch sampler draws from
+    (``FgBgToIndicesd``, computed once instead of at every draw) and plain typed tensors;
+    the random transforms run without MONAI's metadata tracking (:class:`MetaFree`)."""
     from monai import transforms as mt
 
+    from adpfl.tasks.meta_free import MetaFree
+
+    indices = ["label_fg_indices", "label_bg_indices"]
     return mt.Compose(
         load_and_normalize
-        + [
+        + [mt.FgBgToIndicesd(keys="label", image_key="image", image_threshold=0.0)]
+        + finish()
+        + [MetaFree([
             mt.RandCropByPosNegLabeld(
                 keys=["image", "label"],
                 label_key="label",
@@ -80,16 +90,16 @@ def train_chain(task: SegTask, size, load_and_normalize, intensity_shift: float)
                 pos=2.0,
                 neg=1.0,
                 num_samples=1,
-                image_key="image",
-                image_threshold=0.0,
+                fg_indices_key=indices[0],
+                bg_indices_key=indices[1],
             ),
+            mt.DeleteItemsd(keys=indices),
             mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
             mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
             mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),
             mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
             mt.RandShiftIntensityd(keys="image", offsets=intensity_shift, prob=0.5),
-        ]
-        + finish()
+        ])]
     )
 
 

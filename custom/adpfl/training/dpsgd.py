@@ -34,7 +34,10 @@ Opacus compatibility of the project's MONAI UNet (measured with Opacus 1.6.0, MO
 parameters has no weights and is per-sample; no BatchNorm). ``Conv2d/Conv3d`` use Opacus'
 own grad samplers; ``PReLU`` and ``ConvTranspose2d/3d`` have none and go through Opacus'
 functorch (``torch.func``) fallback, which works and matches per-example gradients computed
-one sample at a time (checked in 2D and on a 16^3 3D UNet). :func:`dpsgd_network` builds the
+one sample at a time (checked in 2D and on a 16^3 3D UNet). The ``dp`` network variant
+(setting ``network``, :class:`adpfl.tasks.dp_unet.DPUNet`, the default of ``dpsgd`` jobs) has
+only layers with Opacus-native grad samplers, which is what makes DP-SGD fast (see
+docs/benchmarks.md). :func:`dpsgd_network` builds the
 task network and runs ``ModuleValidator.fix`` (which would replace BatchNorm by GroupNorm) as
 a safeguard; ``act="relu"`` is an option that avoids the functorch path for activations.
 """
@@ -75,17 +78,18 @@ __all__ = [
     "opacus_rdp_epsilon",
 ]
 
-def dpsgd_network(task: SegTask, act: str | None = None) -> torch.nn.Module:
+def dpsgd_network(task: SegTask, act: str | None = None, network: str = "standard") -> torch.nn.Module:
     """The task's MONAI UNet in a form Opacus accepts.
 
-    ``act=None`` keeps the task's own network (PReLU, InstanceNorm without affine):
-    Opacus supports it (PReLU and ConvTranspose through its functorch fallback).
+    ``act=None`` keeps the task's own network of variant ``network`` (``standard``: PReLU,
+    InstanceNorm without affine, which Opacus supports with PReLU and ConvTranspose through
+    its functorch fallback; ``dp``: every layer with an Opacus-native per-sample gradient).
     ``act="relu"`` (any MONAI activation name) builds the same UNet with that activation.
     Raises ``PrivacyConfigError`` if Opacus' validator still reports an incompatibility
     after ``ModuleValidator.fix``.
     """
     if act is None:
-        net = task.build_network()
+        net = task.build_network(network)
     else:
         from monai.networks.nets import UNet
 

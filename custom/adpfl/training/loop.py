@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from monai.data import CacheDataset, DataLoader
+from monai.data import CacheDataset, DataLoader, ThreadDataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
@@ -103,8 +103,12 @@ class LocalTrainer:
         self.val_items = val_items
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # the deterministic transforms run once here; the random ones every epoch on the
+            # cached items, which none of them modifies in place (flips/rotations copy, crops
+            # are read, intensity jitter returns new tensors): no defensive copy of each item
             self.train_ds = CacheDataset(
-                train_items, transform=task.train_transforms(self.size), cache_rate=1.0, progress=False
+                train_items, transform=task.train_transforms(self.size), cache_rate=1.0, progress=False,
+                copy_cache=False,
             )
             val_transform = task.val_transforms(self.size)
             self.val_ds = (
@@ -121,7 +125,9 @@ class LocalTrainer:
 
     # -- training ---------------------------------------------------------------------
     def _loader(self, shuffle: bool, ds, batch_size: int) -> DataLoader:
-        return DataLoader(
+        # MONAI's ThreadDataLoader: the next batch's random transforms run in a thread while
+        # the current batch trains (the cached dataset needs no worker processes)
+        return ThreadDataLoader(
             ds,
             batch_size=batch_size,
             shuffle=shuffle,

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from adpfl.data.sizes import check_data_size, resolve_data_size, synthetic_root
 from adpfl.privacy.config import DPSGDConfig
 from adpfl.privacy.public_signals import public_signals
 from adpfl.privacy.record import RecordLedger
 from adpfl.privacy.reservation import reserve_record_round, settle_record_round, sync_record_ledger
-from adpfl.tasks.base import get_task
+from adpfl.tasks.base import check_network, get_task
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training.dpsgd import DPSGDTrainer
 from adpfl.training.loop import LocalTrainer, TrainConfig
@@ -46,13 +47,24 @@ class SiteConfig:
     """A site's data and run settings (the executor's settings that are not training ones)."""
 
     task: str = field(default="skin2d", metadata={"help": "the segmentation task: skin2d, kidney3d or brain3d"})
+    network: str = field(default="standard", metadata={
+        "help": "the task network's variant: `standard` (MONAI UNet, PReLU, transposed convolutions) or `dp` "
+                "(same UNet with ReLU and convolution + linear up-sampling: every layer has an Opacus-native "
+                "per-sample gradient, for fast DP-SGD); server and sites build the same one"})
     data_root: str | None = field(default=None, metadata={
         "help": "the task's data folder holding `<site>/datalist.json`; the site's `local/adpfl_site.json` "
                 "or `$ADPFL_DATA_ROOT` override it (None: `~/.cache/adpfl/data/<task>`)", "unit": "path"})
     synthetic: bool = field(default=True, metadata={
         "help": "generate the embedded synthetic data for this site when it is missing"})
-    num_train: int = field(default=40, metadata={"help": "synthetic training cases per site", "unit": "cases"})
-    num_val: int = field(default=20, metadata={"help": "synthetic validation cases per site", "unit": "cases"})
+    data_size: str = field(default="tiny", metadata={
+        "help": "synthetic site size: `tiny` (tests, smoke runs: skin2d 40 / 20, 3D 8 / 4 cases) or `realistic` "
+                "(skin2d 3,300 / 330 images at 128^2, kidney3d 130 / 30 and brain3d 130 / 20 patients at 48^3; "
+                "generated once into a cache folder under the data root and reused by every job); explicit "
+                "`num_train`, `num_val`, `image_size` override it"})
+    num_train: int | None = field(default=None, metadata={
+        "help": "synthetic training cases per site (None: the `data_size` preset's)", "unit": "cases"})
+    num_val: int | None = field(default=None, metadata={
+        "help": "synthetic validation cases per site (None: the `data_size` preset's)", "unit": "cases"})
     data_seed: int = field(default=0, metadata={"help": "seed of the synthetic data generator"})
     hd95: bool = field(default=True, metadata={"help": "also compute HD95 when validating"})
     dpsgd: bool = field(default=False, metadata={
@@ -66,10 +78,12 @@ class SiteConfig:
     def validate(self) -> SiteConfig:
         """Check every setting; ValueError names the offending one. Returns self."""
         get_task(self.task)
+        check_network(self.network)
+        check_data_size(self.data_size)
         for name in ("num_train", "num_val"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None (the data_size preset's) or an int >= 1, got {value!r}")
         if self.dpsgd_ledger_name is not None and (
             not self.dpsgd_ledger_name or os.sep in self.dpsgd_ledger_name or self.dpsgd_ledger_name.startswith(".")
         ):
@@ -119,9 +133,13 @@ class SiteSession:
 
     def __init__(self, site: str, config: SiteConfig, train: TrainConfig, dp: DPSGDConfig | None = None):
         self.site = site
-        self.config = config.validate()
-        self.train_config = train
+        config.validate()
         train.validate()
+        # the data_size preset fills what the job left unset (explicit settings win)
+        n_train, n_val, size = resolve_data_size(config.task, config.data_size, config.num_train, config.num_val,
+                                                 train.image_size)
+        self.config = dataclasses.replace(config, num_train=n_train, num_val=n_val)
+        self.train_config = train = dataclasses.replace(train, image_size=size)
         self.task = get_task(config.task)
         self.task.resolve_size(train.image_size)
         if config.dpsgd:
@@ -160,19 +178,22 @@ class SiteSession:
 
         cfg = self.config
         if cfg.synthetic:
+            size = self.task.resolve_size(self.train_config.image_size)
+            data_root = synthetic_root(data_root, cfg.data_size, cfg.num_train, cfg.num_val, size, cfg.data_seed)
             ensure_site_data(cfg.task, data_root, self.site, num_train=cfg.num_train, num_val=cfg.num_val,
-                             size=self.train_config.image_size, seed=cfg.data_seed)
+                             size=size, seed=cfg.data_seed)
         datalist = load_site_datalist(data_root, self.site, task=cfg.task)
         validate_site(datalist)
         lines = [f"{self.site}: task {cfg.task}, data {os.path.join(data_root, self.site)}: "
                  f"{len(datalist['training'])} training / {len(datalist['validation'])} validation cases"]
-        model = TaskNetwork(cfg.task)
+        model = TaskNetwork(cfg.task, cfg.network)
         if cfg.dpsgd:
             from opacus.validators import ModuleValidator
 
             # the server's model must stay the task network (same keys), so it is checked,
-            # not rewritten: MONAI's UNet here uses InstanceNorm without affine weights (no
-            # BatchNorm), PReLU and transposed convolutions (Opacus' functorch path)
+            # not rewritten: both variants use InstanceNorm without affine weights (no
+            # BatchNorm); `standard` has PReLU and transposed convolutions (Opacus' slow
+            # functorch path), `dp` only layers with Opacus-native per-sample gradients
             errors = ModuleValidator.validate(model, strict=False)
             if errors:
                 raise ValueError(f"task {cfg.task}'s network is not Opacus-compatible for DP-SGD: {errors}")
