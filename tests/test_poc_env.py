@@ -73,6 +73,16 @@ def test_isolated_poc_refuses_a_folder_whose_system_is_running(tmp_path):
         proc.wait()
 
 
+def test_poc_env_takes_any_number_of_sites(tmp_path, monkeypatch):
+    from adpfl.flare.recipe import make_env
+
+    monkeypatch.setenv("NVFLARE_POC_WORKSPACE", str(tmp_path / "poc"))  # else PocEnv reads (makes) ~/.nvflare
+
+    env = make_env("poc", clients=["site-1", "site-2", "site-3"], username=recipe_poc.ADMIN_USER,
+                   poc_project=str(Path(recipe_poc.write_project(str(tmp_path), ["site-1"], str(tmp_path))[0])))
+    assert env.clients == ["site-1", "site-2", "site-3"] and env.username == recipe_poc.ADMIN_USER
+
+
 def test_project_file_has_a_free_port_and_the_site_kit_builder(tmp_path):
     path, port = recipe_poc.write_project(str(tmp_path), list(SITES), str(tmp_path / "data"), site_epsilon=8.0,
                                           site_rounds=4)

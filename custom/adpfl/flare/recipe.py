@@ -82,7 +82,8 @@ def make_env(env: str, *, clients: list[str], workspace: str = DEFAULT_WORKSPACE
             if not os.path.isfile(poc_project):
                 raise ValueError(f"--poc-project {poc_project} is not a file")
             kw["project_conf_path"] = os.path.abspath(poc_project)
-        return PocEnv(clients=clients, extra={"login_timeout": login_timeout}, **kw)
+        # num_clients too: PocEnv's default (2) otherwise contradicts a list of 3 sites
+        return PocEnv(num_clients=len(clients), clients=clients, extra={"login_timeout": login_timeout}, **kw)
     if env == "prod":
         if not startup_kit:
             raise ValueError("--env prod needs --startup-kit DIR (the admin's startup kit)")
