@@ -245,5 +245,20 @@ def _run_poc(args, recipe: ADPFLRecipe, clients: list[str]) -> int:
     return 0 if not status or "COMPLETED" in status else 1
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """``jobs/job.py``'s entry point: :func:`main`, then exit. An admin session FLARE opened and
+    an interrupt (Ctrl-C while it waited for the job) cut off leaves a non-daemon FLARE thread
+    that would keep the process alive after the POC system is gone; then the process ends
+    without waiting for it (everything is already stopped and flushed)."""
+    import threading
+
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
