@@ -30,7 +30,7 @@ import warnings
 # that define flags of those names; this one does not)
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="NVFlare reserves '--export'")
-    from nvflare.recipe import PocEnv, ProdEnv, SimEnv
+    from nvflare.recipe import ProdEnv, SimEnv
     from nvflare.recipe.spec import Recipe
 
 from adpfl.flare.jobs import MODE_DEFAULTS, TASK_DEFAULTS, build_job, job_name, job_settings
@@ -82,8 +82,10 @@ def make_env(env: str, *, clients: list[str], workspace: str = DEFAULT_WORKSPACE
             if not os.path.isfile(poc_project):
                 raise ValueError(f"--poc-project {poc_project} is not a file")
             kw["project_conf_path"] = os.path.abspath(poc_project)
+        from adpfl.flare.recipe_poc import StoppingPocEnv
+
         # num_clients too: PocEnv's default (2) otherwise contradicts a list of 3 sites
-        return PocEnv(num_clients=len(clients), clients=clients, extra={"login_timeout": login_timeout}, **kw)
+        return StoppingPocEnv(num_clients=len(clients), clients=clients, extra={"login_timeout": login_timeout}, **kw)
     if env == "prod":
         if not startup_kit:
             raise ValueError("--env prod needs --startup-kit DIR (the admin's startup kit)")
