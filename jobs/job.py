@@ -7,9 +7,7 @@ The recipe is built from the one job definition (adpfl.flare.jobs), the same one
 folders next to this file are exported from (see adpfl.flare.recipe).
 """
 
-import sys
-
-from adpfl.flare.recipe import main
+from adpfl.flare.recipe import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

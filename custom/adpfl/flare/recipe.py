@@ -2,7 +2,7 @@
 ``PocEnv`` or ``ProdEnv``.
 
     python jobs/job.py --task skin2d --mode adpfl --env sim -w workspace/recipe
-    python jobs/job.py --task skin2d --mode adpfl --env poc
+    python jobs/job.py --task skin2d --mode adpfl --env poc -w workspace/recipe
     python jobs/job.py --task skin2d --mode adpfl --env prod --startup-kit DIR --username ADMIN
     python jobs/job.py --task skin2d --mode adpfl --export --export-dir /tmp/jobs   (FLARE's own flags)
 
@@ -12,7 +12,9 @@ same one ``jobs/<task>_<mode>`` is exported from), so the Recipe route and the j
 the running (``Recipe.execute``/``run``, the environments, ``Run.get_result``); this module
 only chooses the environment from the command line and prints where the results are.
 ``adpfl run`` runs this module's ``--env sim`` in a child process whose output goes to a
-log file, and prints one line per round instead (:mod:`adpfl.flare.run_view`).
+log file, and prints one line per round instead (:mod:`adpfl.flare.run_view`). ``--env poc``
+runs PocEnv in a folder of its own, on a free port, with each site's configuration and
+(``--site-epsilon``) privacy policy, and always stops it (:mod:`adpfl.flare.recipe_poc`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import warnings
 # that define flags of those names; this one does not)
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="NVFlare reserves '--export'")
-    from nvflare.recipe import PocEnv, ProdEnv, SimEnv
+    from nvflare.recipe import ProdEnv, SimEnv
     from nvflare.recipe.spec import Recipe
 
 from adpfl.flare.jobs import MODE_DEFAULTS, TASK_DEFAULTS, build_job, job_name, job_settings
@@ -80,7 +82,10 @@ def make_env(env: str, *, clients: list[str], workspace: str = DEFAULT_WORKSPACE
             if not os.path.isfile(poc_project):
                 raise ValueError(f"--poc-project {poc_project} is not a file")
             kw["project_conf_path"] = os.path.abspath(poc_project)
-        return PocEnv(clients=clients, extra={"login_timeout": login_timeout}, **kw)
+        from adpfl.flare.recipe_poc import StoppingPocEnv
+
+        # num_clients too: PocEnv's default (2) otherwise contradicts a list of 3 sites
+        return StoppingPocEnv(num_clients=len(clients), clients=clients, extra={"login_timeout": login_timeout}, **kw)
     if env == "prod":
         if not startup_kit:
             raise ValueError("--env prod needs --startup-kit DIR (the admin's startup kit)")
@@ -122,9 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="job name (default <task>_<mode>)")
     p.add_argument("--startup-kit", default=None, help="prod: the admin's startup kit folder")
     p.add_argument("--username", default=None, help="poc/prod: the admin user (default FLARE's)")
-    p.add_argument("--poc-project", default=None, help="poc: a project.yml for FLARE's POC system")
+    p.add_argument("--poc-workspace", default=None,
+                   help="poc: the run's own POC folder (FLARE's POC workspace, HOME, project.yml, results; "
+                        "default <workspace>/<name>_poc)")
+    p.add_argument("--poc-project", default=None,
+                   help="poc: your own project.yml for the POC system instead of the generated one (its ports, "
+                        "its admin: pass --username; no site config or policy is written)")
+    p.add_argument("--data-root", default=None, help="poc: the sites' data parent folder (the task's data is "
+                   "<data-root>/<task>; default $ADPFL_DATA_ROOT, else ~/.cache/adpfl/data as in sim)")
+    p.add_argument("--ledger-dir", default=None, help="poc: the sites' privacy ledger folder (default: each site's "
+                   "workspace in the POC system, new at every run)")
+    p.add_argument("--site-epsilon", type=float, default=None, help="poc: give every site its own privacy policy "
+                   "(local/privacy.json, site-level update DP at delta 1e-5, Opacus RDP) with this budget; it "
+                   "supersedes the job's own filter (default: none, the job's mode protects)")
+    p.add_argument("--site-rounds", type=int, default=0, help="poc: releases the site budget covers (default: "
+                   "the job's num_rounds)")
     p.add_argument("--timeout", type=float, default=0.0, help="poc/prod: seconds to wait for the result (0: no limit)")
-    p.add_argument("--no-summary", action="store_true", help="sim: do not print the run summary")
+    p.add_argument("--no-summary", action="store_true", help="sim, poc: do not print the run summary")
     return p
 
 
@@ -135,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides = dict(_overrides(args))
         overrides.setdefault("sites", clients)
         recipe = ADPFLRecipe(args.task, args.mode, name=args.name, **overrides)
+        if len(clients) < int(recipe.settings["min_clients"]):
+            raise ValueError(f"the job needs min_clients={recipe.settings['min_clients']} sites but runs "
+                             f"{len(clients)} ({', '.join(clients)}); set min_clients in --overrides or add sites")
+        if args.env == "poc" and not _exporting():
+            return _run_poc(args, recipe, clients)
         env = make_env(args.env, clients=clients, workspace=args.workspace, threads=args.threads,
                        startup_kit=args.startup_kit, username=args.username, poc_project=args.poc_project)
     except ValueError as e:
@@ -164,5 +188,79 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exporting() -> bool:
+    """Whether FLARE consumed --export from the command line (execute() then only exports)."""
+    from nvflare.recipe.spec import _peek_recipe_args
+
+    return bool(_peek_recipe_args()[0])
+
+
+def _run_poc(args, recipe: ADPFLRecipe, clients: list[str]) -> int:
+    """``--env poc``: the job on a POC system of its own (:mod:`adpfl.flare.recipe_poc`),
+    stopped and its processes gone whatever happens; the result moved to
+    ``<poc folder>/results/<job id>`` and summarized."""
+    from adpfl.cli import print_summary
+    from adpfl.flare import recipe_poc
+    from adpfl.flare.simulator import simulator_env
+
+    name = args.name or job_name(args.task, args.mode)
+    root = recipe_poc.poc_root(args.workspace, name, args.poc_workspace)
+    # the sites' data: where sim finds it (resolved now, before HOME points into the POC folder)
+    data_root = args.data_root or os.environ.get("ADPFL_DATA_ROOT") or os.path.join(
+        os.path.expanduser("~"), ".cache", "adpfl", "data")
+    os.environ.update(simulator_env(len(clients)))  # each site process its share of the cores
+    job_id, result, status = None, None, None
+    try:
+        with recipe_poc.isolated_poc(root) as state:
+            project, username = args.poc_project, args.username
+            if not project:
+                project, port = recipe_poc.write_project(
+                    root, clients, data_root, args.ledger_dir, args.site_epsilon,
+                    args.site_rounds or int(recipe.settings["num_rounds"]))
+                username = recipe_poc.ADMIN_USER
+                print(f"POC system in {root}: server on localhost:{port}, sites {', '.join(clients)}, data "
+                      f"{data_root}" + (f", site policy epsilon {args.site_epsilon:g}" if args.site_epsilon
+                                        is not None else ""), flush=True)
+            env = make_env("poc", clients=clients, username=username, poc_project=project)
+            state["env"] = env
+            run = recipe.execute(env)
+            job_id = run.get_job_id()
+            print(f"job {name}: id {job_id} on PocEnv", flush=True)
+            result = run.get_result(timeout=args.timeout, clean_up=False)
+            status = run.get_status()
+    except KeyboardInterrupt:
+        print(f"job.py: interrupted; the POC system in {root} was stopped", file=sys.stderr)
+        return 130
+    except ValueError as e:
+        print(f"job.py: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # FLARE's provisioning, start or submission failed (the system is stopped)
+        print(f"job.py: the POC run failed: {e} (logs under {os.path.join(root, recipe_poc.POC_DIR)})",
+              file=sys.stderr)
+        return 1
+    result = recipe_poc.keep_result(root, result, job_id)
+    print(f"result: {result}" + (f" (status {status})" if status else ""), flush=True)
+    if result is None:
+        return 1
+    if not args.no_summary:
+        print_summary(recipe_poc.poc_summary(result))
+    return 0 if not status or "COMPLETED" in status else 1
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """``jobs/job.py``'s entry point: :func:`main`, then exit. An admin session FLARE opened and
+    an interrupt (Ctrl-C while it waited for the job) cut off leaves a non-daemon FLARE thread
+    that would keep the process alive after the POC system is gone; then the process ends
+    without waiting for it (everything is already stopped and flushed)."""
+    import threading
+
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
