@@ -117,9 +117,14 @@ def test_no_fault_injection_hook_in_shipped_code():
 
     import adpfl
 
-    for path in Path(adpfl.__file__).parent.rglob("*.py"):
+    root = Path(adpfl.__file__).parent
+    # the one os._exit allowed: jobs/job.py's entry point ending a process that a cut-off
+    # FLARE admin thread would keep alive (adpfl.flare.recipe.cli), once, after everything stopped
+    allowed_exits = {"flare/recipe.py": 1}
+    for path in root.rglob("*.py"):
         text = path.read_text()
-        assert "ADPFL_TEST_FAULT" not in text and "os._exit" not in text, path
+        assert "ADPFL_TEST_FAULT" not in text, path
+        assert text.count("os._exit") == allowed_exits.get(path.relative_to(root).as_posix(), 0), path
 
 
 def test_fault_executor_rejects_unknown_faults():
