@@ -133,3 +133,16 @@ def test_recipe_exports_the_checked_in_job(tmp_path):
     for rel in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"):
         assert json.loads((tmp_path / "skin2d_dpsgd" / rel).read_text()) == json.loads((repo / rel).read_text()), rel
     assert recipe.settings["sites"] == ["site-1", "site-2", "site-3"]
+
+
+def test_recipe_waits_for_the_sites_it_runs_unless_told_more(tmp_path, capsys):
+    """`-n 2` without min_clients: the job waits for those 2 sites (the default 3 would never
+    be met); an explicit min_clients above the sites is a clear error before anything starts."""
+    import json
+
+    from adpfl.flare.recipe import main
+
+    settings = tmp_path / "o.json"
+    settings.write_text(json.dumps({"min_clients": 3}))
+    assert main(["--task", "skin2d", "--mode", "npfl", "-n", "2", "--overrides", str(settings)]) == 2
+    assert "needs min_clients=3 sites but runs 2" in capsys.readouterr().err

@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         clients = site_names(args.sites, args.clients)
         overrides = dict(_overrides(args))
         overrides.setdefault("sites", clients)
+        if "min_clients" not in overrides:
+            # the sites the run names are the ones it waits for (the job's default is 3)
+            overrides["min_clients"] = min(len(clients), int(job_settings(args.task, args.mode)["min_clients"]))
         recipe = ADPFLRecipe(args.task, args.mode, name=args.name, **overrides)
         if len(clients) < int(recipe.settings["min_clients"]):
             raise ValueError(f"the job needs min_clients={recipe.settings['min_clients']} sites but runs "
