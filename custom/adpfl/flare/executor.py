@@ -22,9 +22,11 @@ the FL context under ``PUBLIC_INFO_PROP``; it never leaves the site.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
+import torch
 from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
@@ -40,7 +42,7 @@ from adpfl.flare.site_config import is_simulation, read_site_config, resolve_dat
 from adpfl.privacy.config import DPSGDConfig
 from adpfl.privacy.errors import PrivacyConfigError
 from adpfl.privacy.metadata import RECORD_PRIVACY_META_KEY
-from adpfl.privacy.public_signals import PUBLIC_INFO_PROP, public_signals
+from adpfl.privacy.public_signals import PUBLIC_INFO_PROP
 from adpfl.training import TrainConfig
 from adpfl.training.site import RoundResult, SiteConfig, SiteSession
 
@@ -163,7 +165,7 @@ class SegmentationExecutor(Executor):
         except PrivacyConfigError as e:
             raise PrivacyConfigError(f"DP-SGD setting (executor argument dpsgd_<name>): {e}") from None
         self._session: SiteSession | None = None
-        self._prev_global: dict[str, np.ndarray] | None = None
+        self._state_checked = False
         self._lock = threading.Lock()
         self._site = None
 
@@ -204,7 +206,11 @@ class SegmentationExecutor(Executor):
                 if dxo.data_kind != DataKind.WEIGHTS:
                     self.log_error(fl_ctx, f"expected WEIGHTS from the server, got {dxo.data_kind}")
                     return make_reply(ReturnCode.BAD_TASK_DATA)
-                global_weights = session.load_global(dxo.data)
+                train = task_name == self.train_task_name
+                current_round = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0) if train else None
+                if train and not self._state_checked:
+                    self._load_session_state(session, current_round, fl_ctx)
+                global_weights = session.load_global(dxo.data, current_round)
             except Exception as e:
                 self.log_exception(fl_ctx, f"set-up for task {task_name} failed: {e}")
                 return make_reply(ReturnCode.EXECUTION_EXCEPTION)
@@ -231,9 +237,10 @@ class SegmentationExecutor(Executor):
 
     def _train(self, session: SiteSession, global_weights, shareable: Shareable, fl_ctx: FLContext,
                abort_signal: Signal) -> Shareable:
-        current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0
+        current_round = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0) or 0)
         try:
-            self._publish_public_info(fl_ctx, global_weights, current_round)
+            # the public signals (adpfl.privacy.public_signals) for this site's result filter; never sent
+            fl_ctx.set_prop(PUBLIC_INFO_PROP, session.public_info, private=True, sticky=False)
             result = session.train_round(
                 global_weights, current_round, job_id=fl_ctx.get_job_id(),
                 should_stop=lambda: abort_signal.triggered,
@@ -242,6 +249,7 @@ class SegmentationExecutor(Executor):
             if result.aborted:
                 return make_reply(ReturnCode.TASK_ABORTED)
             self.log_info(fl_ctx, result.summary(current_round))
+            self._save_session_state(session, current_round, fl_ctx)
             out = self.make_result(result, global_weights, fl_ctx, current_round)
         except Exception as e:
             self.log_exception(fl_ctx, f"training round {current_round} failed: {e}")
@@ -271,8 +279,42 @@ class SegmentationExecutor(Executor):
         result.set_header(AppConstants.CURRENT_ROUND, int(current_round))
         return result
 
-    def _publish_public_info(self, fl_ctx: FLContext, global_weights: dict[str, np.ndarray], current_round: int):
-        """Hand the public signals (:mod:`adpfl.privacy.public_signals`) to this site's result
-        filter; they never leave the site."""
-        info, self._prev_global = public_signals(global_weights, self._prev_global, current_round)
-        fl_ctx.set_prop(PUBLIC_INFO_PROP, info, private=True, sticky=False)
+    # -- the site's state between rounds ------------------------------------------------
+    def _state_path(self, fl_ctx: FLContext) -> str | None:
+        ws_root = self._workspace_root(fl_ctx)
+        if not ws_root:
+            return None
+        return os.path.join(ws_root, "adpfl_state", f"{fl_ctx.get_identity_name()}.session.pt")
+
+    def _load_session_state(self, session: SiteSession, current_round: int, fl_ctx: FLContext) -> None:
+        """Continue the session state saved after the previous round of this job when this
+        process is a new one (a simulator with fewer threads than sites starts one per task;
+        a restarted client). A first round, another job or a gap starts fresh. The state is
+        the site's own (never sent); one that cannot be read is logged and skipped: only the
+        optimizer moments and the adaptive clip's warm start are lost, never a ledger entry."""
+        self._state_checked = True
+        path = self._state_path(fl_ctx)
+        if current_round == 0 or path is None or not os.path.exists(path):
+            return
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("job_id") != fl_ctx.get_job_id() or int(saved.get("round", -2)) != current_round - 1:
+                return
+            session.load_state_dict(saved["state"])
+        except Exception as e:  # noqa: BLE001 - utility state only
+            self.log_warning(fl_ctx, f"{path}: cannot continue the site's state ({e}); starting it fresh")
+            return
+        self.log_info(fl_ctx, f"continuing the site's optimizer / adaptive state of round {current_round - 1} "
+                              f"from {path}")
+
+    def _save_session_state(self, session: SiteSession, current_round: int, fl_ctx: FLContext) -> None:
+        path = self._state_path(fl_ctx)
+        if path is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            torch.save({"job_id": fl_ctx.get_job_id(), "round": current_round, "state": session.state_dict()}, tmp)
+            os.replace(tmp, path)
+        except Exception as e:  # noqa: BLE001 - losing it costs only a warm start next round
+            self.log_warning(fl_ctx, f"{path}: cannot save the site's state ({e})")

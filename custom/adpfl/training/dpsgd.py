@@ -221,13 +221,20 @@ class DPSGDTrainer:
                 "rounds_trained": self.rounds_trained, "clip": self.clip}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.accountant.history = [tuple(h) for h in state.get("history", [])]
+        """Continue the adaptive clip and round count; the accountant's history only when
+        ``state`` carries one (a site session takes it from the record ledger instead)."""
+        if "history" in state:
+            self.accountant.history = [tuple(h) for h in state["history"]]
         self.rounds_trained = int(state.get("rounds_trained", 0))
         self.clip = float(state.get("clip", self.clip))
         if self.quantile_clip is not None:
             self.quantile_clip.clip = self.clip
 
     # -- training -------------------------------------------------------------------
+    def optimizer_for(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        """The non-private optimizer the DP optimizer wraps, one per model (see ``_base_optimizer``)."""
+        return self._base_optimizer(model)
+
     def _base_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """One optimizer per model object, kept across rounds (its moments are
         post-processing of noisy gradients, hence private)."""

@@ -153,6 +153,8 @@ class SiteSession:
         self.record_ledger: RecordLedger | None = None
         self._prev_global: Weights | None = None
         self._global_change: float | None = None
+        #: the public signals of the last train round's global model (:mod:`adpfl.privacy.public_signals`)
+        self.public_info: dict | None = None
 
     @property
     def ready(self) -> bool:
@@ -231,8 +233,13 @@ class SiteSession:
             raise RuntimeError("SiteSession.setup() has not run")
 
     # -- rounds ------------------------------------------------------------------------
-    def load_global(self, weights: Weights) -> Weights:
+    def load_global(self, weights: Weights, current_round: int | None = None) -> Weights:
         """Load the global weights into the model; returns them as numpy arrays.
+
+        ``current_round`` (a training round's index) also computes the round's public
+        signals (:attr:`public_info`, the ADP noise schedules' progress signal) against the
+        previous training round's global model; without it they are computed only for
+        ADP-SGD (round 0 is assumed).
 
         Raises ValueError when the keys or shapes do not match the task network."""
         self._require_ready()
@@ -251,12 +258,45 @@ class SiteSession:
                 raise ValueError(f"global weight {k} has shape {tuple(t.shape)}, model expects {tuple(own[k].shape)}")
             new_state[k] = t.to(own[k].dtype)
         self.model.load_state_dict(new_state)
-        # public progress signal of the ADP-SGD noise schedule (both global models are public)
-        self._global_change = public_signals(weights, self._prev_global, 0)[0]["global_change"] \
-            if self.dp is not None and self.dp.adaptive else None
-        if self.dp is not None and self.dp.adaptive:
-            self._prev_global = {k: v.astype(np.float32).copy() for k, v in weights.items()}
+        # public progress signal of the ADP noise schedules (both global models are public)
+        if current_round is not None or (self.dp is not None and self.dp.adaptive):
+            self.public_info, self._prev_global = public_signals(weights, self._prev_global, int(current_round or 0))
+            self._global_change = self.public_info["global_change"]
         return weights
+
+    # -- state kept between rounds ---------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the site carries from one round to the next besides its ledgers: the local
+        optimizer's moments, the previous global model (the public progress signal) and,
+        under DP-SGD, the adaptive clip. A site process that is re-created between rounds
+        (``nvflare simulator`` with fewer threads than sites starts one per task; a
+        restarted client) continues from it rather than from scratch. Tensors only."""
+        self._require_ready()
+        state: dict = {
+            "optimizer": self.trainer.optimizer_for(self.model).state_dict(),
+            "prev_global": None if self._prev_global is None
+            else {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self._prev_global.items()},
+        }
+        if self.dp is not None:
+            state["dpsgd"] = {"clip": float(self.trainer.clip), "rounds_trained": int(self.trainer.rounds_trained)}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` of the same site and job (the record-level
+        spend comes from the ledger, never from here). Raises ValueError when it does not
+        fit this session's model or mode."""
+        self._require_ready()
+        if ("dpsgd" in state) != (self.dp is not None):
+            raise ValueError("the saved state is of a different mode (DP-SGD or not) than this session")
+        prev = state.get("prev_global")
+        if prev is not None:
+            own = self.model.state_dict()
+            if set(prev) != set(own) or any(tuple(v.shape) != tuple(own[k].shape) for k, v in prev.items()):
+                raise ValueError("the saved previous global model does not match the task network")
+        self.trainer.optimizer_for(self.model).load_state_dict(state["optimizer"])
+        self._prev_global = None if prev is None else {k: v.numpy().astype(np.float32) for k, v in prev.items()}
+        if self.dp is not None:
+            self.trainer.load_state_dict(state["dpsgd"])
 
     def validate(self) -> dict[str, float]:
         """Dice (and HD95) of the current model on the site's validation set."""
