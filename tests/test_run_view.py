@@ -52,6 +52,18 @@ def test_record_level_epsilon_per_round_and_legend_units():
     assert "without differential privacy" in privacy_legend(None)
 
 
+def test_a_report_behind_the_progress_is_never_shown_as_the_rounds_epsilon():
+    """The privacy report is written after the progress record: until it holds the round,
+    the row says how old its epsilons are (a loaded machine printed round 2 with round 1's)."""
+    rep = {"update_level": False, "record_level": {"delta": 1e-5, "sites": {
+        "site-1": {"epsilon_rdp": 2.0, "epsilon_rdp_by_round": {"0": 2.0}}}}}
+    rows = round_rows(_progress(), rep)
+    assert rows[0]["epsilon_as_of"] is None and rows[1]["epsilon_as_of"] == 0
+    assert "eps site-1 2 (privacy report as of round 1)" in format_row(rows[1], 3, 2.0, 2, 1)
+    # a site that released nothing in round 1 while another did: the report is current
+    assert round_rows(_progress(), _report())[1]["epsilon_as_of"] is None
+
+
 def test_format_row_is_one_line_with_round_dice_epsilon_elapsed_and_eta():
     row = round_rows(_progress(), _report())[0]
     line = format_row(row, 3, elapsed=65.0, rounds_done=1, rounds_left=2)

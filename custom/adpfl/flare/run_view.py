@@ -47,9 +47,22 @@ def _epsilon_at(report: dict | None, rnd: int) -> tuple[dict, dict]:
     return update, record
 
 
+def _report_round(report: dict | None) -> int | None:
+    """The last round the privacy report holds (any site, either unit); None: none yet."""
+    rounds = []
+    for info in ((report or {}).get("sites") or {}).values():
+        rounds += [int(e.get("round", -1)) for e in info.get("ledger") or []]
+    for info in (((report or {}).get("record_level") or {}).get("sites") or {}).values():
+        rounds += [int(k) for k in info.get("epsilon_rdp_by_round") or {}]
+    return max(rounds) if rounds else None
+
+
 def round_rows(progress: dict | None, report: dict | None) -> list[dict]:
-    """One row per completed round: round, per-site and mean Dice, per-site epsilon, time."""
+    """One row per completed round: round, per-site and mean Dice, per-site epsilon, time.
+    ``epsilon_as_of`` is the report's last round when it does not reach the row's round yet
+    (its epsilons are then the earlier, smaller spend), else None."""
     rows = []
+    latest = _report_round(report)
     for entry in (progress or {}).get("history") or []:
         rnd = int(entry["round"])
         dice = {s: float(v) for s, v in (entry.get("dice") or {}).items()}
@@ -60,6 +73,7 @@ def round_rows(progress: dict | None, report: dict | None) -> list[dict]:
             "mean_dice": sum(dice.values()) / len(dice) if dice else None,
             "epsilon": update,
             "record_epsilon": record,
+            "epsilon_as_of": latest if latest is not None and latest < rnd else None,
             "time": entry.get("time"),
         })
     return rows
@@ -96,6 +110,8 @@ def format_row(row: dict, num_rounds: int, elapsed: float, rounds_done: int, rou
         eps_text = " ".join(f"{s} {v:.4g}" for s, v in sorted(eps.items()))
     else:
         eps_text = "-"
+    if row.get("epsilon_as_of") is not None and eps:
+        eps_text += f" (privacy report as of round {row['epsilon_as_of'] + 1})"
     eta = elapsed / rounds_done * rounds_left if rounds_done else None
     return (f"round {row['round'] + 1}/{num_rounds}  Dice {dice}  eps {eps_text}  "
             f"{fmt_duration(elapsed)} elapsed, ETA {fmt_duration(eta)}")
@@ -160,7 +176,7 @@ def plot_rounds(rows: list[dict], final: dict, path: str | os.PathLike, title: s
 
 
 def watch(proc: subprocess.Popen, run_dir_of, num_rounds: int, print_line=print, poll: float = 1.0,
-          settle: float = 5.0, private: bool = True) -> int:
+          settle: float = 30.0, private: bool = True) -> int:
     """Print one line per completed round of the run ``proc`` is doing until it exits;
     returns its exit code. ``run_dir_of()`` gives the run folder (or raises
     FileNotFoundError before it exists). In a ``private`` run a round is printed once the
@@ -183,7 +199,8 @@ def watch(proc: subprocess.Popen, run_dir_of, num_rounds: int, print_line=print,
                 if row["round"] in printed:
                     continue
                 seen_at.setdefault(row["round"], time.time())
-                has_eps = bool(row["epsilon"] or row["record_epsilon"])
+                # an epsilon of an earlier round is not this round's: wait for the report too
+                has_eps = bool(row["epsilon"] or row["record_epsilon"]) and row.get("epsilon_as_of") is None
                 if private and not has_eps and running and time.time() - seen_at[row["round"]] < settle:
                     break  # the report of this round may not be written yet
                 if not legend_done:
