@@ -207,3 +207,29 @@ def test_skin2d_adpsgd_simulator_run_is_reproduced_by_independent_accountants(tm
         ledger = load_json(ws / "local" / "adpfl_privacy" / site / "dpsgd_skin2d.json")
         assert ledger["entries"][-1]["epsilon_rdp"] == pytest.approx(info["epsilon_rdp"], rel=1e-9)
         assert 0 < info["epsilon_prv"] <= info["epsilon_rdp"] <= rec["target_epsilon"]
+
+
+def test_a_declared_public_record_count_hides_the_true_one(tmp_path):
+    """With ``public_num_records`` nothing the site releases depends on its true n: sites
+    with 39 and 40 training images declaring 100 report the same q, steps, z and epsilon
+    (the noisy sum's normaliser is the public batch size: the test above)."""
+    metas = []
+    for n in (39, 40):
+        root = tmp_path / f"n{n}"
+        ensure_site_data("skin2d", str(root), "site-1", num_train=n, num_val=1, size=(32, 32), seed=0)
+        dp = DPSGDConfig(target_epsilon=8.0, planned_rounds=2, max_grad_norm=1.0)
+        s = SiteSession("site-1", SiteConfig(task="skin2d", num_train=n, num_val=1, dpsgd=True, hd95=False),
+                        TrainConfig(local_epochs=1, batch_size=10, image_size=32, device="cpu"), dp)
+        lines = s.setup(str(root), ledger_folder=str(root / "ledgers"), public_num_records=100)
+        assert "declared public record count 100" in lines[-1]
+        t = s.trainer
+        assert t.sample_rate == pytest.approx(0.1) and t.steps_per_round == 10 and t.expected_batch_size == 10
+        # what a round would report (sample_rate, steps_per_round, noise_multiplier, epsilon)
+        metas.append((t.sample_rate, t.steps_per_round, t.noise_multiplier, t.projected_epsilon()))
+    assert metas[0] == metas[1]
+    # without a declaration q is batch / true n (and reveals it)
+    t = DPSGDTrainer(get_task("skin2d"), load_site_datalist(str(tmp_path / "n40"), "site-1", task="skin2d"),
+                     TrainConfig(batch_size=10, image_size=32, device="cpu"), DPSGDConfig(noise_multiplier=1.0))
+    assert t.sample_rate == pytest.approx(10 / 40)
+    with pytest.raises(PrivacyConfigError, match="public_num_records"):
+        DPSGDConfig(noise_multiplier=1.0, public_num_records=0).validate()

@@ -87,6 +87,7 @@ class SegmentationExecutor(Executor):
         dpsgd_augmult: int = _D.augmult,
         dpsgd_ema_decay: float = _D.ema_decay,
         dpsgd_physical_batch_size: int | None = _D.physical_batch_size,
+        dpsgd_public_num_records: int | None = _D.public_num_records,
         dpsgd_ledger_name: str | None = _S.dpsgd_ledger_name,
         ledger_dir: str | None = _S.ledger_dir,
         train_task_name: str = AppConstants.TASK_TRAIN,
@@ -131,7 +132,7 @@ class SegmentationExecutor(Executor):
                      clip_learning_rate=dpsgd_clip_learning_rate, clip_count_noise=dpsgd_clip_count_noise,
                      noise_min_factor=dpsgd_noise_min_factor, noise_max_factor=dpsgd_noise_max_factor,
                      keep_fraction=dpsgd_keep_fraction, augmult=dpsgd_augmult, ema_decay=dpsgd_ema_decay,
-                     physical_batch_size=dpsgd_physical_batch_size)
+                     physical_batch_size=dpsgd_physical_batch_size, public_num_records=dpsgd_public_num_records)
         for name, value in extra.items():
             setattr(self, f"dpsgd_{name}", value)
         self.ledger_dir = ledger_dir
@@ -186,11 +187,13 @@ class SegmentationExecutor(Executor):
         session = SiteSession(fl_ctx.get_identity_name(), *self._session_args)
         ws_root = self._workspace_root(fl_ctx)
         data_root = resolve_data_root(self.task, self.data_root, ws_root)
-        ledger_folder, cap = None, None
+        ledger_folder, cap, public_n = None, None, None
         if self.dpsgd:
             ledger_folder = resolve_ledger_dir(self.ledger_dir, ws_root, is_simulation(fl_ctx))
-            cap = read_site_config(ws_root).get("max_epsilon")
-        for line in session.setup(data_root, ledger_folder=ledger_folder, max_epsilon=cap):
+            site_cfg = read_site_config(ws_root)  # the site's own cap and declared public record count win
+            cap, public_n = site_cfg.get("max_epsilon"), site_cfg.get("public_num_records")
+        for line in session.setup(data_root, ledger_folder=ledger_folder, max_epsilon=cap,
+                                  public_num_records=public_n):
             self.log_info(fl_ctx, line)
         self._session = session
         return session

@@ -14,6 +14,11 @@ Order of precedence for each setting (first found wins):
    so re-running or resuming a simulation in the same workspace continues every site's
    ledger instead of silently resetting it.
 
+The same file holds the site's privacy decisions for record-level DP-SGD jobs, which win
+over any job: ``max_epsilon`` (a cap on the record-level budget) and ``public_num_records``
+(the training-record count the site declares public, e.g. its published cohort size; the
+sample rate and step count then come from it rather than from the true count).
+
 A real site (startup kit) therefore points the bundle at its data without editing jobs.
 """
 
@@ -24,7 +29,7 @@ import os
 from adpfl._io import read_json
 
 SITE_CONFIG_NAME = "adpfl_site.json"
-_KNOWN_KEYS = {"data_root", "ledger_dir", "max_epsilon"}
+_KNOWN_KEYS = {"data_root", "ledger_dir", "max_epsilon", "public_num_records"}
 
 
 def read_site_config(workspace_root: str | None) -> dict:

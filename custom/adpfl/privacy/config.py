@@ -230,6 +230,11 @@ class DPSGDConfig:
     physical_batch_size: int | None = setting(None, "largest physical batch (Opacus BatchMemoryManager): "
                                                     "larger Poisson batches as virtual steps (None = no split)",
                                               "records")
+    public_num_records: int | None = setting(
+        None, "the site's number of training records as it declares it public (e.g. its published cohort "
+              "size): the sample rate q = batch_size / public_num_records and the steps per round come from it, "
+              "so nothing released depends on the true count (add/remove-one); None: the true count is used and "
+              "revealed by q (treated as public)", "records")
 
     def validate(self) -> DPSGDConfig:
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
@@ -271,6 +276,11 @@ class DPSGDConfig:
             or self.physical_batch_size < 1
         ):
             raise PrivacyConfigError(f"physical_batch_size must be an integer >= 1, got {self.physical_batch_size!r}")
+        if self.public_num_records is not None and (
+            isinstance(self.public_num_records, bool) or not isinstance(self.public_num_records, int)
+            or self.public_num_records < 1
+        ):
+            raise PrivacyConfigError(f"public_num_records must be an integer >= 1, got {self.public_num_records!r}")
         return self
 
 

@@ -134,7 +134,11 @@ class DPSGDTrainer:
         self.base = LocalTrainer(task, datalist, config)
         self.task, self.config, self.device = task, config, self.base.device
         self.num_train = self.base.num_train
-        self.sample_rate = min(1.0, config.batch_size / self.num_train)
+        # q (and so the steps per epoch) from the site's declared public count when it has one:
+        # Poisson sampling at a fixed q over whatever records there are, normalised by the
+        # public batch size, releases nothing that depends on the true n (add/remove-one)
+        n_public = dp.public_num_records or self.num_train
+        self.sample_rate = min(1.0, config.batch_size / n_public)
         self.steps_per_epoch = max(1, int(1 / self.sample_rate))
         per_round = config.local_epochs * self.steps_per_epoch
         if config.max_steps_per_round:

@@ -161,7 +161,8 @@ class SiteSession:
         return self.trainer is not None
 
     # -- set-up ------------------------------------------------------------------------
-    def setup(self, data_root: str, ledger_folder: str | None = None, max_epsilon: float | None = None) -> list[str]:
+    def setup(self, data_root: str, ledger_folder: str | None = None, max_epsilon: float | None = None,
+              public_num_records: int | None = None) -> list[str]:
         """Read (or generate) the site's data and build the model and trainer; once.
 
         Args:
@@ -170,6 +171,8 @@ class SiteSession:
                 ``<ledger_folder>/<site>/<dpsgd_ledger_name>.json``.
             max_epsilon: the site's own cap on the record-level budget (wins over a job
                 asking for more).
+            public_num_records: the site's own declaration of its public record count (wins
+                over the job's ``public_num_records``; see :class:`DPSGDConfig`).
 
         Returns the lines worth logging.
         """
@@ -201,7 +204,7 @@ class SiteSession:
                 raise ValueError(f"task {cfg.task}'s network is not Opacus-compatible for DP-SGD: {errors}")
             if not ledger_folder:
                 raise ValueError("dpsgd needs a ledger folder for the site's record-level ledger")
-            trainer, line = self._dpsgd_trainer(datalist, ledger_folder, max_epsilon)
+            trainer, line = self._dpsgd_trainer(datalist, ledger_folder, max_epsilon, public_num_records)
             lines.append(line)
         else:
             trainer = LocalTrainer(self.task, datalist, self.train_config)
@@ -209,9 +212,12 @@ class SiteSession:
         self.trainer = trainer
         return lines
 
-    def _dpsgd_trainer(self, datalist, ledger_folder: str, max_epsilon: float | None):
+    def _dpsgd_trainer(self, datalist, ledger_folder: str, max_epsilon: float | None,
+                       public_num_records: int | None = None):
         """DP-SGD trainer continuing the site's record-level ledger (calibrated for what is left)."""
         dp = self.dp
+        if public_num_records is not None:
+            dp = dataclasses.replace(dp, public_num_records=public_num_records).validate()
         if max_epsilon is not None and float(max_epsilon) < float(dp.target_epsilon):
             # the site's own cap wins over a job asking for more
             dp = dataclasses.replace(dp, target_epsilon=float(max_epsilon))
@@ -225,7 +231,10 @@ class SiteSession:
         line = (f"{self.site}: record-level DP-SGD, ledger {path} ({len(ledger.entries)} earlier rounds, epsilon "
                 f"{ledger.epsilon():.4g} of {dp.target_epsilon} at delta={dp.delta}); "
                 f"z={trainer.noise_multiplier:.4g}, "
-                f"q={trainer.sample_rate:.4g}, {trainer.steps_per_round} steps per round, clip {dp.max_grad_norm}")
+                f"q={trainer.sample_rate:.4g}, {trainer.steps_per_round} steps per round, clip {dp.max_grad_norm}"
+                + (f"; q and steps from the declared public record count {dp.public_num_records} "
+                   f"(the true count {trainer.num_train} stays at the site)" if dp.public_num_records else
+                   f"; q reveals the true record count {trainer.num_train} (no public_num_records declared)"))
         return trainer, line
 
     def _require_ready(self) -> None:
