@@ -172,3 +172,24 @@ def test_record_reservation_refuses_any_excess_and_settles(tmp_path):
         reserve_record_round(ledger, target_epsilon=TARGET, job_id="a", round=1, noise_multiplier=z,
                              sample_rate=q, steps=1)
     assert len(RecordLedger.load_or_create(path, DELTA).entries) == 2
+
+
+def test_a_round_settled_with_fewer_steps_restates_the_cumulative_epsilon(tmp_path):
+    """An aborted round keeps the steps it computed; each entry's stated cumulative epsilon
+    (and every later entry's) is then the one of the steps taken, not the reserved ones."""
+    path = str(tmp_path / "rec.json")
+    ledger = RecordLedger(DELTA, path=path)
+    rid0 = reserve_record_round(ledger, target_epsilon=None, job_id="a", round=0, noise_multiplier=1.0,
+                                sample_rate=0.5, steps=10)
+    rid1 = reserve_record_round(ledger, target_epsilon=None, job_id="b", round=0, noise_multiplier=1.0,
+                                sample_rate=0.5, steps=10)  # another job, concurrent
+    reserved = [e["epsilon_rdp"] for e in RecordLedger.load_or_create(path, DELTA).entries]
+    settle_record_round(ledger, rid0, 3)
+    settle_record_round(ledger, rid1, 10)
+    entries = RecordLedger.load_or_create(path, DELTA).entries
+    assert [e["steps"] for e in entries] == [3, 10]
+    hist = [(1.0, 0.5, 3), (1.0, 0.5, 10)]
+    for i, e in enumerate(entries):
+        assert e["epsilon_rdp"] == pytest.approx(opacus_rdp_epsilon(hist[: i + 1], DELTA), rel=1e-12)
+        assert e["epsilon_rdp"] < reserved[i]
+    assert entries[-1]["epsilon_rdp"] == pytest.approx(RecordLedger.load_or_create(path, DELTA).epsilon())

@@ -41,6 +41,7 @@ from adpfl._io import file_lock, json_transaction
 
 from .errors import BudgetExhausted, PrivacyConfigError, PrivacyError
 from .ledger import PrivacyLedger
+from .record import opacus_rdp_epsilon
 
 #: entry field holding the reservation's id (a random hex string, unique per reservation)
 RESERVATION_KEY = "reservation"
@@ -229,13 +230,22 @@ def settle_record_round(
     steps_done = int(steps_done)
 
     def _settle() -> None:
-        kept = []
+        kept, changed_from = [], None
         for e in ledger.entries:
             if e.get(RESERVATION_KEY) == reservation_id:
                 if steps_done <= 0:
+                    changed_from = len(kept) if changed_from is None else changed_from
                     continue
-                e = dict(e, steps=min(int(e["steps"]), steps_done))
+                if steps_done < int(e["steps"]):
+                    e = dict(e, steps=steps_done)
+                    changed_from = len(kept) if changed_from is None else changed_from
             kept.append(e)
+        if changed_from is not None:
+            # each entry states the cumulative epsilon with it: from the settled entry on,
+            # restate it for the steps actually taken (the reserved figure overstated it)
+            hist = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in kept]
+            for i in range(changed_from, len(kept)):
+                kept[i] = dict(kept[i], epsilon_rdp=opacus_rdp_epsilon(hist[: i + 1], ledger.delta))
         ledger.entries = kept
 
     if path is None:
