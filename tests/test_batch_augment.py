@@ -84,3 +84,45 @@ def test_batch_augment_rejects_bad_settings():
         get_task("skin2d").batch_augment((32, 48))
     with pytest.raises(ValueError, match="pair up"):
         BatchAugment(spatial_dims=2)(torch.zeros(2, 1, 4, 4), torch.zeros(3, 1, 4, 4), torch.Generator())
+
+
+def test_local_trainer_augmentation_is_reproducible_from_the_torch_seed(tmp_path):
+    """Same torch seed: the same shuffles and augmentation draws, the same trained weights; another
+    seed trains differently (the draws are not fixed)."""
+    import warnings
+
+    from adpfl.data.datalist import load_site_datalist
+    from adpfl.data.synthetic import ensure_site_data
+    from adpfl.tasks.network import TaskNetwork
+    from adpfl.training import LocalTrainer, TrainConfig
+
+    ensure_site_data("skin2d", tmp_path, "site-1", num_train=4, num_val=1, size=16, seed=0)
+    datalist = load_site_datalist(tmp_path, "site-1", task="skin2d")
+    torch.manual_seed(0)
+    init = TaskNetwork("skin2d").state_dict()
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = LocalTrainer(get_task("skin2d"), datalist,
+                                   TrainConfig(local_epochs=1, batch_size=2, image_size=16, device="cpu", amp=False))
+
+        def trained(seed):
+            model = TaskNetwork("skin2d")
+            model.load_state_dict(init)
+            trainer._optimizer = None  # a fresh Adam each time
+            torch.manual_seed(seed)
+            trainer.train(model)
+            return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+        a, b, c = trained(1), trained(1), trained(2)
+        calls = []
+        task_augment = trainer.augment
+        trainer.augment = lambda x, y, g: calls.append(x.shape[0]) or task_augment(x, y, g)
+        trained(1)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert calls == [2, 2]  # every training batch went through the task's augmentation
