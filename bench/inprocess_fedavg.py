@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=None, help="default: the task's")
     ap.add_argument("--data-root", default=None, help="default: <tmp>/adpfl_bench_data/<task>")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="torch seed: initial weights, shuffling, augmentation")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data_root = args.data_root or os.path.join(tempfile.gettempdir(), "adpfl_bench_data", args.task)
@@ -72,7 +73,7 @@ def main() -> None:
     final = {}
     for name, network in [(c, n) for c in args.configs for n in args.networks]:
         cfg = CONFIGS[name]
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         g = TaskNetwork(args.task, network)
         models = [TaskNetwork(args.task, network) for _ in trainers]
         pipes = None

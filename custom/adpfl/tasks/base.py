@@ -64,6 +64,10 @@ class SegTask:
     # builders for the MONAI transform chains (set by each task module)
     make_train_transforms: Callable[[SegTask, tuple[int, ...]], object] | None = field(default=None, compare=False)
     make_val_transforms: Callable[[SegTask, tuple[int, ...]], object] | None = field(default=None, compare=False)
+    # the random augmentation applied to each collated training batch (per-sample draws,
+    # :class:`adpfl.tasks.batch_augment.BatchAugment`); the per-item chain keeps only what
+    # needs one item at a time (the 3D patch sampler)
+    make_batch_augment: Callable[[SegTask, tuple[int, ...]], object] | None = field(default=None, compare=False)
 
     @property
     def in_channels(self) -> int:
@@ -130,6 +134,15 @@ class SegTask:
 
     def val_transforms(self, size=None):
         return self.make_val_transforms(self, self.resolve_size(size))
+
+    def batch_augment(self, size=None):
+        """The task's :class:`~adpfl.tasks.batch_augment.BatchAugment` (None: no batch augmentation)."""
+        if self.make_batch_augment is None:
+            return None
+        size = self.resolve_size(size)
+        aug = self.make_batch_augment(self, size)
+        aug.check_size(size)
+        return aug
 
 
 def labels_to_regions(labels: torch.Tensor, task: SegTask) -> torch.Tensor:

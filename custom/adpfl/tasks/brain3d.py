@@ -32,7 +32,7 @@ def _load_and_normalize(size):
     ]
 
 
-_train, _val = volume3d.transform_builders(_load_and_normalize, intensity_shift=0.1)
+_train, _val, _augment = volume3d.transform_builders(_load_and_normalize, intensity_shift=0.1)
 
 
 TASK = SegTask(
@@ -46,4 +46,5 @@ TASK = SegTask(
     image_files=("t1n", "t1c", "t2w", "t2f"),
     make_train_transforms=_train,
     make_val_transforms=_val,
+    make_batch_augment=_augment,
 )

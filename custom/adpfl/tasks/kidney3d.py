@@ -29,7 +29,7 @@ def _load_and_normalize(size):
     ]
 
 
-_train, _val = volume3d.transform_builders(_load_and_normalize, intensity_shift=0.05)
+_train, _val, _augment = volume3d.transform_builders(_load_and_normalize, intensity_shift=0.05)
 
 
 TASK = SegTask(
@@ -42,4 +42,5 @@ TASK = SegTask(
     **volume3d.UNET_3D,
     make_train_transforms=_train,
     make_val_transforms=_val,
+    make_batch_augment=_augment,
 )

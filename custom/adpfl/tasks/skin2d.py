@@ -50,21 +50,16 @@ def _load_and_normalize(task: SegTask, size):
 def _train(task: SegTask, size):
     from monai import transforms as mt
 
-    from adpfl.tasks.meta_free import MetaFree
+    # deterministic only: CacheDataset caches the whole chain as plain tensors; the random
+    # flips and quarter turns run on each collated batch (_augment)
+    return mt.Compose(_load_and_normalize(task, size) + [mt.EnsureTyped(keys=["image", "label"], track_meta=False)])
 
-    # the deterministic part (up to the first random transform) is what CacheDataset caches;
-    # the per-epoch random flips run without MONAI's metadata tracking (plain tensors)
-    return mt.Compose(
-        _load_and_normalize(task, size)
-        + [
-            mt.EnsureTyped(keys=["image", "label"], track_meta=False),
-            MetaFree([
-                mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-                mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
-                mt.RandRotate90d(keys=["image", "label"], prob=0.5, max_k=3),
-            ]),
-        ]
-    )
+
+def _augment(task: SegTask, size):
+    from adpfl.tasks.batch_augment import BatchAugment
+
+    # per sample: mirror on each axis (p = 0.5), 1-3 quarter turns (p = 0.5)
+    return BatchAugment(spatial_dims=2, flip_axes=(0, 1), flip_prob=0.5, rot90_prob=0.5)
 
 
 def _val(task: SegTask, size):
@@ -88,4 +83,5 @@ TASK = SegTask(
     num_res_units=2,
     make_train_transforms=_train,
     make_val_transforms=_val,
+    make_batch_augment=_augment,
 )

@@ -65,24 +65,24 @@ def finish(track_meta: bool = False):
     ]
 
 
-def train_chain(task: SegTask, size, load_and_normalize, intensity_shift: float):
-    """Random patches centred on foreground/background 2:1, mirroring on all axes, small
-    intensity scale/shift jitter, after the task's own loading and normalisation.
+def train_chain(task: SegTask, size, load_and_normalize):
+    """Random patches centred on foreground/background 2:1 after the task's own loading and
+    normalisation (mirroring and intensity jitter follow on the batch: :func:`augment`).
 
     The deterministic part (up to the first random transform) is what CacheDataset caches:
     it ends with the foreground/background voxel indices the patch sampler draws from
-    (``FgBgToIndicesd``, computed once instead of at every draw) and plain typed tensors;
-    the random transforms run without MONAI's metadata tracking (:class:`MetaFree`)."""
+    (``FgBgToIndicesd``, computed once instead of at every draw) and plain typed tensors.
+    The patch comes back as plain tensors too (``EnsureTyped(track_meta=False)``: no
+    metadata collated), without touching MONAI's process-wide tracking switch, which
+    validation in another thread relies on."""
     from monai import transforms as mt
-
-    from adpfl.tasks.meta_free import MetaFree
 
     indices = ["label_fg_indices", "label_bg_indices"]
     return mt.Compose(
         load_and_normalize
         + [mt.FgBgToIndicesd(keys="label", image_key="image", image_threshold=0.0)]
         + finish()
-        + [MetaFree([
+        + [
             mt.RandCropByPosNegLabeld(
                 keys=["image", "label"],
                 label_key="label",
@@ -94,13 +94,18 @@ def train_chain(task: SegTask, size, load_and_normalize, intensity_shift: float)
                 bg_indices_key=indices[1],
             ),
             mt.DeleteItemsd(keys=indices),
-            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
-            mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2),
-            mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            mt.RandShiftIntensityd(keys="image", offsets=intensity_shift, prob=0.5),
-        ])]
+        ]
+        + finish()
     )
+
+
+def augment(intensity_shift: float):
+    """Per sample on the batch: mirroring on all axes (p = 0.5 each), intensity scale by
+    1 + U(-0.1, 0.1) (p = 0.5) and shift by U(-intensity_shift, intensity_shift) (p = 0.5)."""
+    from adpfl.tasks.batch_augment import BatchAugment
+
+    return BatchAugment(spatial_dims=3, flip_axes=(0, 1, 2), flip_prob=0.5, scale_factor=0.1, scale_prob=0.5,
+                        shift_offset=intensity_shift, shift_prob=0.5)
 
 
 def val_chain(load_and_normalize):
@@ -110,13 +115,16 @@ def val_chain(load_and_normalize):
 
 
 def transform_builders(load_and_normalize, intensity_shift: float):
-    """The (train, val) builders a 3D SegTask takes, from the task's own
+    """The (train, val, batch augmentation) builders a 3D SegTask takes, from the task's own
     ``load_and_normalize(size) -> list of transforms``."""
 
     def train(task: SegTask, size):
-        return train_chain(task, size, load_and_normalize(size), intensity_shift)
+        return train_chain(task, size, load_and_normalize(size))
 
     def val(task: SegTask, size):
         return val_chain(load_and_normalize(size))
 
-    return train, val
+    def batch_augment(task: SegTask, size):
+        return augment(intensity_shift)
+
+    return train, val, batch_augment

@@ -2,9 +2,10 @@
 :class:`adpfl.training.dpsgd.DPSGDTrainer`; none of them changes the privacy unit.
 
 * :class:`AugmentedCopies`: augmentation multiplicity. Item ``i`` is a list of ``K``
-  independently augmented views of record ``i`` (the task's random train transforms run
-  once per view); MONAI's ``list_data_collate`` flattens them, so a Poisson batch of ``B``
-  records becomes ``B * K`` rows with each record's views contiguous. The optimizer
+  independently augmented views of record ``i`` (the task's per-item random transforms run
+  once per view, and its batch augmentation draws each row on its own); MONAI's
+  ``list_data_collate`` flattens them, so a Poisson batch of ``B`` records becomes ``B * K``
+  rows with each record's views contiguous. The optimizer
   (:class:`adpfl.training.dp_noise.RecordDPOptimizer`) averages the ``K`` per-sample
   gradients into one per record *before* clipping: one record, one clipped contribution.
 * :func:`ema_tracker`: exponential moving average of the weights over the round's steps

@@ -302,6 +302,7 @@ class DPSGDTrainer:
         model.to(self.device).train()
         gen = make_generator(self.device)  # OS entropy: noise and the mask
         sample_gen = make_generator("cpu")
+        aug_gen = self.base.augment_generator()  # augmentation only (per row, before per-sample gradients)
         mask = random_mask(model, float(self.dp.keep_fraction), gen)
         ema = ema_tracker(model, float(self.dp.ema_decay))
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -329,6 +330,7 @@ class DPSGDTrainer:
                     else:
                         x = batch["image"].to(self.device)
                         y = batch["label"].to(self.device)
+                        x, y = self.base.augment_batch(x, y, aug_gen)
                         loss = loss_fn(gsm(x), y)
                         if not torch.isfinite(loss):
                             raise FloatingPointError(f"DP-SGD loss became {loss.item()} at step {steps}")

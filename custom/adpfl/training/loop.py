@@ -103,9 +103,9 @@ class LocalTrainer:
         self.val_items = val_items
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # the deterministic transforms run once here; the random ones every epoch on the
-            # cached items, which none of them modifies in place (flips/rotations copy, crops
-            # are read, intensity jitter returns new tensors): no defensive copy of each item
+            # the deterministic transforms run once here; per item only the random 3D patch
+            # sampler runs each epoch, which reads the cached items and never modifies them:
+            # no defensive copy of each item. Flips and intensity jitter run on the batch.
             self.train_ds = CacheDataset(
                 train_items, transform=task.train_transforms(self.size), cache_rate=1.0, progress=False,
                 copy_cache=False,
@@ -117,6 +117,7 @@ class LocalTrainer:
                 else None
             )
         self._grid = OriginalGrid(task, val_transform)
+        self.augment = task.batch_augment(self.size)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         self.use_amp = bool(config.amp) and self.device.type == "cuda"
         self._optimizer: torch.optim.Optimizer | None = None
@@ -136,6 +137,21 @@ class LocalTrainer:
             drop_last=False,
         )
 
+    def augment_batch(self, x: torch.Tensor, y: torch.Tensor,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The task's random augmentation of one collated batch (per-sample draws from
+        ``generator``, on the batch's device); unchanged when the task has none."""
+        if self.augment is None:
+            return x, y
+        return self.augment(x, y, generator)
+
+    @staticmethod
+    def augment_generator() -> torch.Generator:
+        """A generator for one round's augmentation draws, seeded from torch's default
+        generator (as MONAI's DataLoader seeds per-item transforms): ``torch.manual_seed``
+        makes the draws reproducible."""
+        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+
     def optimizer_for(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """One Adam optimizer per site, kept across rounds (its moments are local state)."""
         if self._optimizer is None or self._optimizer_model_id != id(model):
@@ -153,6 +169,7 @@ class LocalTrainer:
         model.to(self.device).train()
         opt = self.optimizer_for(model)
         loader = self._loader(True, self.train_ds, self.config.batch_size)
+        gen = self.augment_generator()
         steps, samples, loss_sum = 0, 0, 0.0
         t0 = time.perf_counter()
         cap = self.config.max_steps_per_round or math.inf
@@ -163,6 +180,7 @@ class LocalTrainer:
                             "seconds": time.perf_counter() - t0, "aborted": True}
                 x = batch["image"].to(self.device, non_blocking=True)
                 y = batch["label"].to(self.device, non_blocking=True)
+                x, y = self.augment_batch(x, y, gen)
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", enabled=self.use_amp):
                     loss = self.loss_fn(model(x), y)
