@@ -9,7 +9,7 @@ caught (bound above the claim). Claims: z = 2 -> 2.166 at delta 1e-5 (Opacus RDP
 release / one step at q = 1; ADP-FL: the smallest z its schedule reported). The noise is
 seeded (the filter's generator factory, the trainer's generators) so the tests are
 deterministic: with OS noise, simulation of the same game gives a false "not caught" in
-about 6 % of DP-FL filter runs at 600 releases per side, about 18 % of ADP-FL runs at 500
+about 6 % of DP-FL filter runs at 600 releases per side, about 14 % of ADP-FL runs at 500
 (z near 2) and 1 % of DP-SGD runs at 800 canaries; the benches (bench/privacy_audit.py) use
 OS noise.
 """
