@@ -1,20 +1,39 @@
-"""Loss-threshold membership inference on the final global model: NP-FL vs DP-SGD (eps 8).
+"""Membership inference on the final global model: NP-FL vs DP-SGD (record-level eps 8).
 
-    python bench/mia_eval.py [--rounds 5] [--size 32] [--train 40]
+    python bench/mia_eval.py [--train 12] [--size 16] [--rounds 15] [--epochs 10] [--shadows 3]
+                             [--nonmembers 100] [--out docs/results/privacy_audit]
 
-In-process FedAvg (no FLARE; the trainers the FLARE executor runs): 3 synthetic skin2d
-sites, ``--train`` records each, ``--rounds`` rounds of 2 local epochs, batch 8. NP-FL trains
-with ``LocalTrainer``; DP-SGD with ``DPSGDTrainer`` at record-level epsilon 8 (delta 1e-5,
-Opacus RDP, calibrated over the rounds, max_grad_norm 1), one trainer per site kept across
-rounds. Attack (Yeom et al. 2018): score = -DiceCE loss of the final global model on one
-image (no augmentation); members = every site's training images, non-members = the same
-number of fresh images from the same generator (the sites' validation lists). AUC = the
-probability that a random member scores above a random non-member (0.5: no leakage).
+Setting chosen to make NP-FL overfit (the tiny-dataset regime; at 16 images per site and 6
+rounds x 5 epochs its loss-threshold AUC was still 0.557 +- 0.049): in-process FedAvg (no
+FLARE; the trainers the FLARE executor runs) over 3 synthetic skin2d sites of ``--train``
+records each, ``--rounds`` rounds of ``--epochs`` local epochs, batch 8, Adam lr 2e-3. NP-FL
+trains with ``LocalTrainer``; DP-SGD with ``DPSGDTrainer`` at record-level epsilon 8 (delta
+1e-5, Opacus RDP, calibrated over the rounds, max_grad_norm 1), one trainer per site kept
+across rounds. Members = every site's training images; non-members = ``--nonmembers``
+fresh images per site from the same generator and site (their validation lists).
+
+Attacks on the final global model (black box: per-image loss / confidence only):
+
+* loss threshold (Yeom et al. 2018): score = -DiceCE loss of the image;
+* offline LiRA (Carlini et al. 2022, the offline variant with a fixed variance, as they
+  advise for few shadow models): ``--shadows`` shadow federations trained exactly like the
+  target (same algorithm, same privacy settings) on the public generator's other seeds
+  (1, 2, ...; same sites and sizes, so every candidate image is *out* of every shadow);
+  per image the logit-scaled confidence ``phi = log(p / (1 - p))`` with ``p = exp(-CE)``
+  (CE: the mean pixel cross-entropy, so ``p`` is the geometric mean of the true-class
+  pixel probabilities); score = ``(phi_target - mean_out) / std_out``, ``mean_out`` the
+  image's mean over the shadows, ``std_out`` pooled over all images.
+
+Reported per setting: AUC (Mann-Whitney, 0.5 = no leakage), TPR at 1 % FPR (threshold at the
+99th percentile of the non-members' scores), mean losses, the final global model's Dice on
+the sites' validation images. The Mann-Whitney standard error of the AUC is printed too.
+Writes ``mia.md`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -26,6 +45,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+SITES = ("site-1", "site-2", "site-3")
 
 
 def auc(members: np.ndarray, non_members: np.ndarray) -> float:
@@ -34,75 +54,145 @@ def auc(members: np.ndarray, non_members: np.ndarray) -> float:
     return float((m > n).mean() + 0.5 * (m == n).mean())
 
 
-def per_image_scores(model, trainer, entries) -> np.ndarray:
+def auc_std_error(a: float, n_pos: int, n_neg: int) -> float:
+    """Hanley-McNeil standard error of an AUC."""
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    return math.sqrt((a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg))
+
+
+def tpr_at_fpr(members: np.ndarray, non_members: np.ndarray, fpr: float = 0.01) -> float:
+    """Fraction of members scoring above the (1 - fpr) quantile of the non-members."""
+    t = np.quantile(np.asarray(non_members), 1.0 - fpr, method="higher")
+    return float((np.asarray(members) > t).mean())
+
+
+def image_stats(model, trainer, entries) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: the DiceCE loss and the logit-scaled confidence phi = log(p / (1 - p)),
+    p = exp(-mean pixel CE), of ``model`` (eval mode, validation transforms)."""
     from monai.losses import DiceCELoss
 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     tf = trainer.task.val_transforms(trainer.config.image_size)
     model.eval()
-    out = []
+    loss, phi = [], []
     with torch.no_grad():
         for e in entries:
             d = tf(dict(e))
             x, y = d["image"][None].float(), d["label"][None].float()
-            out.append(-float(loss_fn(model(x), y)))
-    return np.asarray(out)
+            out = model(x)
+            loss.append(float(loss_fn(out, y)))
+            ce = float(torch.nn.functional.cross_entropy(out, y[:, 0].long()))
+            # log p - log(1 - p) with log p = -ce, stable for small ce
+            phi.append(-ce - math.log(-math.expm1(-ce)) if ce > 0 else 50.0)
+    return np.asarray(loss), np.asarray(phi)
+
+
+def train_federation(kind: str, dls: list[dict], cfg, rounds: int, epsilon: float, seed: int):
+    """FedAvg of ``rounds`` rounds over the sites' datalists; returns (global model, trainers,
+    privacy info, seconds)."""
+    from adpfl.privacy.config import DPSGDConfig
+    from adpfl.tasks.base import get_task
+    from adpfl.tasks.network import TaskNetwork
+    from adpfl.training import LocalTrainer
+    from adpfl.training.dpsgd import DPSGDTrainer
+
+    task = get_task("skin2d")
+    torch.manual_seed(seed)
+    if kind == "NP-FL":
+        trainers = [LocalTrainer(task, dl, cfg) for dl in dls]
+    else:
+        dp = DPSGDConfig(target_epsilon=epsilon, planned_rounds=rounds)
+        trainers = [DPSGDTrainer(task, dl, cfg, dp) for dl in dls]
+    g = TaskNetwork("skin2d")
+    models = [TaskNetwork("skin2d") for _ in dls]
+    info, t0 = "none", time.perf_counter()
+    for _r in range(rounds):
+        gs = {k: v.clone() for k, v in g.state_dict().items()}
+        deltas = []
+        for m, tr in zip(models, trainers):
+            m.load_state_dict(gs)
+            res = tr.train(m)
+            deltas.append({k: v - gs[k] for k, v in m.state_dict().items()})
+            if "epsilon" in res:
+                info = (f"{res['epsilon']:.3f}, record-level (one image), delta {res['delta']:g}, Opacus RDP; "
+                        f"z = {res['noise_multiplier']:.4g}, q = {res['sample_rate']:.3g}")
+        g.load_state_dict({k: gs[k] + sum(d[k] for d in deltas) / len(deltas) for k in gs})
+    return g, trainers, info, time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--train", type=int, default=40)
+    ap.add_argument("--train", type=int, default=12, help="training images per site (members)")
+    ap.add_argument("--nonmembers", type=int, default=100, help="fresh images per site (non-members)")
+    ap.add_argument("--size", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=10, help="local epochs per round")
+    ap.add_argument("--shadows", type=int, default=3, help="shadow federations per setting for offline LiRA")
+    ap.add_argument("--epsilon", type=float, default=8.0)
+    ap.add_argument("--settings", nargs="*", default=["NP-FL", "DP-SGD"])
+    ap.add_argument("--out", default="docs/results/privacy_audit")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     from _machine import machine
     from adpfl.data.datalist import load_site_datalist
     from adpfl.data.synthetic import ensure_site_data
-    from adpfl.privacy.config import DPSGDConfig
-    from adpfl.tasks.base import get_task
-    from adpfl.tasks.network import TaskNetwork
-    from adpfl.training import LocalTrainer, TrainConfig
-    from adpfl.training.dpsgd import DPSGDTrainer
+    from adpfl.training import TrainConfig
 
-    print("machine:", machine(), flush=True)
-    task = get_task("skin2d")
-    root = os.path.join(tempfile.gettempdir(), f"adpfl_mia_{a.size}_{a.train}")
-    sites = ["site-1", "site-2", "site-3"]
-    dls = []
-    for s in sites:
-        ensure_site_data("skin2d", root, s, num_train=a.train, num_val=a.train, seed=0, size=a.size)
-        dls.append(load_site_datalist(root, s, task="skin2d"))
-    cfg = TrainConfig(local_epochs=2, batch_size=8, learning_rate=2e-3, image_size=a.size, device="cpu", seed=0)
-    for name in ("NP-FL", "DP-SGD eps 8"):
-        torch.manual_seed(0)
-        if name == "NP-FL":
-            trainers = [LocalTrainer(task, dl, cfg) for dl in dls]
-        else:
-            dp = DPSGDConfig(target_epsilon=8.0, planned_rounds=a.rounds)
-            trainers = [DPSGDTrainer(task, dl, cfg, dp) for dl in dls]
-        g = TaskNetwork("skin2d")
-        models = [TaskNetwork("skin2d") for _ in sites]
-        t0 = time.perf_counter()
-        info = ""
-        for _r in range(a.rounds):
-            gs = {k: v.clone() for k, v in g.state_dict().items()}
-            deltas = []
-            for m, tr in zip(models, trainers):
-                m.load_state_dict(gs)
-                res = tr.train(m)
-                deltas.append({k: v - gs[k] for k, v in m.state_dict().items()})
-                if "epsilon" in res:
-                    info = (f"record-level epsilon {res['epsilon']:.3f} at delta {res['delta']:g} (Opacus RDP), "
-                            f"z={res['noise_multiplier']:.4g}, q={res['sample_rate']:g}")
-            g.load_state_dict({k: gs[k] + sum(d[k] for d in deltas) / len(deltas) for k in gs})
-        train_s = time.perf_counter() - t0
-        mem = np.concatenate([per_image_scores(g, tr, dl["training"]) for tr, dl in zip(trainers, dls)])
-        non = np.concatenate([per_image_scores(g, tr, dl["validation"]) for tr, dl in zip(trainers, dls)])
-        dice = np.mean([tr.evaluate(g, with_hd95=False)["dice_mean"] for tr in trainers])
-        print(f"| {name} | {info or 'none'} | {len(mem)} / {len(non)} | {auc(mem, non):.3f} "
-              f"| {-mem.mean():.3f} / {-non.mean():.3f} | {dice:.3f} | {train_s:.0f} |", flush=True)
+    head = (f"machine: {machine()}; load average at start {os.getloadavg()[0]:.2f}; "
+            f"command: python bench/mia_eval.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(head, flush=True)
+    t_start = time.perf_counter()
+    base = Path(tempfile.gettempdir()) / f"adpfl_mia_{a.size}_{a.train}_{a.nonmembers}"
+
+    def sites(seed: int, n_val: int) -> list[dict]:
+        root = base / f"seed{seed}"
+        out = []
+        for s in SITES:
+            ensure_site_data("skin2d", root, s, num_train=a.train, num_val=n_val, seed=seed, size=a.size)
+            out.append(load_site_datalist(root, s, task="skin2d"))
+        return out
+
+    target = sites(0, a.nonmembers)
+    shadow_data = [sites(k + 1, 2) for k in range(a.shadows)]
+    cfg = TrainConfig(local_epochs=a.epochs, batch_size=8, learning_rate=2e-3, image_size=a.size, device="cpu", seed=0)
+    members = [e for dl in target for e in dl["training"]]
+    non_members = [e for dl in target for e in dl["validation"]]
+    cands = members + non_members
+    n_m = len(members)
+    lines = ["| setting | accounted epsilon (unit, delta, accountant) | members / non-members | attack | AUC (std err) "
+             "| TPR at 1 % FPR | mean loss members / non-members | final global Dice (sites' validation) "
+             "| training s (target; shadows) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for kind in a.settings:
+        g, trainers, info, secs = train_federation(kind, target, cfg, a.rounds, a.epsilon, seed=0)
+        loss, phi = image_stats(g, trainers[0], cands)
+        dice = float(np.mean([tr.evaluate(g, with_hd95=False)["dice_mean"] for tr in trainers]))
+        print(f"{kind}: target trained in {secs:.0f} s, Dice {dice:.3f}, {info}", flush=True)
+        shadow_phi, shadow_s = [], 0.0
+        for k, sd in enumerate(shadow_data):
+            sg, st, _, s_secs = train_federation(kind, sd, cfg, a.rounds, a.epsilon, seed=k + 1)
+            shadow_phi.append(image_stats(sg, st[0], cands)[1])
+            shadow_s += s_secs
+            print(f"  shadow {k + 1}: {s_secs:.0f} s", flush=True)
+        scores = {"loss threshold": -loss}
+        if shadow_phi:
+            sp = np.stack(shadow_phi)  # (shadows, candidates)
+            mu = sp.mean(axis=0)
+            sd_out = float((sp - mu).std(ddof=1)) if len(sp) > 1 else 1.0
+            scores[f"offline LiRA ({len(sp)} shadows, fixed variance)"] = (phi - mu) / max(sd_out, 1e-12)
+        for attack, s in scores.items():
+            au, n_n = auc(s[:n_m], s[n_m:]), len(cands) - n_m
+            lines.append(f"| {kind if kind == 'NP-FL' else f'DP-SGD eps {a.epsilon:g}'} | {info} "
+                         f"| {n_m} / {n_n} | {attack} | {au:.3f} ({auc_std_error(au, n_m, n_n):.3f}) "
+                         f"| {tpr_at_fpr(s[:n_m], s[n_m:]):.3f} | {loss[:n_m].mean():.3f} / {loss[n_m:].mean():.3f} "
+                         f"| {dice:.3f} | {secs:.0f}; {shadow_s:.0f} |")
+            print(lines[-1], flush=True)
+    tail = f"wall {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()[0]:.2f}"
+    print(tail, flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mia.md").write_text(head + "\n\n" + "\n".join(lines) + "\n\n" + tail + "\n")
     return 0
 
 

@@ -1,23 +1,35 @@
 """End-to-end audits of the two release paths, intact and deliberately broken.
 
-    python bench/privacy_audit.py [--releases 1000] [--adpfl-releases 150] [--filters DP-FL ADP-FL]
-                                  [--runs 5] [--out docs/results/privacy_audit]
+    python bench/privacy_audit.py [--releases 1000] [--adpfl-releases 2000] [--clip-releases 300]
+                                  [--filters DP-FL ADP-FL ADP-FL-public]
+                                  [--runs 5] [--skip-dpsgd] [--out docs/results/privacy_audit]
 
 (a) The FLARE result filter ``ADPFilter.process`` with a FLContext and ledgers on disk
-    (``adpfl.evaluation.filter_audit``): DP-FL (z = 2, C = 1) and ADP-FL (random mask,
-    keep 0.5, fixed clip, schedule planned so z is about 2), ``--releases`` /
-    ``--adpfl-releases`` per side.
-(b) The DP-SGD trainer ``DPSGDTrainer.train`` on n = 40 synthetic skin records, batch 40
-    (q = 1), one SGD step per run, z = 2, C = 1, ``--runs`` runs x 200 Dirac-gradient
-    canaries, top-100 guesses (``adpfl.evaluation.dpsgd_audit``).
+    (``adpfl.evaluation.filter_audit``, likelihood-ratio statistic), three configurations:
+    ``DP-FL`` (z = 2, C = 1, ``--releases`` per side); ``ADP-FL`` (random mask, keep 0.5,
+    fixed clip C = 1, adaptive noise schedule planned so its z runs from about 3.0 down to
+    2.14); ``ADP-FL-public`` (the jobs' own ADP-FL policy: ``topk_public`` mask with the
+    canary on the publicly top-ranked coordinates, adaptive clip percentile 0.5, learning
+    rate 0.2, starting at C = 1; indicator noise 10 because it must exceed the schedule's
+    largest z; same schedule) -- ``--adpfl-releases`` per side for both;
+    ``--clip-releases`` per side for every clipping-skipped audit.
+(b) The DP-SGD trainer ``DPSGDTrainer.train`` on the tiny dataset, n = 40 synthetic skin
+    records, batch 40 (q = 1), one SGD step per run, z = 2, C = 1, ``--runs`` runs x 200
+    Dirac-gradient canaries, top-100 guesses (``adpfl.evaluation.dpsgd_audit``).
+``--simulate`` instead runs the same held-out bound on a numpy simulation of the canary game
+(likelihood-ratio statistic, noise / 4, z uniform in the schedule's range or fixed) and
+prints how often it catches at several release counts (the trial counts of the tests and
+of this bench were chosen with it).
 Each intact path must give a lower bound <= its claimed epsilon; each broken one (noise
 scaled by 1/4 behind the accountant, clipping skipped; ``tests/audit_breakage.py``) must
-give a bound above it. Writes ``audit.md`` into ``--out``.
+give a bound above it. Noise from the OS (not seeded). Writes ``audit.md`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -33,14 +45,18 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--releases", type=int, default=1000)
-    ap.add_argument("--adpfl-releases", type=int, default=150)
+    ap.add_argument("--releases", type=int, default=1000, help="DP-FL releases per side")
+    ap.add_argument("--adpfl-releases", type=int, default=2000, help="ADP-FL releases per side")
+    ap.add_argument("--clip-releases", type=int, default=300,
+                    help="releases per side of the clipping-skipped audits (the breakage is gross)")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--filters", nargs="*", default=["DP-FL", "ADP-FL"], help="filter audits to run")
-    ap.add_argument("--adpfl-breakages", action="store_true",
-                    help="also audit ADP-FL broken (needs >= 600 releases per side to catch noise / 4)")
+    ap.add_argument("--filters", nargs="*", default=["DP-FL", "ADP-FL", "ADP-FL-public"], help="filter audits to run")
+    ap.add_argument("--skip-dpsgd", action="store_true")
+    ap.add_argument("--simulate", action="store_true", help="only the numpy catch-rate simulation")
     ap.add_argument("--out", default="docs/results/privacy_audit")
     a = ap.parse_args(argv)
+    if a.simulate:
+        return simulate()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     from _machine import machine
@@ -51,43 +67,50 @@ def main(argv=None) -> int:
     from adpfl.privacy.analysis import epsilon_rdp
     from audit_breakage import BREAKAGES
 
-    print("machine:", machine(), flush=True)
+    head = (f"machine: {machine()}; load average at start {os.getloadavg()[0]:.2f}; "
+            f"command: python bench/privacy_audit.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(head, flush=True)
+    t_start = time.perf_counter()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    per_filter = 100
+    per_filter = 50
+    # planned over twice the releases each filter makes: the schedule may spend ahead of the
+    # even share (noise_min_factor), and must never refuse inside the audit
+    schedule = dict(target_epsilon=epsilon_rdp([2.0] * 2 * per_filter, 1e-5), planned_rounds=2 * per_filter)
     filters = {
-        "DP-FL z=2, C=1": dict(mode="dpfl", noise_multiplier=2.0, clip_norm=1.0, clip_learning_rate=0.0, delta=1e-5),
-        "ADP-FL keep 0.5 random, C=1": dict(
-            mode="adpfl", keep_fraction=0.5, mask_policy="random", clip_norm=1.0, clip_learning_rate=0.0,
-            # planned over twice the releases each filter makes: the schedule may spend ahead of
-            # the even share (noise_min_factor), and must never refuse inside the audit
-            target_epsilon=epsilon_rdp([2.0] * 2 * per_filter, 1e-5), planned_rounds=2 * per_filter, delta=1e-5),
+        "DP-FL": ("DP-FL z=2, C=1", dict(mode="dpfl", noise_multiplier=2.0, clip_norm=1.0, clip_learning_rate=0.0,
+                                         delta=1e-5), False),
+        "ADP-FL": ("ADP-FL keep 0.5 random, C=1 fixed, adaptive z",
+                   dict(mode="adpfl", keep_fraction=0.5, mask_policy="random", clip_norm=1.0, clip_learning_rate=0.0,
+                        delta=1e-5, **schedule), False),
+        "ADP-FL-public": ("ADP-FL keep 0.5 topk_public (canary on the public top-k), adaptive clip, adaptive z",
+                          dict(mode="adpfl", keep_fraction=0.5, mask_policy="topk_public", clip_norm=1.0,
+                               clip_percentile=0.5, clip_learning_rate=0.2, clip_indicator_noise=10.0, delta=1e-5,
+                               **schedule), True),
     }
-    lines = ["| path | configuration | breakage | claimed epsilon (one release / one round; delta 1e-5, Opacus RDP) "
-             "| empirical lower bound (95 %) | cap | trials | caught | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| path | configuration | breakage | z reported (min-max) | claimed epsilon (one release / one round; "
+             "delta 1e-5, Opacus RDP) | empirical lower bound (95 %) | projection-statistic bound (diagnostic) "
+             "| cap | trials | caught | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def row(path, conf, brk, r, trials):
+    def row(path, conf, brk, r, trials, zr="2", proj="-"):
         caught = r["epsilon_lb"] > r["epsilon_claimed"]
-        lines.append(f"| {path} | {conf} | {brk} | {r['epsilon_claimed']:.3f} | {r['epsilon_lb']:.3f} "
+        lines.append(f"| {path} | {conf} | {brk} | {zr} | {r['epsilon_claimed']:.3f} | {r['epsilon_lb']:.3f} | {proj} "
                      f"| {r['epsilon_cap']:.2f} | {trials} | {'**yes**' if caught else 'no'} | {r['seconds']:.0f} |")
         print(lines[-1], flush=True)
 
-    for conf, args in filters.items():
-        if conf.split(" ")[0] not in a.filters:
-            continue
+    for key in a.filters:
+        conf, args, aligned = filters[key]
         for brk, make in [("none", None), *BREAKAGES["update"].items()]:
-            if conf.startswith("ADP") and (brk == "clipping skipped" or (make and not a.adpfl_breakages)):
-                continue
-            # the adaptive schedule re-plans at every release (about 0.2 s each here): fewer trials
-            n = a.releases if conf.startswith("DP-FL") else a.adpfl_releases
-            with tempfile.TemporaryDirectory() as tmp:
-                if make is None:
-                    r = audit_filter(args, n, ledger_dir=tmp, releases_per_filter=per_filter)
-                else:
-                    with make():
-                        r = audit_filter(args, n, ledger_dir=tmp, releases_per_filter=per_filter)
-            row("ADPFilter.process", conf, brk, r, f"{r['releases']} releases, ledger {r['ledger_entries']} entries")
+            n = a.releases if key == "DP-FL" else a.adpfl_releases
+            n = min(n, a.clip_releases) if brk == "clipping skipped" else n
+            with tempfile.TemporaryDirectory() as tmp, (make() if make else contextlib.nullcontext()):
+                r = audit_filter(args, n, ledger_dir=tmp, releases_per_filter=per_filter, align_public=aligned)
+            zr = f"{r['noise_multiplier_min']:.2f}-{r['noise_multiplier_max']:.2f}"
+            row("ADPFilter.process", conf, brk, r, f"{r['releases']} releases, ledger {r['ledger_entries']} entries",
+                zr, f"{r['epsilon_lb_projection']:.3f}")
+    if a.skip_dpsgd:
+        return _write(out, head, lines, t_start)
     with tempfile.TemporaryDirectory() as root:
         ensure_site_data("skin2d", root, "site-1", num_train=40, num_val=2, seed=0, size=16)
         dl = load_site_datalist(root, "site-1", task="skin2d")
@@ -99,9 +122,42 @@ def main(argv=None) -> int:
                 with make():
                     r = audit_dpsgd_trainer(dl, runs=a.runs)
             r["seconds"] = time.perf_counter() - t0
-            row("DPSGDTrainer.train", f"n={r['n_train']}, q={r['sample_rate']:g}, z=2, C=1, 16x16, 1 step", brk, r,
+            row("DPSGDTrainer.train", f"tiny dataset n={r['n_train']}, q={r['sample_rate']:g}, z=2, C=1, 16x16, 1 step",
+                brk, r,
                 f"{r['canaries']} canaries ({r['canaries_in']} in), {r['correct']}/{r['guesses']} correct")
-    (out / "audit.md").write_text("\n".join(lines) + "\n")
+    return _write(out, head, lines, t_start)
+
+
+def simulate(reps: int = 200, seed: int = 0) -> int:
+    """Catch rate of the held-out bound under noise / 4 in the canary game, simulated: per
+    release ``y ~ N(+-1, (z * 2 / 4)^2)``, statistic ``2 y / sigma^2`` (sigma = z * 2, as
+    reported), claim = epsilon of the smallest z (Opacus RDP, delta 1e-5)."""
+    import numpy as np
+
+    from adpfl.evaluation.audit import epsilon_lower_bound
+    from adpfl.privacy.analysis import epsilon_rdp
+
+    rng = np.random.default_rng(seed)
+    for zlo, zhi, counts in ((2.14, 2.99, (600, 1000, 1500, 2000)), (2.0, 2.0, (500, 600, 1000))):
+        claim = float(epsilon_rdp([zlo], 1e-5))
+        for n in counts:
+            caught = 0
+            for _ in range(reps):
+                s = []
+                for sign in (1.0, -1.0):
+                    sigma = 2.0 * rng.uniform(zlo, zhi, n)
+                    y = sign + rng.standard_normal(n) * sigma * 0.25
+                    s.append(2.0 * y / sigma**2)
+                caught += epsilon_lower_bound(s[0], s[1], 1e-5)["epsilon_lb"] > claim
+            print(f"z in [{zlo}, {zhi}], claim {claim:.3f}: {n} releases per side, noise / 4 caught in "
+                  f"{caught / reps:.0%} of {reps} simulated audits", flush=True)
+    return 0
+
+
+def _write(out: Path, head: str, lines: list[str], t_start: float) -> int:
+    tail = f"wall {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()[0]:.2f}"
+    print(tail, flush=True)
+    (out / "audit.md").write_text(head + "\n\n" + "\n".join(lines) + "\n\n" + tail + "\n")
     return 0
 
 

@@ -6,10 +6,12 @@ records clipped and noised by the real Opacus optimizer (one-run auditing, Stein
 2023). Each intact path must bound epsilon below its claim; each breakage from
 ``tests/audit_breakage.py`` (noise / 4 behind the accountant, clipping skipped) must be
 caught (bound above the claim). Claims: z = 2 -> 2.166 at delta 1e-5 (Opacus RDP, one
-release / one step at q = 1). The noise is seeded (the filter's generator factory, the
-trainer's generators) so the tests are deterministic: with OS noise, simulation of the same
-game gives a false "not caught" in about 6 % of filter runs at 600 releases per side and
-1 % of DP-SGD runs at 800 canaries; the benches (bench/privacy_audit.py) use OS noise.
+release / one step at q = 1; ADP-FL: the smallest z its schedule reported). The noise is
+seeded (the filter's generator factory, the trainer's generators) so the tests are
+deterministic: with OS noise, simulation of the same game gives a false "not caught" in
+about 6 % of DP-FL filter runs at 600 releases per side, about 14 % of ADP-FL runs at 500
+(z near 2) and 1 % of DP-SGD runs at 800 canaries; the benches (bench/privacy_audit.py) use
+OS noise.
 """
 
 import math
@@ -20,10 +22,16 @@ import torch
 from adpfl.evaluation.audit import clopper_pearson, trial_cap
 from adpfl.evaluation.dpsgd_audit import audit_dpsgd_trainer, one_run_epsilon_lower_bound
 from adpfl.evaluation.filter_audit import audit_filter
+from adpfl.privacy.analysis import epsilon_rdp
 from audit_breakage import dpsgd_clip_skipped, dpsgd_noise_scaled, update_clip_skipped, update_noise_scaled
 
 torch.set_num_threads(1)
 DPFL = dict(mode="dpfl", noise_multiplier=2.0, clip_norm=1.0, clip_learning_rate=0.0, delta=1e-5)
+# ADP-FL: random mask keeping half, fixed clip, adaptive schedule over 40 planned rounds per
+# filter (each filter makes 20 releases), noise_max_factor 1 so z stays near 2 (the bench
+# audits the default 1.5, whose z runs 3.0 -> 2.14 and needs 2000 releases per side)
+ADPFL = dict(mode="adpfl", keep_fraction=0.5, mask_policy="random", clip_norm=1.0, clip_learning_rate=0.0,
+             noise_max_factor=1.0, target_epsilon=epsilon_rdp([2.0] * 40, 1e-5), planned_rounds=40, delta=1e-5)
 
 
 def test_cap_and_clopper_pearson():
@@ -67,6 +75,28 @@ def test_filter_audit_catches_quarter_noise(fast_disk):
 def test_filter_audit_catches_skipped_clip(fast_disk):
     with update_clip_skipped():
         r = audit_filter(DPFL, releases_per_side=100, noise_seed=3)
+    assert r["epsilon_lb"] > r["epsilon_claimed"]
+
+
+def test_adpfl_filter_audit_intact(fast_disk):
+    r = audit_filter(ADPFL, releases_per_side=100, releases_per_filter=20, noise_seed=4)
+    assert r["noise_multiplier_min"] > 1.99 and r["epsilon_claimed"] < 2.17  # z about 2 (calibrated)
+    assert r["epsilon_lb"] <= r["epsilon_claimed"]
+    assert r["ledger_entries"] == 200
+    assert 0.6 < r["kept_canary_norm_mean"] < 0.8  # the random mask kept about half the canary
+
+
+def test_adpfl_filter_audit_catches_quarter_noise(fast_disk):
+    """The likelihood-ratio statistic on the kept part of the canary catches noise / 4 behind
+    the ADP-FL filter's accountant (sparsify + schedule + clip + noise + ledger)."""
+    with update_noise_scaled(0.25):
+        r = audit_filter(ADPFL, releases_per_side=500, releases_per_filter=20, noise_seed=5)
+    assert r["epsilon_lb"] > r["epsilon_claimed"]
+
+
+def test_adpfl_filter_audit_catches_skipped_clip(fast_disk):
+    with update_clip_skipped():
+        r = audit_filter(ADPFL, releases_per_side=100, releases_per_filter=20, noise_seed=6)
     assert r["epsilon_lb"] > r["epsilon_claimed"]
 
 
