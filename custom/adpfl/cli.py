@@ -140,9 +140,9 @@ def cmd_run(args) -> int:
     from adpfl.flare.simulator import result_dir, simulator_command
 
     workspace = Path(args.workspace).resolve()
-    if args.resume and (args.clean or args.rounds or args.overrides or args.data_size):
+    if args.resume and (args.clean or args.rounds or args.overrides or args.data_size or args.seed is not None):
         raise CliError("--resume continues the stopped run in the workspace; it takes no "
-                       "--clean/--rounds/--overrides/--data-size")
+                       "--clean/--rounds/--overrides/--data-size/--seed")
     if args.clean and workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True, exist_ok=True)
@@ -174,6 +174,8 @@ def cmd_run(args) -> int:
             overrides["num_rounds"] = args.rounds
         if args.data_size:
             overrides["executor"] = {**dict(overrides.get("executor") or {}), "data_size": args.data_size}
+        if args.seed is not None:
+            overrides["executor"] = {**dict(overrides.get("executor") or {}), "seed": args.seed}
         sites = [f"site-{i}" for i in range(1, args.sites + 1)]
         settings = job_settings(args.task, args.mode, sites=sites, **overrides)
         num_rounds = settings["num_rounds"]
@@ -251,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overrides", default="", help="JSON file of job settings (adpfl.flare.jobs.job_settings)")
     r.add_argument("--data-size", default=None, choices=DATA_SIZES,
                    help="the executor's data_size: synthetic sites of the preset size (default: the job's, tiny)")
+    r.add_argument("--seed", type=int, default=None,
+                   help="the job's seed: initial model, each site's shuffling and augmentation (never the privacy "
+                        "noise); default: fresh every run")
     r.add_argument("--clean", action="store_true", help="delete the workspace first")
     r.add_argument("--json", default="", help="also write the summary to this JSON file")
     r.set_defaults(func=cmd_run)

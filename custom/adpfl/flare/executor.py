@@ -70,6 +70,7 @@ class SegmentationExecutor(Executor):
         amp: bool = _T.amp,
         device: str = _T.device,
         num_workers: int = _T.num_workers,
+        seed: int | None = _T.seed,
         hd95: bool = _S.hd95,
         dpsgd: bool = _S.dpsgd,
         dpsgd_target_epsilon: float | None = _D.target_epsilon,
@@ -120,6 +121,7 @@ class SegmentationExecutor(Executor):
         self.amp = amp
         self.device = device
         self.num_workers = num_workers
+        self.seed = seed
         self.hd95 = hd95
         self.dpsgd = bool(dpsgd)
         self.dpsgd_target_epsilon = dpsgd_target_epsilon
@@ -149,7 +151,7 @@ class SegmentationExecutor(Executor):
         self._train_config = TrainConfig(
             local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
             max_steps_per_round=max_steps_per_round, amp=amp, image_size=image_size, device=device,
-            num_workers=num_workers,
+            num_workers=num_workers, seed=seed,
         )
         dp = None
         if self.dpsgd:

@@ -196,7 +196,7 @@ def build_job(task: str, mode: str, name: str | None = None, **overrides):
     job.set_app_packages(["adpfl"])
 
     # ---- server
-    network = _explicit(TaskNetwork(task=task, network=s["executor"]["network"]))
+    network = _explicit(TaskNetwork(task=task, network=s["executor"]["network"], init_seed=s["executor"].get("seed")))
     job.to_server(_explicit(PTFileModelPersistor(model=network)), id="persistor")
     job.to_server(_explicit(FullModelShareableGenerator()), id="shareable_generator")
     # private jobs weigh sites equally: the un-noised local step count must not steer aggregation

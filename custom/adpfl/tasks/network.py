@@ -14,11 +14,20 @@ from adpfl.tasks.base import get_task
 
 
 class TaskNetwork(torch.nn.Module):
-    def __init__(self, task: str = "skin2d", network: str = "standard"):
+    """``init_seed``: the initial weights drawn from this seed (the job's ``seed`` for the
+    server's initial global model; None: fresh every run). Torch's global RNG is left as it was."""
+
+    def __init__(self, task: str = "skin2d", network: str = "standard", init_seed: int | None = None):
         super().__init__()
         self.task = task
         self.network = network
-        self.net = get_task(task).build_network(network)
+        self.init_seed = init_seed
+        if init_seed is None:
+            self.net = get_task(task).build_network(network)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(init_seed))
+                self.net = get_task(task).build_network(network)
 
     def forward(self, x):
         return self.net(x)

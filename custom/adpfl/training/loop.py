@@ -57,7 +57,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "`auto` (CUDA when present), `cpu` or `cuda[:N]`"})
     num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
     seed: int | None = field(default=None, metadata={
-        "help": "torch seed for weight init / augmentation (not for privacy noise)"})
+        "help": "seed of the run's non-private randomness: the server's initial model, and each site's shuffling "
+                "and augmentation (mixed with the site name); None: fresh every run. Never the privacy randomness "
+                "(noise, Poisson sampling, masks: always OS entropy)"})
 
     def validate(self) -> None:
         """Raises ValueError naming the first invalid setting."""
@@ -79,6 +81,7 @@ class TrainConfig:
              or (is_int(self.image_size) and self.image_size >= 16)
              or (isinstance(self.image_size, (tuple, list)) and all(is_int(v) and v >= 16 for v in self.image_size)),
              "None (the task's default) or an int >= 16 (or one per axis)"),
+            ("seed", self.seed, self.seed is None or (is_int(self.seed) and self.seed >= 0), "None or an int >= 0"),
         ]
         for name, value, ok, rule in checks:
             if not ok:
@@ -123,6 +126,9 @@ class LocalTrainer:
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_model_id: int | None = None
         self._scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        #: the site's own generator for shuffling and augmentation when the run is seeded
+        #: (sites running in one process then do not share torch's global RNG)
+        self._rng = None if config.seed is None else torch.Generator().manual_seed(int(config.seed))
 
     # -- training ---------------------------------------------------------------------
     def _loader(self, shuffle: bool, ds, batch_size: int) -> DataLoader:
@@ -135,6 +141,7 @@ class LocalTrainer:
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
             drop_last=False,
+            generator=self._rng if shuffle else None,
         )
 
     def augment_batch(self, x: torch.Tensor, y: torch.Tensor,
@@ -145,12 +152,11 @@ class LocalTrainer:
             return x, y
         return self.augment(x, y, generator)
 
-    @staticmethod
-    def augment_generator() -> torch.Generator:
-        """A generator for one round's augmentation draws, seeded from torch's default
-        generator (as MONAI's DataLoader seeds per-item transforms): ``torch.manual_seed``
-        makes the draws reproducible."""
-        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+    def augment_generator(self) -> torch.Generator:
+        """A generator for one round's augmentation draws, seeded from the site's seeded
+        generator, or else from torch's default one (as MONAI's DataLoader seeds per-item
+        transforms): ``torch.manual_seed`` then makes the draws reproducible."""
+        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._rng).item()))
 
     def optimizer_for(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """One Adam optimizer per site, kept across rounds (its moments are local state)."""

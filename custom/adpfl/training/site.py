@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,6 +41,14 @@ from adpfl.training.loop import LocalTrainer, TrainConfig
 __all__ = ["SiteConfig", "SiteSession", "RoundResult"]
 
 Weights = dict[str, np.ndarray]
+
+
+def site_seed(seed: int | None, site: str) -> int | None:
+    """The run's ``seed`` mixed with the site's name: sites of one seeded run draw different
+    shuffles and augmentations, and the same ones in every run of that seed."""
+    if seed is None:
+        return None
+    return (int(seed) * 1_000_003 + zlib.crc32(site.encode())) % (2**63)
 
 
 @dataclass
@@ -139,7 +148,7 @@ class SiteSession:
         n_train, n_val, size = resolve_data_size(config.task, config.data_size, config.num_train, config.num_val,
                                                  train.image_size)
         self.config = dataclasses.replace(config, num_train=n_train, num_val=n_val)
-        self.train_config = train = dataclasses.replace(train, image_size=size)
+        self.train_config = train = dataclasses.replace(train, image_size=size, seed=site_seed(train.seed, site))
         self.task = get_task(config.task)
         self.task.resolve_size(train.image_size)
         if config.dpsgd:
