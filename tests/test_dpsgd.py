@@ -84,7 +84,8 @@ def test_refuses_past_budget(site):
 @pytest.mark.parametrize("network", ["standard", "dp"])
 def test_per_sample_grads_of_3d_unet_match_microbatches(network):
     """Both 3D network variants work with Opacus: the MONAI UNet (PReLU, InstanceNorm,
-    ConvTranspose3d: functorch fallback) and the `dp` variant (native grad samplers only)."""
+    ConvTranspose3d) and the `dp` variant, with the grad samplers the trainer's module registers
+    (adpfl.training.grad_samplers, imported above with adpfl.training.dpsgd)."""
     from monai.networks.nets import UNet
     from opacus import GradSampleModule
 
