@@ -23,7 +23,7 @@ TASK_NAMES = ("skin2d", "kidney3d", "brain3d")
 
 #: the network variants every task builds (setting ``network``): ``standard`` is MONAI's UNet
 #: (PReLU, transposed-convolution up-sampling); ``dp`` is :class:`adpfl.tasks.dp_unet.DPUNet`,
-#: the same UNet with convolution + linear up-sampling. Both have fast exact per-sample gradients
+#: the same UNet with ReLU and convolution + linear up-sampling. Both have fast exact per-sample gradients
 #: for record-level DP-SGD (:mod:`adpfl.training.grad_samplers`). Their state dicts differ.
 NETWORKS = ("standard", "dp")
 

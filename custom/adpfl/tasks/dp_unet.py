@@ -10,15 +10,19 @@ fast exact sampler (registered by the DP-SGD trainer), so both variants train un
 within the issue's step-time targets (docs/benchmarks.md).
 
 :class:`DPUNet` is MONAI's :class:`~monai.networks.nets.UNet` (same channels, strides,
-residual units, PReLU activations, affine-free InstanceNorm) with one change, made of MONAI
-building blocks: each up-sampling step is a stride-1 :class:`~monai.networks.blocks.Convolution`
-at the coarse resolution followed by a parameter-free :class:`~monai.networks.blocks.UpSample`
-(``mode="nontrainable"``, bi/tri-linear) instead of a strided transposed convolution.
-Convolving before up-sampling keeps the layer's arithmetic equal to the transposed
-convolution's (the convolution after up-sampling would cost 4x in 2D, 8x in 3D). ReLU instead
-of PReLU was this variant's activation before; multi-seed NP-FL runs showed it learned the 3D
-tasks worse (docs/benchmarks.md), so the activation is MONAI's default again (``act`` may still
-be passed).
+residual units, affine-free InstanceNorm) with two changes, both MONAI building blocks:
+
+* activation ``relu`` instead of PReLU. PReLU (initial slope 0.25) and LeakyReLU(0.25) were
+  tried with this up-sampling and trained skin2d much worse in NP-FL (0.76 against 0.91 with
+  ReLU, seed 0; docs/benchmarks.md), so ReLU stays although PReLU now has a fast sampler;
+* each up-sampling step is a stride-1 :class:`~monai.networks.blocks.Convolution` at the
+  coarse resolution followed by a parameter-free :class:`~monai.networks.blocks.UpSample`
+  (``mode="nontrainable"``, bi/tri-linear) instead of a strided transposed convolution.
+  Convolving before up-sampling keeps the layer's arithmetic equal to the transposed
+  convolution's (the convolution after up-sampling would cost 4x in 2D, 8x in 3D).
+
+On the 3D tasks this variant learns worse than the standard network in NP-FL and, with the
+samplers, is no faster under DP-SGD there; it is the choice for skin2d (docs/benchmarks.md).
 
 MONAI's UNet has no option for the up-sampling layer, so the one hook it offers for that,
 ``_get_up_layer``, is overridden here; everything else is MONAI's. Affine-free InstanceNorm
@@ -35,7 +39,11 @@ __all__ = ["DPUNet"]
 
 
 class DPUNet(UNet):
-    """MONAI UNet with convolution + linear up-sampling instead of transposed convolutions."""
+    """MONAI UNet with ReLU and convolution + linear up-sampling instead of transposed convolutions."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("act", "relu")
+        super().__init__(*args, **kwargs)
 
     def _get_up_layer(self, in_channels: int, out_channels: int, strides: int, is_top: bool) -> torch.nn.Module:
         conv = Convolution(
