@@ -107,7 +107,8 @@ def main() -> None:
             dice = [tr.evaluate(g, with_hd95=False)["dice_mean"] for tr in trainers]
             final[(name, network, seed)] = sum(dice) / len(dice)
             print(
-                f"seed {seed} {name} {network} round {r}: norms {[round(n, 2) for n in norms]} dice {[round(x, 3) for x in dice]} "
+                f"seed {seed} {name} {network} round {r}: norms {[round(n, 2) for n in norms]} "
+                f"dice {[round(x, 3) for x in dice]} "
                 f"mean {sum(dice) / len(dice):.3f} eps_rdp {meta.get('epsilon_rdp', 0):.4g} "
                 f"z {meta.get('noise_multiplier', 0):.4g} C {meta.get('clip_norm', 0):.4g}",
                 flush=True,

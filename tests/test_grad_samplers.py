@@ -78,9 +78,9 @@ def test_empty_batch_gives_zero_rows():
 def test_unet_per_sample_grads_exact_without_functorch(network):
     """Both 3D UNet variants: every parametrised layer is hooked by a registered sampler (no
     functorch), and the per-sample gradients equal one-sample-at-a-time gradients."""
-    import adpfl.training.dpsgd  # noqa: F401  (registers the samplers, as the trainer does)
     from opacus import GradSampleModule
 
+    import adpfl.training.dpsgd  # noqa: F401  (registers the samplers, as the trainer does)
     from adpfl.tasks.base import get_task
 
     assert GradSampleModule.GRAD_SAMPLERS[torch.nn.Conv3d] is grad_samplers.conv_grad_sample

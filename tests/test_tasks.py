@@ -239,9 +239,10 @@ def test_both_networks_have_only_registered_per_sample_gradients(name):
     module has registered the hand-written ones (no functorch fallback), Opacus' validator accepts
     them, and the `dp` variant is as large as the standard UNet (the same channels; only the
     up-sampling convolutions' shapes differ)."""
-    import adpfl.training.dpsgd  # noqa: F401  (registers adpfl.training.grad_samplers)
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
+
+    import adpfl.training.dpsgd  # noqa: F401  (registers adpfl.training.grad_samplers)
 
     dp, std = TaskNetwork(name, "dp"), TaskNetwork(name)
     for net in (dp, std):
