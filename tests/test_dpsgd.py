@@ -209,8 +209,8 @@ def test_dpsgd_job_settings():
     assert ex["dpsgd"] is True and ex["dpsgd_planned_rounds"] == 3 and ex["dpsgd_target_epsilon"] == 8.0
     w = _widget_args(s["privacy"], ex)
     assert w["update_level"] is False and w["record_level"] is True and w["record_target_epsilon"] == 8.0
-    # the network per task: dp on skin2d, the standard UNet on the 3D tasks; an override wins
-    assert ex["network"] == "dp" and job_settings("kidney3d", "adpsgd")["executor"]["network"] == "standard"
+    # the standard UNet (fast per-sample gradients, full NP-FL utility); an override wins
+    assert ex["network"] == "standard" and job_settings("kidney3d", "adpsgd")["executor"]["network"] == "standard"
     assert job_settings("brain3d", "dpsgd", executor={"network": "dp"})["executor"]["network"] == "dp"
     # an update-level job's widget does not require record-level metadata
     s2 = job_settings("skin2d", "adpfl")

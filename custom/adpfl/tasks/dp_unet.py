@@ -21,8 +21,9 @@ residual units, affine-free InstanceNorm) with two changes, both MONAI building 
   Convolving before up-sampling keeps the layer's arithmetic equal to the transposed
   convolution's (the convolution after up-sampling would cost 4x in 2D, 8x in 3D).
 
-On the 3D tasks this variant learns worse than the standard network in NP-FL and, with the
-samplers, is no faster under DP-SGD there; it is the choice for skin2d (docs/benchmarks.md).
+This variant learns more slowly and less reliably than the standard network in NP-FL (3D
+tasks; skin2d at one of three seeds) and, with the samplers, is hardly faster under DP-SGD, so
+the jobs train the standard network; it stays a setting for comparison (docs/benchmarks.md).
 
 MONAI's UNet has no option for the up-sampling layer, so the one hook it offers for that,
 ``_get_up_layer``, is overridden here; everything else is MONAI's. Affine-free InstanceNorm

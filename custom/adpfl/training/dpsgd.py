@@ -36,7 +36,7 @@ the hand-written grad samplers of :mod:`adpfl.training.grad_samplers` with Opacu
 and ``ConvTranspose2d/3d`` as one grouped convolution backward (Opacus' own conv sampler unfolds
 the input 27x in 3D; transposed convolutions and ``PReLU`` have none in Opacus and would go
 through its slower functorch fallback). Per-sample gradients of both network variants (setting
-``network``; ``dp`` is :class:`adpfl.tasks.dp_unet.DPUNet`, skin2d's for ``dpsgd`` jobs) match
+``network``; ``dp`` is :class:`adpfl.tasks.dp_unet.DPUNet`; jobs train ``standard``) match
 gradients computed one sample at a time (tests/test_grad_samplers.py); step times in
 docs/benchmarks.md. :func:`dpsgd_network` builds the task network and runs
 ``ModuleValidator.fix`` (which would replace BatchNorm by GroupNorm) as a safeguard;
