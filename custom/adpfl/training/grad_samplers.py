@@ -3,8 +3,8 @@
 Written by hand because neither Opacus, MONAI nor PyTorch has a fast per-sample gradient for
 these layers: Opacus 1.6's ``Conv{2,3}d`` grad sampler (``opacus.grad_sample.conv``) unfolds
 each layer input into ``kernel_size`` shifted copies (27x the activation for a 3x3x3 kernel) and
-contracts them in one einsum, which made the DP-SGD step 2.7-2.8x the plain step on the 3D tasks
-on CPU; ``ConvTranspose{2,3}d`` and ``PReLU`` (the standard MONAI UNet's up-sampling and
+contracts them in one einsum, which makes the DP-SGD step 2.2-3.4x the plain step on the 3D tasks
+on CPU (docs/benchmarks.md); ``ConvTranspose{2,3}d`` and ``PReLU`` (the standard MONAI UNet's up-sampling and
 activation) have no grad sampler at all and go through Opacus' ``torch.func`` fallback, which
 re-runs the layer per sample.
 
