@@ -4,9 +4,9 @@ Usage: python bench/bench_dpsgd.py [--tasks skin2d kidney3d brain3d] [--image-si
                                    [--num-train 8] [--batch-size 4] [--rounds 2] [--device auto]
                                    [--networks standard dp]
 
-For each task and network variant (setting ``network``: ``standard`` has PReLU and
-transposed convolutions, which go through Opacus' functorch per-sample path; ``dp`` has only
-layers with Opacus-native per-sample gradients): the executor's LocalTrainer and
+For each task and network variant (setting ``network``: ``standard`` has transposed
+convolutions, ``dp`` convolution + linear up-sampling; both get their per-sample gradients from
+the samplers :mod:`adpfl.training.grad_samplers` registers): the executor's LocalTrainer and
 DPSGDTrainer, both on that network, each train
 ``--rounds`` rounds of one epoch on the same synthetic site; reported: seconds per optimizer
 step (median over rounds after one warm-up round), samples/s, the slowdown, the peak GPU

@@ -5,10 +5,13 @@ local epochs, batch size; tiny site sizes), without simulator overhead, to choos
 defaults quickly and to compare the network variants (setting ``network``). Prints, per
 configuration, network and round: update norms per site, the global model's Dice at each
 site, epsilon (update-level, RDP, delta 1e-5), z and C; at the end the final mean Dice per
-network.
+configuration and network, and with several ``--seeds`` (torch seed of weight init, shuffling and
+augmentation; the sites' data stay the same) their mean and standard deviation over the seeds.
 
     python bench/inprocess_fedavg.py --rounds 3 --configs npfl dpfl adpfl_topk adpfl_random
     python bench/inprocess_fedavg.py --task kidney3d --image-size 32 --rounds 5 --configs npfl --networks standard dp
+    python bench/inprocess_fedavg.py --task brain3d --image-size 32 --rounds 5 --configs npfl --networks standard dp \
+        --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import tempfile
 
 import torch
@@ -39,8 +43,8 @@ def main() -> None:
     ap.add_argument("--networks", nargs="+", default=["standard"], choices=["standard", "dp"])
     ap.add_argument("--image-size", type=int, default=None, help="default: the task's")
     ap.add_argument("--data-root", default=None, help="default: <tmp>/adpfl_bench_data/<task>")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="torch seeds, one run each")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0, help="torch seed: initial weights, shuffling, augmentation")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data_root = args.data_root or os.path.join(tempfile.gettempdir(), "adpfl_bench_data", args.task)
@@ -71,9 +75,9 @@ def main() -> None:
           f"{args.task}, {n_train}/{n_val} cases per site, image size {args.image_size or 'default'}, "
           f"{ex['local_epochs']} local epochs, batch {ex['batch_size']}, lr {ex['learning_rate']}")
     final = {}
-    for name, network in [(c, n) for c in args.configs for n in args.networks]:
+    for seed, name, network in [(s, c, n) for s in args.seeds for c in args.configs for n in args.networks]:
         cfg = CONFIGS[name]
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         g = TaskNetwork(args.task, network)
         models = [TaskNetwork(args.task, network) for _ in trainers]
         pipes = None
@@ -101,15 +105,21 @@ def main() -> None:
                 deltas.append(d)
             g.load_state_dict({k: gs[k] + sum(d[k] for d in deltas) / len(deltas) for k in gs})
             dice = [tr.evaluate(g, with_hd95=False)["dice_mean"] for tr in trainers]
-            final[(name, network)] = sum(dice) / len(dice)
+            final[(name, network, seed)] = sum(dice) / len(dice)
             print(
-                f"{name} {network} round {r}: norms {[round(n, 2) for n in norms]} dice {[round(x, 3) for x in dice]} "
+                f"seed {seed} {name} {network} round {r}: norms {[round(n, 2) for n in norms]} "
+                f"dice {[round(x, 3) for x in dice]} "
                 f"mean {sum(dice) / len(dice):.3f} eps_rdp {meta.get('epsilon_rdp', 0):.4g} "
                 f"z {meta.get('noise_multiplier', 0):.4g} C {meta.get('clip_norm', 0):.4g}",
                 flush=True,
             )
-    for (name, network), dice in final.items():
-        print(f"final: {name} network {network}: mean Dice {dice:.4f} after {args.rounds} rounds")
+    for (name, network, seed), dice in final.items():
+        print(f"final: seed {seed} {name} network {network}: mean Dice {dice:.4f} after {args.rounds} rounds")
+    for name, network in [(c, n) for c in args.configs for n in args.networks]:
+        runs = [final[(name, network, s)] for s in args.seeds]
+        sd = statistics.stdev(runs) if len(runs) > 1 else float("nan")
+        print(f"over seeds {args.seeds}: {name} network {network}: mean Dice {statistics.mean(runs):.4f} "
+              f"(std {sd:.4f}) after {args.rounds} rounds")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ def test_refuses_past_budget(site):
 @pytest.mark.parametrize("network", ["standard", "dp"])
 def test_per_sample_grads_of_3d_unet_match_microbatches(network):
     """Both 3D network variants work with Opacus: the MONAI UNet (PReLU, InstanceNorm,
-    ConvTranspose3d: functorch fallback) and the `dp` variant (native grad samplers only)."""
+    ConvTranspose3d) and the `dp` variant, with the grad samplers the trainer's module registers
+    (adpfl.training.grad_samplers, imported above with adpfl.training.dpsgd)."""
     from monai.networks.nets import UNet
     from opacus import GradSampleModule
 
@@ -208,6 +209,9 @@ def test_dpsgd_job_settings():
     assert ex["dpsgd"] is True and ex["dpsgd_planned_rounds"] == 3 and ex["dpsgd_target_epsilon"] == 8.0
     w = _widget_args(s["privacy"], ex)
     assert w["update_level"] is False and w["record_level"] is True and w["record_target_epsilon"] == 8.0
+    # the standard UNet (fast per-sample gradients, full NP-FL utility); an override wins
+    assert ex["network"] == "standard" and job_settings("kidney3d", "adpsgd")["executor"]["network"] == "standard"
+    assert job_settings("brain3d", "dpsgd", executor={"network": "dp"})["executor"]["network"] == "dp"
     # an update-level job's widget does not require record-level metadata
     s2 = job_settings("skin2d", "adpfl")
     assert "record_level" not in _widget_args(s2["privacy"], s2["executor"])

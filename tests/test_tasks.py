@@ -234,18 +234,22 @@ def test_task_network_forward(name, spatial, network):
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
-def test_dp_network_has_only_opacus_native_per_sample_gradients(name):
-    """Every parametrised layer of the `dp` variant has an Opacus grad sampler of its own (no
-    functorch fallback), Opacus' validator accepts it, and it is as large as the standard UNet
-    (the same channels; only the up-sampling convolutions' shapes differ)."""
+def test_both_networks_have_only_registered_per_sample_gradients(name):
+    """Every parametrised layer of both variants has an Opacus grad sampler once the DP-SGD trainer's
+    module has registered the hand-written ones (no functorch fallback), Opacus' validator accepts
+    them, and the `dp` variant is as large as the standard UNet (the same channels; only the
+    up-sampling convolutions' shapes differ)."""
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
+    import adpfl.training.dpsgd  # noqa: F401  (registers adpfl.training.grad_samplers)
+
     dp, std = TaskNetwork(name, "dp"), TaskNetwork(name)
-    layers = {type(m) for m in dp.modules() if any(True for _ in m.parameters(recurse=False))}
-    assert layers and layers <= set(GradSampleModule.GRAD_SAMPLERS), layers
-    assert torch.nn.PReLU in {type(m) for m in std.modules()}  # the standard one still is MONAI's default
-    assert ModuleValidator.validate(dp, strict=True) == []
+    for net in (dp, std):
+        layers = {type(m) for m in net.modules() if any(True for _ in m.parameters(recurse=False))}
+        assert layers and layers <= set(GradSampleModule.GRAD_SAMPLERS), layers
+        assert ModuleValidator.validate(net, strict=True) == []
+    assert not {torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d} & {type(m) for m in dp.modules()}
     n_dp, n_std = (sum(p.numel() for p in m.parameters()) for m in (dp, std))
     assert abs(n_dp - n_std) / n_std < 0.01
 

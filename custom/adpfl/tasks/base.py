@@ -23,8 +23,8 @@ TASK_NAMES = ("skin2d", "kidney3d", "brain3d")
 
 #: the network variants every task builds (setting ``network``): ``standard`` is MONAI's UNet
 #: (PReLU, transposed-convolution up-sampling); ``dp`` is :class:`adpfl.tasks.dp_unet.DPUNet`,
-#: the same UNet with ReLU and convolution + linear up-sampling, whose every layer has an
-#: Opacus-native per-sample gradient (fast record-level DP-SGD). Their state dicts differ.
+#: the same UNet with ReLU and convolution + linear up-sampling. Both have fast exact per-sample gradients
+#: for record-level DP-SGD (:mod:`adpfl.training.grad_samplers`). Their state dicts differ.
 NETWORKS = ("standard", "dp")
 
 

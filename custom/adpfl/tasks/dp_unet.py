@@ -2,21 +2,28 @@
 
 Record-level DP-SGD needs a per-sample gradient for every parameter. Opacus 1.6 computes it
 natively (one einsum per layer from the forward activations and backward gradients) for
-``Conv{1,2,3}d``, ``GroupNorm``, ``InstanceNorm``, ``LayerNorm`` and ``Linear``; every other
-parametrised layer goes through its ``torch.func`` fallback, which re-runs the layer per
-sample and is what made DP-SGD 4-13x slower than plain training on the standard MONAI UNet
-(``PReLU`` activations and ``ConvTranspose`` up-sampling).
+``Conv{1,2,3}d``, ``GroupNorm``, ``InstanceNorm``, ``LayerNorm`` and ``Linear``; ``PReLU`` and
+``ConvTranspose`` have no grad sampler in Opacus and would go through its ``torch.func``
+fallback, which re-runs the layer per sample and is what made DP-SGD 4-13x slower than plain
+training on the standard MONAI UNet. :mod:`adpfl.training.grad_samplers` now gives all of them a
+fast exact sampler (registered by the DP-SGD trainer), so both variants train under DP-SGD
+within the issue's step-time targets (docs/benchmarks.md).
 
 :class:`DPUNet` is MONAI's :class:`~monai.networks.nets.UNet` (same channels, strides,
 residual units, affine-free InstanceNorm) with two changes, both MONAI building blocks:
 
-* activation ``relu`` instead of PReLU (a parameter-free layer; LeakyReLU(0.25) was tried
-  too and trained skin2d worse, see docs/benchmarks.md);
+* activation ``relu`` instead of PReLU. PReLU (initial slope 0.25) and LeakyReLU(0.25) were
+  tried with this up-sampling and trained skin2d much worse in NP-FL (0.76 against 0.91 with
+  ReLU, seed 0; docs/benchmarks.md), so ReLU stays although PReLU now has a fast sampler;
 * each up-sampling step is a stride-1 :class:`~monai.networks.blocks.Convolution` at the
   coarse resolution followed by a parameter-free :class:`~monai.networks.blocks.UpSample`
   (``mode="nontrainable"``, bi/tri-linear) instead of a strided transposed convolution.
   Convolving before up-sampling keeps the layer's arithmetic equal to the transposed
   convolution's (the convolution after up-sampling would cost 4x in 2D, 8x in 3D).
+
+This variant learns more slowly and less reliably than the standard network in NP-FL (3D
+tasks; skin2d at one of three seeds) and, with the samplers, is hardly faster under DP-SGD, so
+the jobs train the standard network; it stays a setting for comparison (docs/benchmarks.md).
 
 MONAI's UNet has no option for the up-sampling layer, so the one hook it offers for that,
 ``_get_up_layer``, is overridden here; everything else is MONAI's. Affine-free InstanceNorm
@@ -33,7 +40,7 @@ __all__ = ["DPUNet"]
 
 
 class DPUNet(UNet):
-    """MONAI UNet whose every parametrised layer has an Opacus-native per-sample gradient."""
+    """MONAI UNet with ReLU and convolution + linear up-sampling instead of transposed convolutions."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("act", "relu")

@@ -31,15 +31,16 @@ under its lock (:mod:`adpfl.privacy.reservation`). Noise: :mod:`adpfl.training.d
 
 Opacus compatibility of the project's MONAI UNet (measured with Opacus 1.6.0, MONAI 1.6.1):
 ``ModuleValidator.validate`` reports no error for the task UNet (InstanceNorm without affine
-parameters has no weights and is per-sample; no BatchNorm). ``Conv2d/Conv3d`` use Opacus'
-own grad samplers; ``PReLU`` and ``ConvTranspose2d/3d`` have none and go through Opacus'
-functorch (``torch.func``) fallback, which works and matches per-example gradients computed
-one sample at a time (checked in 2D and on a 16^3 3D UNet). The ``dp`` network variant
-(setting ``network``, :class:`adpfl.tasks.dp_unet.DPUNet`, the default of ``dpsgd`` jobs) has
-only layers with Opacus-native grad samplers, which is what makes DP-SGD fast (see
-docs/benchmarks.md). :func:`dpsgd_network` builds the
-task network and runs ``ModuleValidator.fix`` (which would replace BatchNorm by GroupNorm) as
-a safeguard; ``act="relu"`` is an option that avoids the functorch path for activations.
+parameters has no weights and is per-sample; no BatchNorm). Importing this module registers
+the hand-written grad samplers of :mod:`adpfl.training.grad_samplers` with Opacus: ``Conv2d/3d``
+and ``ConvTranspose2d/3d`` as one grouped convolution backward (Opacus' own conv sampler unfolds
+the input 27x in 3D; transposed convolutions and ``PReLU`` have none in Opacus and would go
+through its slower functorch fallback). Per-sample gradients of both network variants (setting
+``network``; ``dp`` is :class:`adpfl.tasks.dp_unet.DPUNet`; jobs train ``standard``) match
+gradients computed one sample at a time (tests/test_grad_samplers.py); step times in
+docs/benchmarks.md. :func:`dpsgd_network` builds the task network and runs
+``ModuleValidator.fix`` (which would replace BatchNorm by GroupNorm) as a safeguard;
+``act="relu"`` is an option kept for the comparison benches.
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ from adpfl.privacy.record_adaptive import QuantileClip, RecordNoiseSchedule, gra
 from adpfl.tasks.base import SegTask
 from adpfl.training.dp_extras import AugmentedCopies, ema_tracker, random_mask
 from adpfl.training.dp_noise import RecordDPOptimizer
+from adpfl.training.grad_samplers import register as _register_grad_samplers
 from adpfl.training.loop import LocalTrainer, TrainConfig
+
+# every GradSampleModule of this process uses the hand-written samplers (Opacus' registry is global)
+_register_grad_samplers()
 
 __all__ = [
     "DPSGDConfig",
@@ -78,12 +83,13 @@ __all__ = [
     "opacus_rdp_epsilon",
 ]
 
+
 def dpsgd_network(task: SegTask, act: str | None = None, network: str = "standard") -> torch.nn.Module:
     """The task's MONAI UNet in a form Opacus accepts.
 
     ``act=None`` keeps the task's own network of variant ``network`` (``standard``: PReLU,
-    InstanceNorm without affine, which Opacus supports with PReLU and ConvTranspose through
-    its functorch fallback; ``dp``: every layer with an Opacus-native per-sample gradient).
+    InstanceNorm without affine, ConvTranspose up-sampling; ``dp``: :class:`~adpfl.tasks.dp_unet.DPUNet`;
+    both with the registered samplers of :mod:`adpfl.training.grad_samplers`).
     ``act="relu"`` (any MONAI activation name) builds the same UNet with that activation.
     Raises ``PrivacyConfigError`` if Opacus' validator still reports an incompatibility
     after ``ModuleValidator.fix``.

@@ -58,8 +58,8 @@ class SiteConfig:
     task: str = field(default="skin2d", metadata={"help": "the segmentation task: skin2d, kidney3d or brain3d"})
     network: str = field(default="standard", metadata={
         "help": "the task network's variant: `standard` (MONAI UNet, PReLU, transposed convolutions) or `dp` "
-                "(same UNet with ReLU and convolution + linear up-sampling: every layer has an Opacus-native "
-                "per-sample gradient, for fast DP-SGD); server and sites build the same one"})
+                "(same UNet with ReLU and convolution + linear up-sampling instead of transposed convolutions); "
+                "both have fast exact per-sample gradients for DP-SGD; server and sites build the same one"})
     data_root: str | None = field(default=None, metadata={
         "help": "the task's data folder holding `<site>/datalist.json`; the site's `local/adpfl_site.json` "
                 "or `$ADPFL_DATA_ROOT` override it (None: `~/.cache/adpfl/data/<task>`)", "unit": "path"})
@@ -206,8 +206,8 @@ class SiteSession:
 
             # the server's model must stay the task network (same keys), so it is checked,
             # not rewritten: both variants use InstanceNorm without affine weights (no
-            # BatchNorm); `standard` has PReLU and transposed convolutions (Opacus' slow
-            # functorch path), `dp` only layers with Opacus-native per-sample gradients
+            # BatchNorm); every parametrised layer of both has a grad sampler, Opacus' own or
+            # adpfl.training.grad_samplers' (registered by adpfl.training.dpsgd)
             errors = ModuleValidator.validate(model, strict=False)
             if errors:
                 raise ValueError(f"task {cfg.task}'s network is not Opacus-compatible for DP-SGD: {errors}")
