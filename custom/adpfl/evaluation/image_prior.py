@@ -197,7 +197,8 @@ def invert_with_prior(
             cost = _cosine_cost(model, loss_fn, prior.decode(z, basis), label, tgt, tgt_norm, masks, cfg.layerwise)
             (cost + cfg.latent_weight * (z * z).mean()).backward()
             opt.step()
-        final = float(_cosine_cost(model, loss_fn, prior.decode(z, basis), label, tgt, tgt_norm, masks, cfg.layerwise))
+        final = float(_cosine_cost(model, loss_fn, prior.decode(z, basis), label, tgt, tgt_norm, masks,
+                                   cfg.layerwise).detach())
         restart_costs.append(final)
         if final < best_cost:
             best_z, best_cost = z.detach().clone(), final
