@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--single", type=int, default=4, help="images attacked one at a time (batch 1)")
     ap.add_argument("--out", default="docs/results/attack_eval")
     ap.add_argument("--no-dp", action="store_true", help="only the rows without DP")
+    ap.add_argument("--controls", action="store_true", help="only the dp network without DP and pure-noise controls")
     ap.add_argument("--diagnose", action="store_true", help="only the gradient-sensitivity table (seconds)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -156,9 +157,9 @@ def main(argv=None) -> int:
     cfg = LatentAttackConfig(restarts=a.restarts, latent_iterations=a.iterations)
     rows, grid = [], []
 
-    def run(setting, mode, priv, unit, idx, seed):
+    def run(setting, mode, priv, unit, idx, seed, net_name=None):
         torch.manual_seed(0)  # record-level jobs train the `dp` variant (ReLU, conv + upsample)
-        net_name = "dp" if mode == "dpsgd" else "standard"
+        net_name = net_name or ("dp" if mode == "dpsgd" else "standard")
         net = get_task("skin2d").build_network(net_name)
         x, y = X[idx], Y[idx]
         t0 = time.perf_counter()
@@ -180,6 +181,15 @@ def main(argv=None) -> int:
         grid.append((f"{setting.split(' (')[0]}, b{len(idx)}", x, guess, r["image"]))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
+    if a.controls:
+        # the `dp` network without DP, and a pure-noise "gradient" (DP-SGD at z = 1e6: no
+        # signal left) on both networks: what the optimiser reaches from the prior alone
+        noise = {"noise_multiplier": 1e6, "max_grad_norm": 1.0, "sample_rate": 1.0, "steps": 1, "delta": 1e-5}
+        run("NP-FL", "npfl", None, "none", [0], None, "dp")
+        for net_name in ("dp", "standard"):
+            run("control: pure noise", "dpsgd", noise, "none (no signal)", [0], 31, net_name)
+        _write(out, rows, grid, a, machine(), time.perf_counter() - t_all)
+        return 0
     for i in range(a.single):
         run("NP-FL", "npfl", None, "none", [i], None)
     run("NP-FL", "npfl", None, "none", [0, 1, 2, 3], None)
@@ -213,8 +223,9 @@ def _write(out: Path, rows, grid, a, machine_line: str, wall: float) -> None:
     fig.savefig(out / "attack_grid.png", dpi=60)
     Image.open(out / "attack_grid.png").convert("RGB").quantize(colors=128).save(out / "attack_grid.png",
                                                                                  optimize=True)
+    flags = (" --no-dp" if a.no_dp else "") + (" --controls" if a.controls else "")
     lines = [f"Command: `python bench/attack_eval.py --size {a.size} --restarts {a.restarts} --iterations "
-             f"{a.iterations} --public {a.public} --single {a.single}{' --no-dp' if a.no_dp else ''} "
+             f"{a.iterations} --public {a.public} --single {a.single}{flags} "
              f"--out {a.out}`; machine: {machine_line}; "
              f"wall {wall / 60:.1f} min for the whole script.", "",
              "| setting | network | unit | images (batch) | accounted epsilon (delta, Opacus RDP) "
