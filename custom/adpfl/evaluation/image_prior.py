@@ -1,0 +1,206 @@
+"""A learned image prior for gradient inversion (generative-prior attacks such as GIAS,
+Jeon et al. 2021, here with a linear-Gaussian prior): a Gaussian over the per-channel
+coefficients of basis images derived from the known mask, fitted on *public* synthetic
+skin images, and gradient matching in that prior's whitened coefficient space.
+
+Why: on the task UNet (InstanceNorm, 402k parameters) pixel-space gradient matching
+stalls (docs/privacy-evaluation.md section 2). The instance norms amplify each image's
+low-contrast texture (sensor noise, grain): pixel noise of std 0.01 moves the gradient's
+``1 - cos`` by 0.21 while a x1.1 gain moves it by 0.015, so the cosine landscape in pixel
+space is a field of narrow texture minima. Searching a few dozen smooth, mask-aligned
+coefficients (colours of skin, lesion border and core, vignetting, low-frequency
+blotches) with a layer-wise cosine, which keeps the mask-determined output convolution
+(~40 % of the gradient norm) from drowning the rest, recovers what the gradient says
+about them.
+
+Public data: ``adpfl.data.synthetic_skin`` is public code. The prior is fitted on cases
+drawn with ``numpy.random.default_rng([PUBLIC_SEED, i])`` and site acquisition shifts
+``skin_domain_shift(PUBLIC_SHIFT_BASE + i % 64)``; sites draw theirs from
+``default_rng([seed, task_code, site_index, i])`` with shifts of indices ``0..sites-1``, so
+no site image is in the prior's data.
+
+Honesty: the prior alone, given the known mask, already paints a plausible image
+(:meth:`LinearPrior.prior_guess`, the coefficients' mean). A reconstruction leaks image
+content only where it beats that *prior-only baseline*; benches and tests report it.
+Restarts are chosen by the gradient loss only, never by the true image.
+
+Written by hand (plain PyTorch + MONAI's distance transform): no library offers a
+mask-conditioned image prior for gradient inversion.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adpfl.evaluation.attack import default_loss, model_gradient
+
+__all__ = [
+    "PUBLIC_SEED",
+    "LatentAttackConfig",
+    "LinearPrior",
+    "invert_with_prior",
+    "mask_basis",
+    "public_skin_images",
+]
+
+PUBLIC_SEED = 20_240_616
+PUBLIC_SHIFT_BASE = 1000
+
+
+def public_skin_images(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` public synthetic skin cases at ``size`` x ``size``: images (n, 3, s, s) in [0, 1]
+    and masks (n, 1, s, s) in {0, 1} (see the module docstring for the seeds)."""
+    from adpfl.data.synthetic_skin import make_skin_case, skin_domain_shift
+
+    if n < 1 or size < 8:
+        raise ValueError(f"public_skin_images needs n >= 1 and size >= 8, got n={n}, size={size}")
+    xs, ys = [], []
+    for i in range(n):
+        img, mask = make_skin_case(np.random.default_rng([PUBLIC_SEED, i]), (size, size),
+                                   skin_domain_shift(PUBLIC_SHIFT_BASE + i % 64))
+        xs.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255)
+        ys.append(torch.from_numpy(mask > 127)[None].float())
+    return torch.stack(xs), torch.stack(ys)
+
+
+def mask_basis(mask: torch.Tensor) -> torch.Tensor:
+    """Spatial basis images (B, K, H, W) built from the known masks (B, 1, H, W): skin and
+    lesion regions, the lesion depth (distance to its border, normalised, and its square),
+    the vignetting radius inside and outside the lesion, a 1-pixel-blurred mask (fuzzy
+    border), and the 15 lowest 2-D cosine modes (smooth blotches, exposure gradients)."""
+    from monai.transforms.utils import distance_transform_edt
+
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask_basis needs masks of shape (B, 1, H, W), got {tuple(mask.shape)}")
+    b, _, h, w = mask.shape
+    m = (mask > 0.5).float()
+    edt = torch.stack([torch.as_tensor(distance_transform_edt(mi.numpy())[0]).float() for mi in m])[:, None]
+    depth = edt / edt.amax(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    yy = torch.linspace(-1, 1, h).view(1, 1, h, 1).expand(b, 1, h, w)
+    xx = torch.linspace(-1, 1, w).view(1, 1, 1, w).expand(b, 1, h, w)
+    r2 = (xx ** 2 + yy ** 2) / 2
+    blur = F.avg_pool2d(F.pad(m, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    feats = [1 - m, m, depth, depth ** 2, r2 * (1 - m), r2 * m, blur]
+    for k in range(4):
+        for j in range(4):
+            if k or j:
+                feats.append(torch.cos(math.pi * k * (yy + 1) / 2) * torch.cos(math.pi * j * (xx + 1) / 2))
+    return torch.cat(feats, 1)
+
+
+class LinearPrior:
+    """Gaussian prior over per-channel coefficients of :func:`mask_basis`: each public
+    image is fitted by least squares (image_c = sum_k coef[c, k] * basis_k), and the
+    coefficients' mean and covariance (3K x 3K, cross-channel) are the prior."""
+
+    def __init__(self, mean: torch.Tensor, chol: torch.Tensor, channels: int = 3):
+        self.mean, self.chol, self.channels = mean, chol, channels
+        self.dim = mean.numel()
+
+    @staticmethod
+    def fit_coefficients(images: torch.Tensor, masks: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+        basis = mask_basis(masks)  # (B, K, H, W)
+        a = basis.flatten(2).transpose(1, 2)  # (B, HW, K)
+        ata = a.transpose(1, 2) @ a + ridge * torch.eye(a.shape[-1])
+        atb = a.transpose(1, 2) @ images.flatten(2).transpose(1, 2)  # (B, K, C)
+        return torch.linalg.solve(ata, atb).transpose(1, 2)  # (B, C, K)
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, masks: torch.Tensor) -> LinearPrior:
+        coef = cls.fit_coefficients(images, masks).flatten(1).double()
+        mean = coef.mean(0)
+        cov = torch.cov(coef.T) + 1e-6 * torch.eye(coef.shape[1], dtype=coef.dtype)
+        return cls(mean.float(), torch.linalg.cholesky(cov).float(), images.shape[1])
+
+    def decode(self, u: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) for whitened coefficients ``u`` (B, dim); u = 0: prior mean."""
+        coef = (self.mean + u @ self.chol.T).view(u.shape[0], self.channels, -1)
+        return torch.einsum("bck,bkhw->bchw", coef, basis).clamp(0, 1)
+
+    def prior_guess(self, mask: torch.Tensor) -> torch.Tensor:
+        """The prior's best guess without any gradient: the mean coefficients on the mask."""
+        return self.decode(torch.zeros(mask.shape[0], self.dim), mask_basis(mask))
+
+
+@dataclass
+class LatentAttackConfig:
+    """``restarts`` starts in the prior's whitened coefficient space (the first at the
+    prior mean, the others drawn from it), each ``latent_iterations`` of Adam on the
+    ``1 - cos`` gradient loss (``layerwise``: see :func:`_cosine_cost`) plus
+    ``latent_weight * mean(u^2)``; the best start by gradient loss wins. (A pixel-level
+    refinement after this stage lowered the gradient loss but fell into the texture minima:
+    SSIM 0.73 -> 0.39; not kept.)"""
+
+    restarts: int = 2
+    latent_iterations: int = 200
+    latent_lr: float = 0.05
+    latent_weight: float = 1e-3
+    layerwise: bool = True
+    seed: int = 0
+
+
+def _cosine_cost(model, loss_fn, img, label, tgt, tgt_norm, masks, layerwise=False):
+    """``1 - cos`` between the dummy's gradient and the target: over the whole flattened
+    gradient, or (``layerwise``) averaged over the parameter tensors with at least 64
+    observed entries, each weighted equally (the UNet's final 2-channel convolution holds
+    ~40 % of the gradient norm and is set by the mask alone; scalars flip sign)."""
+    grads = model_gradient(model, loss_fn, img, label, create_graph=True)
+    if layerwise:
+        costs = [1.0 - F.cosine_similarity((g if m is None else g[m]).flatten(), t.flatten(), dim=0, eps=1e-12)
+                 for g, t, m in zip(grads, tgt, masks) if t.numel() >= 64]
+        return torch.stack(costs).mean()
+    dot, gn = img.new_zeros(()), img.new_zeros(())
+    for g, t, m in zip(grads, tgt, masks):
+        gm = g if m is None else g[m]
+        dot = dot + (gm * t).sum()
+        gn = gn + (gm * gm).sum()
+    return 1.0 - dot / (torch.sqrt(gn).clamp_min(1e-12) * tgt_norm)
+
+
+def invert_with_prior(
+    model: nn.Module,
+    prior: LinearPrior,
+    target_grads: Sequence[torch.Tensor],
+    label: torch.Tensor,
+    loss_fn: Callable | None = None,
+    config: LatentAttackConfig | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
+) -> dict:
+    """Reconstruct the batch whose label masks ``label`` (B, 1, H, W) are known from the
+    observed gradient ``target_grads`` (``masks``: observed coordinates of a sparse
+    release, None for all). Returns ``image`` (B, C, H, W) in [0, 1], its gradient loss
+    ``cost``, every start's ``restart_costs`` and the whitened ``coefficients``."""
+    cfg = config or LatentAttackConfig()
+    loss_fn = loss_fn or default_loss()
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    masks = list(masks) if masks is not None else [None] * len(params)
+    tgt = [t.detach() if m is None else t.detach()[m] for t, m in zip(target_grads, masks)]
+    tgt_norm = torch.sqrt(sum((t * t).sum() for t in tgt)).clamp_min(1e-12)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    n = label.shape[0]
+    basis = mask_basis(label)
+    best_z, best_cost, restart_costs = None, math.inf, []
+    for r in range(max(1, int(cfg.restarts))):
+        z0 = torch.zeros(n, prior.dim) if r == 0 else torch.randn(n, prior.dim, generator=gen)
+        z = z0.requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=cfg.latent_lr)
+        for _ in range(int(cfg.latent_iterations)):
+            opt.zero_grad(set_to_none=True)
+            cost = _cosine_cost(model, loss_fn, prior.decode(z, basis), label, tgt, tgt_norm, masks, cfg.layerwise)
+            (cost + cfg.latent_weight * (z * z).mean()).backward()
+            opt.step()
+        final = float(_cosine_cost(model, loss_fn, prior.decode(z, basis), label, tgt, tgt_norm, masks,
+                                   cfg.layerwise).detach())
+        restart_costs.append(final)
+        if final < best_cost:
+            best_z, best_cost = z.detach().clone(), final
+    return {"image": prior.decode(best_z, basis).detach(), "cost": best_cost, "restart_costs": restart_costs,
+            "coefficients": best_z}
