@@ -158,8 +158,12 @@ def main(argv=None) -> int:
     rows, grid = [], []
 
     def run(setting, mode, priv, unit, idx, seed, net_name=None):
-        torch.manual_seed(0)  # record-level jobs train the `dp` variant (ReLU, conv + upsample)
-        net_name = net_name or ("dp" if mode == "dpsgd" else "standard")
+        torch.manual_seed(0)
+        # each setting on the network its job trains (the record-level jobs' `network` setting)
+        if net_name is None:
+            from adpfl.flare.jobs import job_settings
+
+            net_name = job_settings("skin2d", "dpsgd")["executor"]["network"] if mode == "dpsgd" else "standard"
         net = get_task("skin2d").build_network(net_name)
         x, y = X[idx], Y[idx]
         t0 = time.perf_counter()
