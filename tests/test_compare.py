@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from adpfl._io import read_json
 from adpfl.experiments.compare import parse_kv, plan_runs, run_overrides
 from adpfl.experiments.report import (
     dice_curve,
@@ -157,6 +158,39 @@ def test_plan_and_overrides():
     assert "privacy" not in run_overrides(plan[0], 3, {}, 1e-5)
     assert parse_kv(["amp=false", "learning_rate=0.01", "device=cpu"]) == {"amp": False, "learning_rate": 0.01,
                                                                         "device": "cpu"}
+
+
+def test_record_executor_applies_to_record_level_runs_only():
+    npfl, dpsgd, adpsgd = plan_runs([0], [], [2.0], modes=("npfl", "dpsgd", "adpsgd"))
+    rec = {"batch_size": 256, "learning_rate": 0.01, "dpsgd_target_epsilon": 99.0}
+    assert run_overrides(npfl, 2, {"batch_size": 8}, 1e-5, rec)["executor"] == {"batch_size": 8, "data_seed": 0}
+    for spec in (dpsgd, adpsgd):
+        ex = run_overrides(spec, 2, {"batch_size": 8, "num_train": 6}, 1e-5, rec)["executor"]
+        # the record-level batch wins over the common one; the run's own budget wins over both
+        assert ex == {"batch_size": 256, "num_train": 6, "learning_rate": 0.01, "data_seed": 0,
+                      "dpsgd_target_epsilon": 2.0, "dpsgd_delta": 1e-5}
+
+
+def test_resume_refuses_other_record_executor(tmp_path, monkeypatch):
+    import argparse
+
+    from adpfl.experiments import compare
+
+    monkeypatch.setattr("adpfl.experiments.report.write_report", lambda out: {"markdown": "", "csv": "", "plots": []})
+    args = argparse.Namespace(task="skin2d", epsilons=[], seeds=[0], dpsgd_epsilons=[], rounds=1, sites=1, delta=1e-5,
+                              tiny=False, data_size=None, executor=[], record_executor=["batch_size=256"],
+                              inprocess=True, modes=["dpsgd"], out=str(tmp_path))
+    assert compare.cmd_compare(args) == 0  # no run planned (no record-level epsilon): settings recorded
+    assert read_json(tmp_path / "compare.json")["record_executor"] == {"batch_size": 256}
+    args.record_executor = ["batch_size=512"]
+    with pytest.raises(ValueError, match="record_executor"):
+        compare.cmd_compare(args)
+    # a folder written before the key existed reads as no record-level overrides
+    old = read_json(tmp_path / "compare.json")
+    del old["record_executor"]
+    (tmp_path / "compare.json").write_text(json.dumps(old))
+    args.record_executor = []
+    assert compare.cmd_compare(args) == 0
 
 
 @pytest.mark.integration
