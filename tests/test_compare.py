@@ -106,6 +106,10 @@ def test_write_report_files(synthetic):
     paths = write_report(synthetic)
     md = Path(paths["markdown"]).read_text()
     assert "| NP-FL |" in md and "not reached" in md and "ADP-FL keeps 92.5%" in md
+    # every private run's spend at every site, with its unit and delta (DP-FL eps 1e4, seed 0: 9000 / 9900)
+    assert "| dpfl_10000.0_0 | site-1 | one site's update | 1e-05 | 9000.0000 | 8100.0000 |" in md
+    assert "| dpfl_10000.0_0 | site-2 | one site's update | 1e-05 | 9900.0000 |" in md
+    assert "npfl_None_0 |" not in md.split("## Epsilon spent per site")[1]
     with open(paths["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 and "dice_tumor_mean" in rows[0] and "epsilon_rdp_max_site_mean" in rows[0]
