@@ -74,7 +74,8 @@ def run_inprocess(spec: dict, task: str, rounds: int, sites: int, overrides: dic
         for site, s in zip(names, sessions):
             s.load_global(glob)
             try:
-                res = s.train_round(glob, r, job_id=spec["run_id"])
+                # only global models are scored (as the simulator's curves): no local validation pass
+                res = s.train_round(glob, r, job_id=spec["run_id"], validate_local=False)
             except BudgetExhausted as e:  # the site refuses; the round goes on without it
                 refused.append({"site": site, "round": r, "reason": str(e)})
                 continue
