@@ -14,8 +14,8 @@ Stages:
   each at the same number of epochs (``--epochs-per-round`` x ``--rounds``; the per-round step
   cap is set per batch size so compute is equal);
 * ``ablation``: the chosen configuration (``--base NAME`` of a search row, plus
-  ``--base-extra``) and the same with one lever taken away at a time: augmentation
-  multiplicity, EMA of the weights, large batches / virtual steps (expected batch 32), the
+  ``--base-extra``) and the same with one lever changed at a time: augmentation
+  multiplicity and EMA of the weights (removed when the chosen one has them, else added), large batches / virtual steps (expected batch 32), the
   ``dp`` network (-> ``standard``), and adaptive clipping (ADP-SGD's quantile clip, mode
   ``adpsgd``, against the chosen DP-SGD).
 
@@ -23,8 +23,7 @@ Each finished run is kept as ``<out>/<stage>/<name>.json`` (re-running skips it)
 stage's table is rewritten as ``<out>/<stage>.md``::
 
     python bench/dpsgd_tune.py --out results/record_tune --stage search
-    python bench/dpsgd_tune.py --out results/record_tune --stage ablation --base b256_lr0.003 \\
-        --base-extra dpsgd_augmult=2 dpsgd_ema_decay=0.9
+    python bench/dpsgd_tune.py --out results/record_tune --stage ablation --base b256_lr0.003
 """
 
 from __future__ import annotations
@@ -67,10 +66,15 @@ def search_configs(lrs, batches, num_train: int, epochs_per_round: float) -> dic
 def ablation_configs(base: dict, num_train: int, epochs_per_round: float) -> dict[str, tuple[str, dict]]:
     """The chosen configuration and one lever removed at a time (same epochs)."""
     cfgs = {"chosen": ("dpsgd", dict(base))}
+    # a lever the chosen configuration has is taken away; one it lacks is added
     if int(base.get("dpsgd_augmult", 1)) > 1:
         cfgs["no_augmult"] = ("dpsgd", dict(base, dpsgd_augmult=1))
+    else:
+        cfgs["with_augmult2"] = ("dpsgd", dict(base, dpsgd_augmult=2))
     if float(base.get("dpsgd_ema_decay", 0.0)) > 0:
         cfgs["no_ema"] = ("dpsgd", dict(base, dpsgd_ema_decay=0.0))
+    else:
+        cfgs["with_ema0.8"] = ("dpsgd", dict(base, dpsgd_ema_decay=0.8))
     small = dict(base, batch_size=32, max_steps_per_round=steps_cap(32, num_train, epochs_per_round))
     small.pop("dpsgd_physical_batch_size", None)
     cfgs["small_batch_32"] = ("dpsgd", small)
@@ -153,14 +157,14 @@ def main() -> int:
     ap.add_argument("--data-seed", type=int, default=1000, help="the public split's seed (sites use 0, 1, 2)")
     ap.add_argument("--sites", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--epochs-per-round", type=float, default=0.5)
+    ap.add_argument("--epochs-per-round", type=float, default=0.25)
     ap.add_argument("--num-train", type=int, default=3300)
     ap.add_argument("--num-val", type=int, default=330)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--epsilon", type=float, default=8.0, help="record-level target epsilon (one image)")
     ap.add_argument("--delta", type=float, default=1e-5)
-    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    ap.add_argument("--batches", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2])
+    ap.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--base", default="", help="ablation: the search row to start from")
     ap.add_argument("--base-extra", nargs="*", default=[], metavar="KEY=VALUE", help="ablation: added to --base")
     ap.add_argument("--executor", nargs="*", default=[], metavar="KEY=VALUE", help="executor settings of every row")
@@ -181,6 +185,9 @@ def main() -> int:
             raise SystemExit(f"--base {args.base}: {base_path} does not exist (run the search first)")
         base = dict(read_json(base_path)["extra"], **parse_kv(args.base_extra))
         cfgs = ablation_configs(base, args.num_train, args.epochs_per_round)
+        if not args.base_extra and not (stage_dir / "chosen.json").is_file():
+            # the chosen configuration IS the search row: its finished run is reused, not re-run
+            write_json_atomic(stage_dir / "chosen.json", dict(read_json(base_path), name="chosen"), indent=1)
     print(f"{machine()}\n{args.stage}: {len(cfgs)} configs -> {stage_dir}", flush=True)
     t0 = time.perf_counter()
     rows = []
