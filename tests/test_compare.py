@@ -197,6 +197,26 @@ def test_resume_refuses_other_record_executor(tmp_path, monkeypatch):
     assert compare.cmd_compare(args) == 0
 
 
+def test_inprocess_record_run_starts_from_the_jobs_network(tmp_path):
+    """One tiny in-process DP-SGD round (no simulator): the `dpsgd` job's `dp` network is the
+    initial global model (it used to be the standard one, whose keys the sites rejected)."""
+    from adpfl.experiments.inprocess import run_inprocess
+
+    torch_threads = __import__("torch").get_num_threads()
+    __import__("torch").set_num_threads(1)
+    try:
+        spec = {"mode": "dpsgd", "seed": 0, "epsilon": 8.0, "run_id": "dpsgd_eps8_seed0"}
+        ov = run_overrides(spec, 1, {"num_train": 6, "num_val": 2, "image_size": 32, "batch_size": 3,
+                                     "local_epochs": 1, "hd95": False}, 1e-5, {"learning_rate": 0.01})
+        res = run_inprocess(spec, "skin2d", 1, 1, ov, tmp_path / "data", tmp_path / "run")
+    finally:
+        __import__("torch").set_num_threads(torch_threads)
+    assert res["settings"]["executor"]["network"] == "dp" and res["settings"]["executor"]["learning_rate"] == 0.01
+    site = res["privacy"]["sites"]["site-1"]
+    assert res["privacy"]["unit"] == "record" and 0 < site["epsilon_rdp"] <= 8.0 and site["releases"] == 1
+    assert 0.0 <= res["final"]["site-1"]["dice_mean"] <= 1.0 and "0" in res["curves"]["site-1"]["dice_mean"]
+
+
 @pytest.mark.integration
 def test_compare_tiny_end_to_end_and_resume(tmp_path):
     out = tmp_path / "cmp"
