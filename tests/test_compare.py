@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from adpfl._io import read_json
 from adpfl.experiments.compare import parse_kv, plan_runs, run_overrides
 from adpfl.experiments.report import (
     dice_curve,
@@ -105,6 +106,10 @@ def test_write_report_files(synthetic):
     paths = write_report(synthetic)
     md = Path(paths["markdown"]).read_text()
     assert "| NP-FL |" in md and "not reached" in md and "ADP-FL keeps 92.5%" in md
+    # every private run's spend at every site, with its unit and delta (DP-FL eps 1e4, seed 0: 9000 / 9900)
+    assert "| dpfl_10000.0_0 | site-1 | one site's update | 1e-05 | 9000.0000 | 8100.0000 |" in md
+    assert "| dpfl_10000.0_0 | site-2 | one site's update | 1e-05 | 9900.0000 |" in md
+    assert "npfl_None_0 |" not in md.split("## Epsilon spent per site")[1]
     with open(paths["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 and "dice_tumor_mean" in rows[0] and "epsilon_rdp_max_site_mean" in rows[0]
@@ -157,6 +162,59 @@ def test_plan_and_overrides():
     assert "privacy" not in run_overrides(plan[0], 3, {}, 1e-5)
     assert parse_kv(["amp=false", "learning_rate=0.01", "device=cpu"]) == {"amp": False, "learning_rate": 0.01,
                                                                         "device": "cpu"}
+
+
+def test_record_executor_applies_to_record_level_runs_only():
+    npfl, dpsgd, adpsgd = plan_runs([0], [], [2.0], modes=("npfl", "dpsgd", "adpsgd"))
+    rec = {"batch_size": 256, "learning_rate": 0.01, "dpsgd_target_epsilon": 99.0}
+    assert run_overrides(npfl, 2, {"batch_size": 8}, 1e-5, rec)["executor"] == {"batch_size": 8, "data_seed": 0}
+    for spec in (dpsgd, adpsgd):
+        ex = run_overrides(spec, 2, {"batch_size": 8, "num_train": 6}, 1e-5, rec)["executor"]
+        # the record-level batch wins over the common one; the run's own budget wins over both
+        assert ex == {"batch_size": 256, "num_train": 6, "learning_rate": 0.01, "data_seed": 0,
+                      "dpsgd_target_epsilon": 2.0, "dpsgd_delta": 1e-5}
+
+
+def test_resume_refuses_other_record_executor(tmp_path, monkeypatch):
+    import argparse
+
+    from adpfl.experiments import compare
+
+    monkeypatch.setattr("adpfl.experiments.report.write_report", lambda out: {"markdown": "", "csv": "", "plots": []})
+    args = argparse.Namespace(task="skin2d", epsilons=[], seeds=[0], dpsgd_epsilons=[], rounds=1, sites=1, delta=1e-5,
+                              tiny=False, data_size=None, executor=[], record_executor=["batch_size=256"],
+                              inprocess=True, modes=["dpsgd"], out=str(tmp_path))
+    assert compare.cmd_compare(args) == 0  # no run planned (no record-level epsilon): settings recorded
+    assert read_json(tmp_path / "compare.json")["record_executor"] == {"batch_size": 256}
+    args.record_executor = ["batch_size=512"]
+    with pytest.raises(ValueError, match="record_executor"):
+        compare.cmd_compare(args)
+    # a folder written before the key existed reads as no record-level overrides
+    old = read_json(tmp_path / "compare.json")
+    del old["record_executor"]
+    (tmp_path / "compare.json").write_text(json.dumps(old))
+    args.record_executor = []
+    assert compare.cmd_compare(args) == 0
+
+
+def test_inprocess_record_run_starts_from_the_jobs_network(tmp_path):
+    """One tiny in-process DP-SGD round (no simulator): the `dpsgd` job's `dp` network is the
+    initial global model (it used to be the standard one, whose keys the sites rejected)."""
+    from adpfl.experiments.inprocess import run_inprocess
+
+    torch_threads = __import__("torch").get_num_threads()
+    __import__("torch").set_num_threads(1)
+    try:
+        spec = {"mode": "dpsgd", "seed": 0, "epsilon": 8.0, "run_id": "dpsgd_eps8_seed0"}
+        ov = run_overrides(spec, 1, {"num_train": 6, "num_val": 2, "image_size": 32, "batch_size": 3,
+                                     "local_epochs": 1, "hd95": False}, 1e-5, {"learning_rate": 0.01})
+        res = run_inprocess(spec, "skin2d", 1, 1, ov, tmp_path / "data", tmp_path / "run")
+    finally:
+        __import__("torch").set_num_threads(torch_threads)
+    assert res["settings"]["executor"]["network"] == "dp" and res["settings"]["executor"]["learning_rate"] == 0.01
+    site = res["privacy"]["sites"]["site-1"]
+    assert res["privacy"]["unit"] == "record" and 0 < site["epsilon_rdp"] <= 8.0 and site["releases"] == 1
+    assert 0.0 <= res["final"]["site-1"]["dice_mean"] <= 1.0 and "0" in res["curves"]["site-1"]["dice_mean"]
 
 
 @pytest.mark.integration

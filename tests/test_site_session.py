@@ -48,6 +48,11 @@ def test_round_returns_diff_steps_and_metrics(tmp_path):
     # validate scores the loaded weights: loading the global back gives the global's scores
     s.load_global(g)
     assert s.validate()["dice_mean"] == pytest.approx(r.global_metrics["dice_mean"])
+    # a runner that scores only global models skips the local validation pass
+    seen.clear()
+    r2 = s.train_round(s.load_global(g), 1, report=lambda prefix, m: seen.append(prefix), validate_local=False)
+    assert seen == ["val_global", "train"] and r2.local_metrics is None and r2.diff is not None
+    assert "-> local not validated" in r2.summary(1)
 
 
 def test_abort_stops_the_round_without_a_result(tmp_path):

@@ -78,9 +78,12 @@ def parse_kv(items: list[str] | None) -> dict:
     return out
 
 
-def run_overrides(spec: dict, rounds: int, executor: dict, delta: float) -> dict:
+def run_overrides(spec: dict, rounds: int, executor: dict, delta: float, record_executor: dict | None = None) -> dict:
+    """The job overrides of one run. ``record_executor`` applies to the record-level modes
+    only, on top of ``executor`` (e.g. DP-SGD's large Poisson batch while NP-FL keeps its own)."""
     ov = {"num_rounds": int(rounds), "executor": dict(executor, data_seed=spec["seed"])}
     if spec["mode"] in RECORD_MODES:  # record-level budget of each site's training records
+        ov["executor"].update(record_executor or {})
         ov["executor"].update(dpsgd_target_epsilon=spec["epsilon"], dpsgd_delta=delta)
     elif spec["mode"] != "npfl":
         ov["privacy"] = {"target_epsilon": spec["epsilon"], "delta": delta}
@@ -194,7 +197,7 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: list[fl
     if rdir.exists():
         shutil.rmtree(rdir)  # an unfinished earlier attempt
     rdir.mkdir(parents=True)
-    overrides = run_overrides(spec, args.rounds, executor, args.delta)
+    overrides = run_overrides(spec, args.rounds, executor, args.delta, parse_kv(getattr(args, "record_executor", [])))
     if getattr(args, "inprocess", False):
         import torch
 
@@ -292,12 +295,14 @@ def cmd_compare(args) -> int:
         "dpsgd_epsilons": [float(e) for e in args.dpsgd_epsilons],
         "rounds": int(args.rounds), "sites": int(args.sites), "delta": float(args.delta), "executor": executor,
         "runner": "inprocess" if getattr(args, "inprocess", False) else "simulator",
+        "record_executor": parse_kv(getattr(args, "record_executor", [])),
     }
     prev = out / "compare.json"
     if prev.is_file():
         old = read_json(prev)
-        for key in ("task", "rounds", "sites", "delta", "executor", "runner"):
-            if old.get(key, "simulator" if key == "runner" else None) != settings[key]:
+        defaults = {"runner": "simulator", "record_executor": {}}  # folders written before these keys
+        for key in ("task", "rounds", "sites", "delta", "executor", "runner", "record_executor"):
+            if old.get(key, defaults.get(key)) != settings[key]:
                 raise ValueError(
                     f"{out} holds a comparison with {key}={old.get(key)!r}, this one asks {settings[key]!r}; "
                     "use another --out (runs of one folder must share their settings)"
@@ -374,6 +379,9 @@ def add_compare_parsers(sub) -> None:
     c.add_argument("--data-size", default=None, choices=DATA_SIZES,
                    help="the executor's data_size: synthetic sites of the preset size (default: the jobs', tiny)")
     c.add_argument("--executor", nargs="*", default=[], metavar="KEY=VALUE", help="executor overrides")
+    c.add_argument("--record-executor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="executor overrides of the record-level (DP-SGD/ADP-SGD) runs only, on top of --executor "
+                        "(e.g. batch_size=256 dpsgd_physical_batch_size=64 learning_rate=0.003)")
     c.add_argument("--poll", type=float, default=2.0, help="seconds between progress polls")
     c.add_argument("--inprocess", action="store_true",
                    help="run NP-FL and the record-level modes as an in-process FedAvg over the same SiteSession, "

@@ -63,7 +63,9 @@ def run_inprocess(spec: dict, task: str, rounds: int, sites: int, overrides: dic
         s = SiteSession(site, *_session_args(settings))
         s.setup(str(data_root / task), ledger_folder=str(run_dir / "ledgers") if private else None)
         sessions.append(s)
-    glob = {k: v.detach().cpu().numpy().copy() for k, v in TaskNetwork(task).state_dict().items()}
+    # the server's initial model is the job's network variant (setting `network`), as its persistor's
+    network = settings["executor"].get("network") or "standard"
+    glob = {k: v.detach().cpu().numpy().copy() for k, v in TaskNetwork(task, network).state_dict().items()}
     curves: dict[str, dict[str, dict[str, float]]] = {s: {} for s in names}
     rejected, refused = [], []
     t0 = time.perf_counter()
@@ -72,7 +74,8 @@ def run_inprocess(spec: dict, task: str, rounds: int, sites: int, overrides: dic
         for site, s in zip(names, sessions):
             s.load_global(glob)
             try:
-                res = s.train_round(glob, r, job_id=spec["run_id"])
+                # only global models are scored (as the simulator's curves): no local validation pass
+                res = s.train_round(glob, r, job_id=spec["run_id"], validate_local=False)
             except BudgetExhausted as e:  # the site refuses; the round goes on without it
                 refused.append({"site": site, "round": r, "reason": str(e)})
                 continue

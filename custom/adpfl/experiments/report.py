@@ -393,6 +393,22 @@ def _save(fig, path: Path) -> str:
     return str(path)
 
 
+def per_site_epsilon(runs: Sequence[dict]) -> list[str]:
+    """Markdown lines: every private run's epsilon spent at each site, with its unit and delta."""
+    rows = []
+    for run in sorted(runs, key=lambda r: (_sort_key(method_key(r)), r["seed"])):
+        priv = run.get("privacy") or {}
+        unit = "one training record" if priv.get("unit") == "record" else "one site's update"
+        for site, info in sorted((priv.get("sites") or {}).items()):
+            rdp, prv = info.get("epsilon_rdp"), info.get("epsilon_prv")
+            rows.append(f"| {run['run_id']} | {site} | {unit} | {priv.get('delta')} | "
+                        f"{'-' if rdp is None else f'{rdp:.4f}'} | {'-' if prv is None else f'{prv:.4f}'} |")
+    if not rows:
+        return []
+    return ["## Epsilon spent per site", "", "Accountant: Opacus RDP (enforced by the site's ledger); PRV reported.", "",
+            "| Run | Site | Unit | delta | eps RDP | eps PRV |", "|---|---|---|---|---|---|"] + rows + [""]
+
+
 # ---------------------------------------------------------------------------- entry
 def write_report(out_dir) -> dict:
     """Write report.md, summary.csv and plots/*.png of a results folder; returns their paths."""
@@ -404,6 +420,7 @@ def write_report(out_dir) -> dict:
     task = runs[0].get("task", "")
     md = markdown(summary, title=f"ADP-FL comparison: {task}, {runs[0].get('rounds')} rounds, "
                                  f"{runs[0].get('sites')} sites, delta={runs[0].get('delta')}", task=task)
+    md += "\n" + "\n".join(per_site_epsilon(runs))
     (out / "report.md").write_text(md)
     write_csv(summary, out / "summary.csv")
     plots = plot_all(runs, summary, out / "plots")

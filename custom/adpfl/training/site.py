@@ -118,8 +118,9 @@ class RoundResult:
     record_meta: dict | None = None  # public record-level accounting (DP-SGD only)
 
     def summary(self, current_round: int) -> str:
+        local = "not validated" if self.local_metrics is None else _fmt(self.local_metrics.get("dice_mean"))
         text = (f"round {current_round}: global dice {_fmt(self.global_metrics.get('dice_mean'))} -> local "
-                f"{_fmt(self.local_metrics.get('dice_mean'))}, {self.steps} steps in {self.seconds:.1f}s")
+                f"{local}, {self.steps} steps in {self.seconds:.1f}s")
         if self.loss is not None:
             text += f", loss {self.loss:.4f}"
         if self.record_meta:
@@ -328,6 +329,7 @@ class SiteSession:
         job_id: str | None = None,
         should_stop: Callable[[], bool] | None = None,
         report: Callable[[str, dict[str, float]], None] | None = None,
+        validate_local: bool = True,
     ) -> RoundResult:
         """Validate the global model, train locally, validate the local model.
 
@@ -337,7 +339,9 @@ class SiteSession:
         record-level ledger before training (under its file lock, checked against every job's
         spend: :class:`~adpfl.privacy.errors.BudgetExhausted` trains nothing), and settled with
         the steps computed, also when training fails or is aborted; an unwritable ledger
-        raises and nothing is returned.
+        raises and nothing is returned. ``validate_local=False`` skips the local model's
+        validation (``local_metrics`` None): a runner that only scores global models saves
+        one validation pass per round.
         """
         self._require_ready()
         report = report or (lambda prefix, metrics: None)
@@ -353,8 +357,10 @@ class SiteSession:
         if stats["aborted"]:
             return RoundResult(diff=None, steps=int(stats["steps"]), global_metrics=global_metrics, aborted=True,
                                seconds=float(stats["seconds"]), record_meta=record_meta)
-        local_metrics = self.validate()
-        report("val_local", local_metrics)
+        local_metrics = None
+        if validate_local:
+            local_metrics = self.validate()
+            report("val_local", local_metrics)
         loss = None
         if record_meta is None:
             loss = float(stats["loss"])

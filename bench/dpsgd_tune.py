@@ -1,0 +1,207 @@
+"""Tune and ablate record-level DP-SGD on a PUBLIC synthetic tuning split (no site trains on it).
+
+Why a separate split: tuning a private model's hyper-parameters on the sites' own records
+spends privacy that no ledger accounts for. This script trains only on synthetic sites drawn
+with their own data seed (``--data-seed``, default 1000; the comparison's sites use seeds
+0, 1, 2: same generator and domain shifts, disjoint images), so the configuration it picks
+costs the sites nothing. Each run is one ``adpfl compare --inprocess`` run
+(:func:`adpfl.experiments.inprocess.run_inprocess`: the job's settings, SiteSession, the
+record ledger enforcing the record-level epsilon, Opacus RDP), on ``--sites`` public sites.
+
+Stages:
+
+* ``search``: NP-FL (the reference) and DP-SGD over learning rate x expected Poisson batch,
+  each at the same number of epochs (``--epochs-per-round`` x ``--rounds``; the per-round step
+  cap is set per batch size so compute is equal);
+* ``ablation``: the chosen configuration (``--base NAME`` of a search row, plus
+  ``--base-extra``) and the same with one lever changed at a time: augmentation
+  multiplicity and EMA of the weights (removed when the chosen one has them, else added), large batches / virtual steps (expected batch 32), the
+  ``dp`` network (-> ``standard``), and adaptive clipping (ADP-SGD's quantile clip, mode
+  ``adpsgd``, against the chosen DP-SGD).
+
+Each finished run is kept as ``<out>/<stage>/<name>.json`` (re-running skips it) and the
+stage's table is rewritten as ``<out>/<stage>.md``::
+
+    python bench/dpsgd_tune.py --out results/record_tune --stage search
+    python bench/dpsgd_tune.py --out results/record_tune --stage ablation --base b256_lr0.003
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import machine  # noqa: E402
+
+from adpfl._io import read_json, write_json_atomic  # noqa: E402
+from adpfl.experiments.compare import parse_kv, run_overrides  # noqa: E402
+from adpfl.experiments.inprocess import run_inprocess  # noqa: E402
+
+#: the fixed levers of every DP row (De et al. 2022): the dp network, virtual steps of 64
+DP_BASE = {"network": "dp", "dpsgd_physical_batch_size": 64}
+
+
+def steps_cap(batch: int, num_train: int, epochs_per_round: float) -> int:
+    """Optimizer steps per round that cover ``epochs_per_round`` epochs at expected batch ``batch``."""
+    return max(1, round(epochs_per_round * num_train / batch))
+
+
+def search_configs(lrs, batches, num_train: int, epochs_per_round: float) -> dict[str, tuple[str, dict]]:
+    cfgs = {"npfl": ("npfl", {"batch_size": 8, "max_steps_per_round": steps_cap(8, num_train, epochs_per_round)})}
+    for b in batches:
+        for lr in lrs:
+            cfgs[f"b{b}_lr{lr:g}"] = ("dpsgd", dict(DP_BASE, batch_size=b, learning_rate=lr,
+                                                    max_steps_per_round=steps_cap(b, num_train, epochs_per_round)))
+    return cfgs
+
+
+def ablation_configs(base: dict, num_train: int, epochs_per_round: float) -> dict[str, tuple[str, dict]]:
+    """The chosen configuration and one lever removed at a time (same epochs)."""
+    cfgs = {"chosen": ("dpsgd", dict(base))}
+    # a lever the chosen configuration has is taken away; one it lacks is added
+    if int(base.get("dpsgd_augmult", 1)) > 1:
+        cfgs["no_augmult"] = ("dpsgd", dict(base, dpsgd_augmult=1))
+    else:
+        cfgs["with_augmult2"] = ("dpsgd", dict(base, dpsgd_augmult=2))
+    if float(base.get("dpsgd_ema_decay", 0.0)) > 0:
+        cfgs["no_ema"] = ("dpsgd", dict(base, dpsgd_ema_decay=0.0))
+    else:
+        cfgs["with_ema0.8"] = ("dpsgd", dict(base, dpsgd_ema_decay=0.8))
+    small = dict(base, batch_size=32, max_steps_per_round=steps_cap(32, num_train, epochs_per_round))
+    small.pop("dpsgd_physical_batch_size", None)
+    cfgs["small_batch_32"] = ("dpsgd", small)
+    cfgs["standard_network"] = ("dpsgd", dict(base, network="standard"))
+    cfgs["adaptive_clip_adpsgd"] = ("adpsgd", dict(base))
+    return cfgs
+
+
+def run_one(name: str, mode: str, extra: dict, args, stage_dir: Path) -> dict:
+    path = stage_dir / f"{name}.json"
+    if path.is_file():
+        return read_json(path)
+    executor = {"data_size": "realistic", "num_train": args.num_train, "num_val": args.num_val,
+                "image_size": args.image_size, "local_epochs": max(1, math.ceil(args.epochs_per_round)),
+                "hd95": True, **parse_kv(args.executor)}
+    spec = {"mode": mode, "seed": args.data_seed, "epsilon": None if mode == "npfl" else args.epsilon,
+            "run_id": f"tune_{name}"}
+    overrides = run_overrides(spec, args.rounds, executor, args.delta, extra)
+    run_dir = stage_dir / name
+    if run_dir.exists():  # an unfinished attempt: its ledgers must not count against the rerun
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    t0 = time.perf_counter()
+    res = run_inprocess(spec, "skin2d", args.rounds, args.sites, overrides, Path(args.data_root), run_dir)
+    dice = [m.get("dice_mean") for m in res["final"].values()]
+    hd = [m.get("hd95_lesion") for m in res["final"].values()]
+    per_round = {}
+    for site_curves in res["curves"].values():
+        for r, v in (site_curves.get("dice_mean") or {}).items():
+            per_round.setdefault(int(r), []).append(v)
+    rec = {"name": name, "mode": mode, "extra": extra, "dice": sum(dice) / len(dice),
+           "hd95": (sum(hd) / len(hd)) if all(h is not None for h in hd) else None,
+           "dice_by_round": {r: sum(v) / len(v) for r, v in sorted(per_round.items())},
+           "epsilon": ({s: [p["epsilon_rdp"], p["epsilon_prv"]] for s, p in res["privacy"]["sites"].items()}
+                       if res["privacy"] else None),
+           "z": ({s: p["history"][-1][0] for s, p in res["privacy"]["sites"].items()} if res["privacy"] else None),
+           "wall_s": time.perf_counter() - t0}
+    write_json_atomic(path, rec, indent=1)
+    return rec
+
+
+def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> Path:
+    ref = next((r["dice"] for r in rows if r["mode"] == "npfl"), None)
+    if ref is None and (out / "search" / "npfl.json").is_file():
+        ref = read_json(out / "search" / "npfl.json")["dice"]
+    lines = [f"# DP-SGD {stage} on the public tuning split", "",
+             f"Command: `python bench/dpsgd_tune.py {' '.join(sys.argv[1:])}`", "",
+             f"Machine: {machine()}; shared 2-core VM (other jobs running), `nice -n 10`. Wall time of this "
+             f"invocation {wall / 60:.1f} min (finished rows of earlier invocations are reused).", "",
+             f"Data: the PUBLIC tuning split, synthetic skin2d with data seed {args.data_seed} ({args.sites} site(s), "
+             f"{args.num_train} training / {args.num_val} validation images at {args.image_size}x{args.image_size}); "
+             "no comparison site (data seeds 0, 1, 2) trains on it, so this tuning spends none of their budget. "
+             f"{args.rounds} rounds x {args.epochs_per_round:g} epoch(s) per round for every row. Privacy: record "
+             f"level (one image), target epsilon {args.epsilon:g}, delta {args.delta:g}, enforced by the site's "
+             "ledger (Opacus RDP; PRV reported).", "",
+             "| Config | Mode | Settings | Final Dice | HD95 lesion (px) | Dice / NP-FL | Dice by round | "
+             "eps RDP / PRV per site | z | Wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eps = "-" if not r["epsilon"] else "; ".join(f"{s} {a:.3f} / {b:.3f}" for s, (a, b) in r["epsilon"].items())
+        z = "-" if not r["z"] else ", ".join(f"{v:.3f}" for v in r["z"].values())
+        ratio = f"{100 * r['dice'] / ref:.1f}%" if ref else "-"
+        curve = " ".join(f"{v:.2f}" for v in r["dice_by_round"].values())
+        hd95 = "-" if r["hd95"] is None else f"{r['hd95']:.2f}"
+        settings = ", ".join(f"{k}={v}" for k, v in sorted(r["extra"].items()))
+        lines.append(f"| {r['name']} | {r['mode']} | {settings} | {r['dice']:.3f} | {hd95} | {ratio} | {curve} | "
+                     f"{eps} | {z} | {r['wall_s']:.0f} |")
+    path = out / f"{stage}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/record_tune")
+    ap.add_argument("--stage", choices=["search", "ablation"], default="search")
+    ap.add_argument("--data-root", default="", help="default: <out>/data (synthetic sites generated there)")
+    ap.add_argument("--data-seed", type=int, default=1000, help="the public split's seed (sites use 0, 1, 2)")
+    ap.add_argument("--sites", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--epochs-per-round", type=float, default=0.25)
+    ap.add_argument("--num-train", type=int, default=3300)
+    ap.add_argument("--num-val", type=int, default=330)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--epsilon", type=float, default=8.0, help="record-level target epsilon (one image)")
+    ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2])
+    ap.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--base", default="", help="ablation: the search row to start from")
+    ap.add_argument("--base-extra", nargs="*", default=[], metavar="KEY=VALUE", help="ablation: added to --base")
+    ap.add_argument("--executor", nargs="*", default=[], metavar="KEY=VALUE", help="executor settings of every row")
+    ap.add_argument("--only", nargs="*", default=[], help="run only these config names")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out).resolve()
+    args.data_root = args.data_root or str(out / "data")
+    stage_dir = out / args.stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if args.stage == "search":
+        cfgs = search_configs(args.lrs, args.batches, args.num_train, args.epochs_per_round)
+    else:
+        if not args.base:
+            raise SystemExit("--stage ablation needs --base NAME (a finished search row)")
+        base_path = out / "search" / f"{args.base}.json"
+        if not base_path.is_file():
+            raise SystemExit(f"--base {args.base}: {base_path} does not exist (run the search first)")
+        base = dict(read_json(base_path)["extra"], **parse_kv(args.base_extra))
+        cfgs = ablation_configs(base, args.num_train, args.epochs_per_round)
+        if not args.base_extra and not (stage_dir / "chosen.json").is_file():
+            # the chosen configuration IS the search row: its finished run is reused, not re-run
+            write_json_atomic(stage_dir / "chosen.json", dict(read_json(base_path), name="chosen"), indent=1)
+    print(f"{machine()}\n{args.stage}: {len(cfgs)} configs -> {stage_dir}", flush=True)
+    t0 = time.perf_counter()
+    rows = []
+    for name, (mode, extra) in cfgs.items():
+        if args.only and name not in args.only:
+            continue
+        rec = run_one(name, mode, extra, args, stage_dir)
+        rows.append(rec)
+        print(f"{name}: Dice {rec['dice']:.3f}, by round {json.dumps(rec['dice_by_round'])}, "
+              f"eps {rec['epsilon']}, {rec['wall_s']:.0f} s", flush=True)
+        write_table(args.stage, rows, args, out, time.perf_counter() - t0)
+    print((out / f"{args.stage}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
