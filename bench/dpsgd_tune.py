@@ -15,9 +15,9 @@ Stages:
   cap is set per batch size so compute is equal);
 * ``ablation``: the chosen configuration (``--base NAME`` of a search row, plus
   ``--base-extra``) and the same with one lever changed at a time: augmentation
-  multiplicity and EMA of the weights (removed when the chosen one has them, else added), large batches / virtual steps (expected batch 32), the
-  ``dp`` network (-> ``standard``), and adaptive clipping (ADP-SGD's quantile clip, mode
-  ``adpsgd``, against the chosen DP-SGD).
+  multiplicity and EMA of the weights (removed when the chosen one has them, else added),
+  large batches / virtual steps (expected batch 32), the ``dp`` network (-> ``standard``),
+  and adaptive clipping (ADP-SGD's quantile clip, mode ``adpsgd``, against the chosen DP-SGD).
 
 Each finished run is kept as ``<out>/<stage>/<name>.json`` (re-running skips it) and the
 stage's table is rewritten as ``<out>/<stage>.md``::
@@ -40,7 +40,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine  # noqa: E402
-
 from adpfl._io import read_json, write_json_atomic  # noqa: E402
 from adpfl.experiments.compare import parse_kv, run_overrides  # noqa: E402
 from adpfl.experiments.inprocess import run_inprocess  # noqa: E402

@@ -198,8 +198,9 @@ def test_resume_refuses_other_record_executor(tmp_path, monkeypatch):
 
 
 def test_inprocess_record_run_starts_from_the_jobs_network(tmp_path):
-    """One tiny in-process DP-SGD round (no simulator): the `dpsgd` job's `dp` network is the
-    initial global model (it used to be the standard one, whose keys the sites rejected)."""
+    """One tiny in-process DP-SGD round (no simulator) on the `dp` network variant (the grid's
+    record-level setting): it is also the initial global model (the runner used to build the
+    standard one, whose keys the sites rejected)."""
     from adpfl.experiments.inprocess import run_inprocess
 
     torch_threads = __import__("torch").get_num_threads()
@@ -207,7 +208,7 @@ def test_inprocess_record_run_starts_from_the_jobs_network(tmp_path):
     try:
         spec = {"mode": "dpsgd", "seed": 0, "epsilon": 8.0, "run_id": "dpsgd_eps8_seed0"}
         ov = run_overrides(spec, 1, {"num_train": 6, "num_val": 2, "image_size": 32, "batch_size": 3,
-                                     "local_epochs": 1, "hd95": False}, 1e-5, {"learning_rate": 0.01})
+                                     "local_epochs": 1, "hd95": False}, 1e-5, {"learning_rate": 0.01, "network": "dp"})
         res = run_inprocess(spec, "skin2d", 1, 1, ov, tmp_path / "data", tmp_path / "run")
     finally:
         __import__("torch").set_num_threads(torch_threads)
