@@ -405,7 +405,8 @@ def per_site_epsilon(runs: Sequence[dict]) -> list[str]:
                         f"{'-' if rdp is None else f'{rdp:.4f}'} | {'-' if prv is None else f'{prv:.4f}'} |")
     if not rows:
         return []
-    return ["## Epsilon spent per site", "", "Accountant: Opacus RDP (enforced by the site's ledger); PRV reported.", "",
+    return ["## Epsilon spent per site", "",
+            "Accountant: Opacus RDP (enforced by the site's ledger); PRV reported.", "",
             "| Run | Site | Unit | delta | eps RDP | eps PRV |", "|---|---|---|---|---|---|"] + rows + [""]
 
 
