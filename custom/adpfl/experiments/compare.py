@@ -39,6 +39,10 @@ from adpfl.tasks.base import TASK_NAMES
 TINY_EXECUTOR = {"num_train": 6, "num_val": 3, "image_size": 32, "local_epochs": 1, "batch_size": 3}
 
 
+#: how the run banner names each mode
+MODE_LABELS = {"npfl": "NP-FL", "dpfl": "DP-FL", "adpfl": "ADP-FL", "dpsgd": "DP-SGD", "adpsgd": "ADP-SGD"}
+
+
 def run_id(mode: str, seed: int, epsilon: float | None) -> str:
     return f"npfl_seed{seed}" if mode == "npfl" else f"{mode}_eps{epsilon:g}_seed{seed}"
 
@@ -322,8 +326,11 @@ def cmd_compare(args) -> int:
         else:
             todo.append(spec)
     n = len(runs)
-    print(f"adpfl compare: task {args.task}, {len(args.seeds)} seed(s) x (NP-FL + {len(args.epsilons)} epsilon(s) x "
-          f"DP-FL/ADP-FL + {len(args.dpsgd_epsilons)} DP-SGD record-level epsilon(s)) = {n} runs, {args.rounds} "
+    per_mode = {}
+    for spec in runs:
+        per_mode[spec["mode"]] = per_mode.get(spec["mode"], 0) + 1
+    plan = ", ".join(f"{MODE_LABELS.get(m, m)} {k}" for m, k in per_mode.items())
+    print(f"adpfl compare: task {args.task}, {len(args.seeds)} seed(s): {plan} = {n} runs, {args.rounds} "
           f"rounds, {args.sites} sites; {n - len(todo)} already done, "
           f"{len(todo)} to run -> {out}", flush=True)
     failed = []
