@@ -134,13 +134,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    from _machine import machine
+    from _machine import run_header
     from adpfl.data.datalist import load_site_datalist
     from adpfl.data.synthetic import ensure_site_data
     from adpfl.training import TrainConfig
 
-    head = (f"machine: {machine()}; load average at start {os.getloadavg()[0]:.2f}; "
-            f"command: python bench/mia_eval.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    head = run_header("mia_eval.py", argv)
     print(head, flush=True)
     t_start = time.perf_counter()
     base = Path(tempfile.gettempdir()) / f"adpfl_mia_{a.size}_{a.train}_{a.nonmembers}"

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         return simulate()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    from _machine import machine
+    from _machine import run_header
     from adpfl.data.datalist import load_site_datalist
     from adpfl.data.synthetic import ensure_site_data
     from adpfl.evaluation.dpsgd_audit import audit_dpsgd_trainer
@@ -67,8 +67,7 @@ def main(argv=None) -> int:
     from adpfl.privacy.analysis import epsilon_rdp
     from audit_breakage import BREAKAGES
 
-    head = (f"machine: {machine()}; load average at start {os.getloadavg()[0]:.2f}; "
-            f"command: python bench/privacy_audit.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    head = run_header("privacy_audit.py", argv)
     print(head, flush=True)
     t_start = time.perf_counter()
     out = Path(a.out)
