@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_poc_parser(sub)  # `adpfl poc ...` (POC system)
     add_compare_parsers(sub)  # `adpfl compare` and `adpfl report`
     add_export_parser(sub)  # `adpfl export` (MONAI bundle with the privacy card)
+    from adpfl.training.pretrain import add_parser as add_pretrain_parser
+
+    add_pretrain_parser(sub)  # `adpfl pretrain-public` (warm-start checkpoint on public data)
     return p
 
 

@@ -72,6 +72,18 @@ class AccountingWidgetSettings:
                 "(z, q, steps) history and a result over the budget is rejected"})
 
 
+@dataclass
+class InitialModelSettings:
+    """Where the job's initial global model comes from (the server's persistor builds it; the
+    in-process runner the same way). Sites receive it as round 0's global model."""
+
+    initial_checkpoint: str | None = field(default=None, metadata={
+        "help": "warm start: a checkpoint trained only on declared public data (`adpfl pretrain-public`; its "
+                "`.provenance.json` must say `public: true` and match the weights' sha256, task and network); "
+                "read where the initial model is built (the server; the sites never read it); costs no site's "
+                "privacy budget (None: random initial weights)", "unit": "path"})
+
+
 # ---- the registry ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Setting:
@@ -123,7 +135,8 @@ COMPONENTS: dict[str, dict] = {
                          "noise_max_factor keep_fraction augmult ema_decay physical_batch_size public_num_records",
                   prefix="dpsgd_")
         + _group(_SITE, "dpsgd_ledger_name ledger_dir")
-        + _group(f"{_HERE}:ExecutorTaskNames", "train_task_name validate_task_name"),
+        + _group(f"{_HERE}:ExecutorTaskNames", "train_task_name validate_task_name")
+        + _group(f"{_HERE}:InitialModelSettings", "initial_checkpoint"),
     },
     "filter": {
         "component": "adpfl.flare.privacy_filter:ADPFilter",

@@ -63,9 +63,11 @@ def run_inprocess(spec: dict, task: str, rounds: int, sites: int, overrides: dic
         s = SiteSession(site, *_session_args(settings))
         s.setup(str(data_root / task), ledger_folder=str(run_dir / "ledgers") if private else None)
         sessions.append(s)
-    # the server's initial model is the job's network variant (setting `network`), as its persistor's
+    # the server's initial model is the job's network variant (setting `network`), as its persistor's,
+    # from the public warm-start checkpoint when the job names one (setting `initial_checkpoint`)
     network = settings["executor"].get("network") or "standard"
-    glob = {k: v.detach().cpu().numpy().copy() for k, v in TaskNetwork(task, network).state_dict().items()}
+    init = TaskNetwork(task, network, initial_checkpoint=settings["executor"].get("initial_checkpoint"))
+    glob = {k: v.detach().cpu().numpy().copy() for k, v in init.state_dict().items()}
     curves: dict[str, dict[str, dict[str, float]]] = {s: {} for s in names}
     rejected, refused = [], []
     t0 = time.perf_counter()

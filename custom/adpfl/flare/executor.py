@@ -43,6 +43,7 @@ from adpfl.privacy.config import DPSGDConfig
 from adpfl.privacy.errors import PrivacyConfigError
 from adpfl.privacy.metadata import RECORD_PRIVACY_META_KEY
 from adpfl.privacy.public_signals import PUBLIC_INFO_PROP
+from adpfl.settings import InitialModelSettings
 from adpfl.training import TrainConfig
 from adpfl.training.site import RoundResult, SiteConfig, SiteSession
 
@@ -93,6 +94,7 @@ class SegmentationExecutor(Executor):
         ledger_dir: str | None = _S.ledger_dir,
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
+        initial_checkpoint: str | None = InitialModelSettings.initial_checkpoint,
     ):
         """Local MONAI training of one site: FLARE glue over :class:`adpfl.training.site.SiteSession`.
 
@@ -140,6 +142,9 @@ class SegmentationExecutor(Executor):
         self.ledger_dir = ledger_dir
         self.train_task_name = train_task_name
         self.validate_task_name = validate_task_name
+        # the job's warm start: the server builds the initial global model from it (jobs.py);
+        # kept here so the job config shows it beside the network, never read at the site
+        self.initial_checkpoint = initial_checkpoint
         self._site_config = SiteConfig(
             task=task, network=network, data_root=data_root, synthetic=synthetic, data_size=data_size,
             num_train=num_train, num_val=num_val,

@@ -200,7 +200,12 @@ def build_job(task: str, mode: str, name: str | None = None, **overrides):
     job.set_app_packages(["adpfl"])
 
     # ---- server
-    network = _explicit(TaskNetwork(task=task, network=s["executor"]["network"], init_seed=s["executor"].get("seed")))
+    if s["executor"].get("initial_checkpoint"):  # the server may run elsewhere than the caller's folder
+        s["executor"]["initial_checkpoint"] = os.path.abspath(s["executor"]["initial_checkpoint"])
+    # the initial global model: drawn from the job's seed, or the public warm start (checked here and
+    # again where the server builds it)
+    network = _explicit(TaskNetwork(task=task, network=s["executor"]["network"], init_seed=s["executor"].get("seed"),
+                                    initial_checkpoint=s["executor"].get("initial_checkpoint")))
     job.to_server(_explicit(PTFileModelPersistor(model=network)), id="persistor")
     job.to_server(_explicit(FullModelShareableGenerator()), id="shareable_generator")
     # private jobs weigh sites equally: the un-noised local step count must not steer aggregation
