@@ -158,7 +158,8 @@ def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> P
              f"level (one {unit}), target epsilon {args.epsilon:g}, delta {args.delta:g}, enforced by the site's "
              "ledger (Opacus RDP; PRV reported). Final Dice: mean over regions; "
              f"key region: {key_region(args.task)}.", "",
-             f"| Config | Mode | Settings | Final Dice | Dice {key_region(args.task)} | HD95 lesion (px) | Dice / NP-FL | "
+             f"| Config | Mode | Settings | Final Dice | Dice {key_region(args.task)} | HD95 lesion (px) | "
+             "Dice / NP-FL | "
              f"{key_region(args.task)} / NP-FL | Dice by round | eps RDP / PRV per site | z | Wall (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -235,7 +236,8 @@ def main() -> int:
             continue
         rec = run_one(name, mode, extra, args, stage_dir)
         rows.append(rec)
-        print(f"{name}: Dice {rec['dice']:.3f} (key region {rec.get('dice_key')}), by round {json.dumps(rec['dice_by_round'])}, "
+        print(f"{name}: Dice {rec['dice']:.3f} (key region {rec.get('dice_key')}), "
+              f"by round {json.dumps(rec['dice_by_round'])}, "
               f"eps {rec['epsilon']}, {rec['wall_s']:.0f} s", flush=True)
         write_table(args.stage, rows, args, out, time.perf_counter() - t0)
     print((out / f"{args.stage}.md").read_text())
