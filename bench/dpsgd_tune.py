@@ -7,6 +7,11 @@ with their own data seed (``--data-seed``, default 1000; the comparison's sites 
 costs the sites nothing. Each run is one ``adpfl compare --inprocess`` run
 (:func:`adpfl.experiments.inprocess.run_inprocess`: the job's settings, SiteSession, the
 record ledger enforcing the record-level epsilon, Opacus RDP), on ``--sites`` public sites.
+``--task`` picks the task (skin2d: one record = one image; kidney3d / brain3d: one patient);
+``--num-train`` / ``--num-val`` / ``--image-size`` default to the task's ``realistic`` preset
+counts (:data:`adpfl.data.sizes.PRESETS`) and, for the 3D tasks, 32^3. Each row reports the
+mean Dice over regions and the Dice of the task's key region (kidney3d: kidney+tumour+cyst,
+brain3d: WT, skin2d: lesion).
 
 Stages:
 
@@ -41,6 +46,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine  # noqa: E402
 from adpfl._io import read_json, write_json_atomic  # noqa: E402
+from adpfl.data.sizes import PRESETS  # noqa: E402
 from adpfl.experiments.compare import parse_kv, run_overrides  # noqa: E402
 from adpfl.experiments.inprocess import run_inprocess  # noqa: E402
 
@@ -53,8 +59,11 @@ def steps_cap(batch: int, num_train: int, epochs_per_round: float) -> int:
     return max(1, round(epochs_per_round * num_train / batch))
 
 
-def search_configs(lrs, batches, num_train: int, epochs_per_round: float) -> dict[str, tuple[str, dict]]:
-    cfgs = {"npfl": ("npfl", {"batch_size": 8, "max_steps_per_round": steps_cap(8, num_train, epochs_per_round)})}
+def search_configs(lrs, batches, num_train: int, epochs_per_round: float,
+                   npfl_extra: dict | None = None) -> dict[str, tuple[str, dict]]:
+    npfl = dict({"batch_size": 8}, **(npfl_extra or {}))
+    npfl.setdefault("max_steps_per_round", steps_cap(int(npfl["batch_size"]), num_train, epochs_per_round))
+    cfgs = {"npfl": ("npfl", npfl)}
     for b in batches:
         for lr in lrs:
             cfgs[f"b{b}_lr{lr:g}"] = ("dpsgd", dict(DP_BASE, batch_size=b, learning_rate=lr,
@@ -89,6 +98,8 @@ def run_one(name: str, mode: str, extra: dict, args, stage_dir: Path) -> dict:
     executor = {"data_size": "realistic", "num_train": args.num_train, "num_val": args.num_val,
                 "image_size": args.image_size, "local_epochs": max(1, math.ceil(args.epochs_per_round)),
                 "hd95": True, **parse_kv(args.executor)}
+    if mode == "npfl":  # run_overrides applies a row's extra to the record-level modes only
+        executor.update(extra)
     spec = {"mode": mode, "seed": args.data_seed, "epsilon": None if mode == "npfl" else args.epsilon,
             "run_id": f"tune_{name}"}
     overrides = run_overrides(spec, args.rounds, executor, args.delta, extra)
@@ -99,16 +110,21 @@ def run_one(name: str, mode: str, extra: dict, args, stage_dir: Path) -> dict:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     t0 = time.perf_counter()
-    res = run_inprocess(spec, "skin2d", args.rounds, args.sites, overrides, Path(args.data_root), run_dir)
+    res = run_inprocess(spec, args.task, args.rounds, args.sites, overrides, Path(args.data_root), run_dir)
     dice = [m.get("dice_mean") for m in res["final"].values()]
+    key = [m.get(f"dice_{key_region(args.task)}") for m in res["final"].values()]
     hd = [m.get("hd95_lesion") for m in res["final"].values()]
-    per_round = {}
+    per_round, key_round = {}, {}
     for site_curves in res["curves"].values():
         for r, v in (site_curves.get("dice_mean") or {}).items():
             per_round.setdefault(int(r), []).append(v)
+        for r, v in (site_curves.get(f"dice_{key_region(args.task)}") or {}).items():
+            key_round.setdefault(int(r), []).append(v)
     rec = {"name": name, "mode": mode, "extra": extra, "dice": sum(dice) / len(dice),
+           "dice_key": (sum(key) / len(key)) if all(k is not None for k in key) else None,
            "hd95": (sum(hd) / len(hd)) if all(h is not None for h in hd) else None,
            "dice_by_round": {r: sum(v) / len(v) for r, v in sorted(per_round.items())},
+           "dice_key_by_round": {r: sum(v) / len(v) for r, v in sorted(key_round.items())},
            "epsilon": ({s: [p["epsilon_rdp"], p["epsilon_prv"]] for s, p in res["privacy"]["sites"].items()}
                        if res["privacy"] else None),
            "z": ({s: p["history"][-1][0] for s, p in res["privacy"]["sites"].items()} if res["privacy"] else None),
@@ -117,31 +133,49 @@ def run_one(name: str, mode: str, extra: dict, args, stage_dir: Path) -> dict:
     return rec
 
 
+def key_region(task: str) -> str:
+    from adpfl.tasks.base import get_task
+
+    return get_task(task).key_region
+
+
 def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> Path:
-    ref = next((r["dice"] for r in rows if r["mode"] == "npfl"), None)
-    if ref is None and (out / "search" / "npfl.json").is_file():
-        ref = read_json(out / "search" / "npfl.json")["dice"]
+    npfl = next((r for r in rows if r["mode"] == "npfl"), None)
+    if npfl is None and (out / "search" / "npfl.json").is_file():
+        npfl = read_json(out / "search" / "npfl.json")
+    ref = npfl["dice"] if npfl else None
+    ref_key = npfl.get("dice_key") if npfl else None
+    unit = "image" if args.task == "skin2d" else "patient"
+    size = "x".join([str(args.image_size)] * (2 if args.task == "skin2d" else 3))
     lines = [f"# DP-SGD {stage} on the public tuning split", "",
              f"Command: `python bench/dpsgd_tune.py {' '.join(sys.argv[1:])}`", "",
              f"Machine: {machine()}; shared 2-core VM (other jobs running), `nice -n 10`. Wall time of this "
              f"invocation {wall / 60:.1f} min (finished rows of earlier invocations are reused).", "",
-             f"Data: the PUBLIC tuning split, synthetic skin2d with data seed {args.data_seed} ({args.sites} site(s), "
-             f"{args.num_train} training / {args.num_val} validation images at {args.image_size}x{args.image_size}); "
+             f"Data: the PUBLIC tuning split, synthetic {args.task} with data seed {args.data_seed} ({args.sites} "
+             f"site(s), {args.num_train} training / {args.num_val} validation {unit}s at {size}); "
              "no comparison site (data seeds 0, 1, 2) trains on it, so this tuning spends none of their budget. "
              f"{args.rounds} rounds x {args.epochs_per_round:g} epoch(s) per round for every row. Privacy: record "
-             f"level (one image), target epsilon {args.epsilon:g}, delta {args.delta:g}, enforced by the site's "
-             "ledger (Opacus RDP; PRV reported).", "",
-             "| Config | Mode | Settings | Final Dice | HD95 lesion (px) | Dice / NP-FL | Dice by round | "
-             "eps RDP / PRV per site | z | Wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"level (one {unit}), target epsilon {args.epsilon:g}, delta {args.delta:g}, enforced by the site's "
+             "ledger (Opacus RDP; PRV reported). Final Dice: mean over regions; "
+             f"key region: {key_region(args.task)}.", "",
+             f"| Config | Mode | Settings | Final Dice | Dice {key_region(args.task)} | HD95 lesion (px) | "
+             "Dice / NP-FL | "
+             f"{key_region(args.task)} / NP-FL | Dice by round | eps RDP / PRV per site | z | Wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eps = "-" if not r["epsilon"] else "; ".join(f"{s} {a:.3f} / {b:.3f}" for s, (a, b) in r["epsilon"].items())
         z = "-" if not r["z"] else ", ".join(f"{v:.3f}" for v in r["z"].values())
         ratio = f"{100 * r['dice'] / ref:.1f}%" if ref else "-"
+        dk = r.get("dice_key")
+        key_ratio = f"{100 * dk / ref_key:.1f}%" if (ref_key and dk is not None) else "-"
+        dk_s = "-" if dk is None else f"{dk:.3f}"
         curve = " ".join(f"{v:.2f}" for v in r["dice_by_round"].values())
+        if r.get("dice_key_by_round"):
+            curve += " (key: " + " ".join(f"{v:.2f}" for v in r["dice_key_by_round"].values()) + ")"
         hd95 = "-" if r["hd95"] is None else f"{r['hd95']:.2f}"
         settings = ", ".join(f"{k}={v}" for k, v in sorted(r["extra"].items()))
-        lines.append(f"| {r['name']} | {r['mode']} | {settings} | {r['dice']:.3f} | {hd95} | {ratio} | {curve} | "
+        lines.append(f"| {r['name']} | {r['mode']} | {settings} | {r['dice']:.3f} | {dk_s} | {hd95} | {ratio} | "
+                     f"{key_ratio} | {curve} | "
                      f"{eps} | {z} | {r['wall_s']:.0f} |")
     path = out / f"{stage}.md"
     path.write_text("\n".join(lines) + "\n")
@@ -157,8 +191,9 @@ def main() -> int:
     ap.add_argument("--sites", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--epochs-per-round", type=float, default=0.25)
-    ap.add_argument("--num-train", type=int, default=3300)
-    ap.add_argument("--num-val", type=int, default=330)
+    ap.add_argument("--task", choices=sorted(PRESETS["realistic"]), default="skin2d")
+    ap.add_argument("--num-train", type=int, default=None, help="default: the task's realistic preset")
+    ap.add_argument("--num-val", type=int, default=None, help="default: the task's realistic preset")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--epsilon", type=float, default=8.0, help="record-level target epsilon (one image)")
     ap.add_argument("--delta", type=float, default=1e-5)
@@ -168,14 +203,20 @@ def main() -> int:
     ap.add_argument("--base-extra", nargs="*", default=[], metavar="KEY=VALUE", help="ablation: added to --base")
     ap.add_argument("--executor", nargs="*", default=[], metavar="KEY=VALUE", help="executor settings of every row")
     ap.add_argument("--only", nargs="*", default=[], help="run only these config names")
+    ap.add_argument("--npfl-extra", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="search: settings of the NP-FL reference row (default batch 8, one round's epochs)")
     args = ap.parse_args()
+    n_train, n_val, _ = PRESETS["realistic"][args.task]
+    args.num_train = n_train if args.num_train is None else args.num_train
+    args.num_val = n_val if args.num_val is None else args.num_val
     torch.set_num_threads(1)
     out = Path(args.out).resolve()
     args.data_root = args.data_root or str(out / "data")
     stage_dir = out / args.stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     if args.stage == "search":
-        cfgs = search_configs(args.lrs, args.batches, args.num_train, args.epochs_per_round)
+        cfgs = search_configs(args.lrs, args.batches, args.num_train, args.epochs_per_round,
+                              parse_kv(args.npfl_extra))
     else:
         if not args.base:
             raise SystemExit("--stage ablation needs --base NAME (a finished search row)")
@@ -195,7 +236,8 @@ def main() -> int:
             continue
         rec = run_one(name, mode, extra, args, stage_dir)
         rows.append(rec)
-        print(f"{name}: Dice {rec['dice']:.3f}, by round {json.dumps(rec['dice_by_round'])}, "
+        print(f"{name}: Dice {rec['dice']:.3f} (key region {rec.get('dice_key')}), "
+              f"by round {json.dumps(rec['dice_by_round'])}, "
               f"eps {rec['epsilon']}, {rec['wall_s']:.0f} s", flush=True)
         write_table(args.stage, rows, args, out, time.perf_counter() - t0)
     print((out / f"{args.stage}.md").read_text())

@@ -284,3 +284,12 @@ def _check_dpsgd_run(ws):
     # the DP-SGD training loss is an un-noised statistic of the private records: never sent
     assert not any(t.startswith("train/") for t in scalars), sorted(scalars)
     assert "val_local/dice_mean" in scalars
+
+
+def test_report_names_the_record_of_each_task():
+    """A 3D task's record-level row protects one patient, a 2D task's one image (report text and plot axis)."""
+    from adpfl.experiments.report import record_unit
+
+    assert record_unit("kidney3d") == "one patient" and record_unit("brain3d") == "one patient"
+    assert record_unit("skin2d") == "one training image"
+    assert record_unit("") == "one training record"

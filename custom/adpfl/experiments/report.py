@@ -245,6 +245,16 @@ def table_columns(regions: Sequence[str], keys: Sequence[str] | None = None) -> 
     )
 
 
+def record_unit(task: str) -> str:
+    """The record of the task's record-level DP: one training image (2D) or one patient (3D)."""
+    from adpfl.tasks.base import get_task
+
+    try:
+        return "one patient" if get_task(task).spatial_dims == 3 else "one training image"
+    except (KeyError, ValueError):
+        return "one training record"
+
+
 def markdown(summary: dict, title: str = "ADP-FL comparison", task: str = "") -> str:
     regions, rows = summary["regions"], summary["rows"]
     keys = summary.get("metric_keys") or [f"dice_{g}" for g in regions] + [f"hd95_{g}" for g in regions]
@@ -252,7 +262,7 @@ def markdown(summary: dict, title: str = "ADP-FL comparison", task: str = "") ->
            + ["Rounds to 90% NP-FL", "eps RDP (max site)", "eps PRV (max site)", "Dice / NP-FL"])
     lines = [f"# {title}", "", "Mean +- std over seeds; per seed, Dice/HD95 are means over sites of the final global "
              "model's validation; epsilon is the spend of the most-spent site (site-level update DP, at the run's "
-             "delta; for DP-SGD/ADP-SGD rows: record-level DP, one training image, a different unit that is not "
+             f"delta; for DP-SGD/ADP-SGD rows: record-level DP, {record_unit(task)}, a different unit that is not "
              "comparable with, and never added to, the update-level figures).", ""]
     if task in SCORING:
         lines += ["## Scoring", ""] + [f"- {d}" for d in describe(task)] + [
@@ -301,7 +311,7 @@ def write_csv(summary: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- plots
-def plot_all(runs: Sequence[dict], summary: dict, folder: Path) -> list[str]:
+def plot_all(runs: Sequence[dict], summary: dict, folder: Path, task: str = "") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,7 +345,7 @@ def plot_all(runs: Sequence[dict], summary: dict, folder: Path) -> list[str]:
 
     # 2. frontier, one plot per privacy unit (never on one epsilon axis)
     units = [(("dpfl", "adpfl"), "target epsilon per site (site-level update DP)", "frontier.png"),
-             (RECORD_MODES, "target epsilon per site (record-level DP: one training image)", "frontier_record.png")]
+             (RECORD_MODES, f"target epsilon per site (record-level DP: {record_unit(task)})", "frontier_record.png")]
     for modes, xlabel, name in units:
         if name != "frontier.png" and not any(r["mode"] in modes for r in summary["rows"]):
             continue
@@ -424,5 +434,5 @@ def write_report(out_dir) -> dict:
     md += "\n" + "\n".join(per_site_epsilon(runs))
     (out / "report.md").write_text(md)
     write_csv(summary, out / "summary.csv")
-    plots = plot_all(runs, summary, out / "plots")
+    plots = plot_all(runs, summary, out / "plots", task=task)
     return {"markdown": str(out / "report.md"), "csv": str(out / "summary.csv"), "plots": plots, "summary": summary}
