@@ -47,7 +47,9 @@ __all__ = [
     "LinearPrior",
     "invert_with_prior",
     "mask_basis",
+    "gradient_cost",
     "public_skin_images",
+    "refine_pixels",
 ]
 
 PUBLIC_SEED = 20_240_616
@@ -218,13 +220,31 @@ def invert_with_prior(
     out = {"image": image, "cost": best_cost, "restart_costs": restart_costs, "coefficients": best_z,
            "prior_stage_image": image}
     if cfg.pixel_iterations > 0:  # second stage: free pixel residual from the prior solution
-        delta = torch.zeros_like(image, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=cfg.pixel_lr)
-        for _ in range(int(cfg.pixel_iterations)):
-            opt.zero_grad(set_to_none=True)
-            img = (image + delta).clamp(0, 1)
-            (cost_of(img) + cfg.pixel_tv * total_variation(img)).backward()
-            opt.step()
-        out["image"] = (image + delta.detach()).clamp(0, 1)
-        out["cost"] = float(cost_of(out["image"]).detach())
+        out["image"], out["cost"] = refine_pixels(cost_of, image, cfg)
     return out
+
+
+def refine_pixels(cost_of: Callable, image: torch.Tensor, cfg: LatentAttackConfig) -> tuple[torch.Tensor, float]:
+    """Pixel stage: a free residual on ``image`` (Adam, ``cfg.pixel_lr``,
+    ``cfg.pixel_iterations``) minimising ``cost_of(image + residual)`` (a gradient loss)
+    plus ``cfg.pixel_tv`` x total variation. Returns the image in [0, 1] and its cost."""
+    delta = torch.zeros_like(image, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.pixel_lr)
+    for _ in range(int(cfg.pixel_iterations)):
+        opt.zero_grad(set_to_none=True)
+        img = (image + delta).clamp(0, 1)
+        (cost_of(img) + cfg.pixel_tv * total_variation(img)).backward()
+        opt.step()
+    final = (image + delta.detach()).clamp(0, 1)
+    return final, float(cost_of(final).detach())
+
+
+def gradient_cost(model: nn.Module, target_grads: Sequence[torch.Tensor], label: torch.Tensor,
+                  loss_fn: Callable | None = None, layerwise: bool = True) -> Callable:
+    """``image -> layer-wise (or whole) 1 - cos`` against ``target_grads`` (all coordinates
+    observed), for :func:`refine_pixels` started anywhere (e.g. an oracle start)."""
+    loss_fn = loss_fn or default_loss()
+    tgt = [t.detach() for t in target_grads]
+    tgt_norm = torch.sqrt(sum((t * t).sum() for t in tgt)).clamp_min(1e-12)
+    masks = [None] * len(tgt)
+    return lambda img: _cosine_cost(model, loss_fn, img, label, tgt, tgt_norm, masks, layerwise)
