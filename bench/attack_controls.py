@@ -33,6 +33,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def setup(script: str, argv, public: int, size: int, n: int):
+    """Shared start of the attack benches: the result header (printed), the start time, the
+    prior fitted on ``public`` public images, their mean colour, and site cases 0..n-1 with
+    their masks and noise-free versions."""
+    from _machine import run_header
+    from adpfl.evaluation.image_prior import LinearPrior, public_skin_images
+    from attack_eval import _cases
+
+    header = run_header(script, argv)
+    print(header, flush=True)
+    t_all = time.perf_counter()
+    P, PM = public_skin_images(public, size)
+    X, Y = _cases(size, n)
+    return (header, t_all, LinearPrior.fit(P, PM), P.mean(dim=(0, 2, 3), keepdim=True), X, Y,
+            _cases(size, n, clean=True)[0])
+
+
 def normalised_gain(ssim: float, base: float, ceiling: float) -> float:
     return (ssim - base) / max(ceiling - base, 1e-3)
 
@@ -65,20 +82,12 @@ def main(argv=None) -> int:
         _write(Path(a.out), rows, None, text[0], float(wall.split()[1]) * 60,
                [k for k in rows[0] if isinstance(rows[0][k], dict) and k != "prior"])
         return 0
-    from _machine import run_header
     from adpfl.evaluation.attack import default_loss, image_metrics, model_gradient
-    from adpfl.evaluation.image_prior import LatentAttackConfig, LinearPrior, invert_with_prior, public_skin_images
+    from adpfl.evaluation.image_prior import LatentAttackConfig, invert_with_prior
     from adpfl.tasks.base import get_task
     from attack_eval import _cases
 
-    header = run_header("attack_controls.py", argv)
-    print(header, flush=True)
-    t_all = time.perf_counter()
-    P, PM = public_skin_images(a.public, a.size)
-    prior = LinearPrior.fit(P, PM)
-    mean = P.mean(dim=(0, 2, 3), keepdim=True)
-    X, Y = _cases(a.size, a.images)
-    C, _ = _cases(a.size, a.images, clean=True)
+    header, t_all, prior, mean, X, Y, C = setup("attack_controls.py", argv, a.public, a.size, a.images)
     U, _ = _cases(a.size, a.images, first=100)
     cfg = LatentAttackConfig(restarts=a.restarts, latent_iterations=a.iterations,
                              pixel_iterations=a.pixel_iterations, pixel_tv=a.pixel_tv)
@@ -213,7 +222,8 @@ def _write(out: Path, rows, grid, header: str, wall: float, names) -> None:
                   + "; ".join(f"image {r['image']}: {r['attack']['prior_stage']['psnr']:.2f} / "
                               f"{r['attack']['prior_stage']['ssim']:.3f}" for r in rows)]
     if margins:
-        lines += ["", "Margin distribution over the images (attack minus the best no-signal estimate: prior only, pure noise, unrelated image):"]
+        lines += ["", "Margin distribution over the images (attack minus the best no-signal estimate: "
+                  "prior only, pure noise, unrelated image):"]
         for k, name in enumerate(("PSNR (dB)", "SSIM", "normalised SSIM gain")):
             v = [m[k] for m in margins]
             lines.append(f"- {name}: min {min(v):+.3f}, median {statistics.median(v):+.3f}, max {max(v):+.3f}; "

@@ -40,27 +40,20 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=80)
     ap.add_argument("--restarts", type=int, default=1)
     ap.add_argument("--public", type=int, default=200)
-    ap.add_argument("--rows", choices=("nodp", "dp", "all"), default="all")
+    ap.add_argument("--rows", choices=("nodp", "dp-update", "dp-record", "all"), default="all",
+                    help="nodp: no DP + pure-noise control; dp-update: DP-FL/ADP-FL; dp-record: DP-SGD/ADP-SGD")
     ap.add_argument("--out", default="docs/results/attack_eval/fedavg128")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    from _machine import run_header
     from adpfl.evaluation.attack import image_metrics, release_update
     from adpfl.evaluation.fedavg_attack import local_update, simulated_update
-    from adpfl.evaluation.image_prior import LatentAttackConfig, LinearPrior, invert_with_prior, public_skin_images
+    from adpfl.evaluation.image_prior import LatentAttackConfig, invert_with_prior
     from adpfl.tasks.base import get_task
-    from attack_controls import normalised_gain
-    from attack_eval import _cases, job_default_settings
+    from attack_controls import normalised_gain, setup
+    from attack_eval import job_default_settings
 
-    header = run_header("attack_fedavg.py", argv)
-    print(header, flush=True)
-    t_all = time.perf_counter()
-    P, PM = public_skin_images(a.public, a.size)
-    prior = LinearPrior.fit(P, PM)
-    mean = P.mean(dim=(0, 2, 3), keepdim=True)
-    X, Y = _cases(a.size, a.batch)
-    C, _ = _cases(a.size, a.batch, clean=True)
+    header, t_all, prior, mean, X, Y, C = setup("attack_fedavg.py", argv, a.public, a.size, a.batch)
     torch.manual_seed(0)
     net = get_task("skin2d").build_network().eval()
 
@@ -73,23 +66,27 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(7)
     settings.append(("control: pure noise", "none (no signal)", {"epsilon": 0.0},
                      [torch.randn(u.shape, generator=gen) for u in clear], [None] * len(clear)))
-    if a.rows == "dp":
+    if a.rows.startswith("dp"):
         settings = []
     if a.rows != "nodp":
         for j, (name, mode, priv, unit) in enumerate(job_default_settings()):
+            if a.rows != "all" and (mode == "dpsgd") != (a.rows == "dp-record"):
+                continue
             if mode in ("dpfl", "adpfl"):
                 rel, masks, info = release_update(net, clear, priv, seed=41 + j)
                 settings.append((name, unit, info, rel, masks))
             elif mode == "dpsgd":
-                upd = local_update(net, X, Y, a.steps, a.lr, "adam", a.batch, dpsgd=priv, seed=51 + j)
-                eps = priv.get("accounted_epsilon")
-                if eps is None:
-                    from adpfl.privacy.record import opacus_rdp_epsilon
+                from adpfl.privacy.record import opacus_rdp_epsilon
 
-                    eps = opacus_rdp_epsilon([(priv["noise_multiplier"], priv["sample_rate"], priv["steps"])],
-                                             priv["delta"])
-                settings.append((name, unit, dict(epsilon=eps, delta=priv["delta"], noise_multiplier=priv[
-                    "noise_multiplier"]), upd, [None] * len(upd)))
+                upd = local_update(net, X, Y, a.steps, a.lr, "adam", a.batch, dpsgd=priv, seed=51 + j)
+                z = priv["noise_multiplier"]
+                eps = priv.get("accounted_epsilon") or opacus_rdp_epsilon([(z, priv["sample_rate"], priv["steps"])],
+                                                                          priv["delta"])
+                # these simulated steps alone (every image in every step, q = 1): their own epsilon
+                own = opacus_rdp_epsilon([(z, 1.0, a.steps)], priv["delta"])
+                unit = f"{unit}; these {a.steps} steps alone at q=1: eps {own:.3g}"
+                settings.append((name, unit, dict(epsilon=eps, delta=priv["delta"], noise_multiplier=z), upd,
+                                 [None] * len(upd)))
     base = image_metrics(mean.expand_as(X), X)["ssim"]
     ceiling = image_metrics(C, X)["ssim"]
     guess = image_metrics(prior.prior_guess(Y), X)
