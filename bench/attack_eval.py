@@ -34,12 +34,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _cases(size: int, n: int):
+def _cases(size: int, n: int, clean: bool = False, first: int = 0):
+    """Site-style cases ``first .. first+n-1`` (``default_rng(i)``, site shift ``i``); ``clean``:
+    the same cases without their sensor noise (the generator draws the noise last, so
+    ``noise_sigma = 0`` leaves every other draw, and the image, unchanged)."""
     from adpfl.data.synthetic_skin import make_skin_case, skin_domain_shift
 
     xs, ys = [], []
-    for i in range(n):
-        img, mask = make_skin_case(np.random.default_rng(i), (size, size), skin_domain_shift(i))
+    for i in range(first, first + n):
+        shift = dict(skin_domain_shift(i), **({"noise_sigma": 0.0} if clean else {}))
+        img, mask = make_skin_case(np.random.default_rng(i), (size, size), shift)
         xs.append(torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255)
         ys.append(torch.from_numpy(mask > 127)[None, None].float())
     return torch.cat(xs), torch.cat(ys)

@@ -124,7 +124,10 @@ def test_mask_basis_fit_recovers_coefficients():
 
 # The prior-based attack (adpfl.evaluation.image_prior) on the real UNet's clear gradient:
 # at the task size (128x128) it recovers the image's colours beyond what the prior guesses from the mask
-# alone (docs/privacy-evaluation.md section 2.3). Fails if the attack stops leaking.
+# alone (docs/privacy-evaluation.md section 2.3). Image 1: there every no-signal estimate measured by
+# bench/attack_controls.py (the prior's guess 14.85 dB, the attack on a pure-noise target 9.73 dB, on an
+# unrelated image's gradient 12.90 dB) stays >= 8 dB below the attack; on image 0 a pure-noise target
+# happened to reach 25.7 dB, so image 0 cannot show leakage. Fails if the attack stops leaking.
 PRIOR_ATTACK_SIZE = 128
 
 
@@ -134,7 +137,7 @@ def test_prior_attack_leaks_beyond_the_prior_on_the_real_unet():
     from adpfl.tasks.base import get_task
 
     s = PRIOR_ATTACK_SIZE
-    img, mask = make_skin_case(np.random.default_rng(0), (s, s), skin_domain_shift(0))
+    img, mask = make_skin_case(np.random.default_rng(1), (s, s), skin_domain_shift(1))
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
     y = torch.from_numpy(mask > 127)[None, None].float()
     pub, pub_masks = public_skin_images(100, s)
@@ -145,5 +148,28 @@ def test_prior_attack_leaks_beyond_the_prior_on_the_real_unet():
     out = invert_with_prior(net, prior, grads, y, config=LatentAttackConfig(restarts=1, latent_iterations=60))
     m = image_metrics(out["image"], x, pub.mean(dim=(0, 2, 3), keepdim=True))
     guess = image_metrics(prior.prior_guess(y), x)
-    assert m["psnr"] >= guess["psnr"] + 3.0, (m, guess)
-    assert m["ssim"] >= guess["ssim"] and m["psnr"] > m["psnr_baseline"] + 3.0, (m, guess)
+    assert m["psnr"] >= guess["psnr"] + 5.0, (m, guess)
+    assert m["ssim"] >= guess["ssim"] and m["psnr"] > m["psnr_baseline"] + 5.0, (m, guess)
+
+
+def test_fedavg_replay_matches_the_site_update():
+    """The attacker's differentiable replay of E local steps (adpfl.evaluation.fedavg_attack)
+    reproduces the site's real Adam/SGD update, and carries a gradient back to the images."""
+    import torch.nn.functional as F
+
+    from adpfl.evaluation.fedavg_attack import local_update, simulated_update
+
+    x, y = torch.rand(4, 3, 16, 16), (torch.rand(4, 1, 16, 16) > 0.5).float()
+    net = _net().eval()
+    for opt, lr in (("adam", 1e-3), ("sgd", 0.1)):
+        site = torch.cat([u.flatten() for u in local_update(net, x, y, 3, lr, opt, batch_size=2)])
+        xs = x.clone().requires_grad_(True)
+        sim = torch.cat([u.flatten() for u in simulated_update(net, xs, y, 3, lr, opt, batch_size=2)])
+        assert float(F.cosine_similarity(site, sim.detach(), dim=0)) > 0.999, opt
+        sim.square().sum().backward()
+        assert xs.grad is not None and float(xs.grad.abs().sum()) > 0
+    noisy = local_update(net, x, y, 2, 1e-3, dpsgd={"noise_multiplier": 1.0, "max_grad_norm": 1.0}, seed=0)
+    again = local_update(net, x, y, 2, 1e-3, dpsgd={"noise_multiplier": 1.0, "max_grad_norm": 1.0}, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(noisy, again))
+    with pytest.raises(ValueError, match="optimizer"):
+        local_update(net, x, y, 1, 1e-3, optimizer="lbfgs")

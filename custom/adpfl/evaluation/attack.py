@@ -43,7 +43,9 @@ __all__ = [
     "invert_gradient",
     "mask_painted_baseline",
     "model_gradient",
+    "noisy_clipped_sum",
     "observed_gradient",
+    "release_update",
     "small_attack_net",
     "total_variation",
 ]
@@ -219,6 +221,52 @@ class AttackResult:
     attack_cost: float = float("nan")
 
 
+def noisy_clipped_sum(model: torch.nn.Module, loss_fn: Callable, images: torch.Tensor, labels: torch.Tensor,
+                      z: float, c: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """One DP-SGD step's gradient sum as Opacus forms it: every sample's gradient clipped
+    to flat L2 norm ``c``, summed, plus ``N(0, (z c)^2)`` per coordinate (``gen``)."""
+    summed = None
+    for i in range(images.shape[0]):
+        gi = [g.detach() for g in model_gradient(model, loss_fn, images[i:i + 1], labels[i:i + 1])]
+        factor = min(1.0, c / (float(torch.sqrt(sum((g * g).sum() for g in gi))) + 1e-6))
+        summed = [g * factor for g in gi] if summed is None else [s_ + g * factor for s_, g in zip(summed, gi)]
+    return [g + torch.randn(g.shape, generator=gen, dtype=g.dtype) * (z * c) for g in summed]
+
+
+def release_update(
+    model: torch.nn.Module, update: Sequence[torch.Tensor], privacy: Any, seed: int | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], dict[str, Any]]:
+    """``update`` (one tensor per trainable parameter of ``model``, e.g. ``w_local - w_global``)
+    through ``PrivacyPipeline(privacy).release`` (a :class:`PrivacyConfig` or its dict), as
+    the site's result filter releases it in round 0 (``topk_public`` scores: the absolute
+    global weights). Returns the released tensors, the kept-coordinate masks (None for a
+    dense release) and the release's privacy info (update-level epsilon of this release)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    cfg = privacy if isinstance(privacy, PrivacyConfig) else PrivacyConfig.from_dict(dict(privacy))
+    pipe = PrivacyPipeline(cfg, PrivacyLedger(delta=cfg.delta),
+                           generator_factory=None if seed is None else seeded_generators(seed))
+    scores = {n: p.detach().abs() for n, p in named} if cfg.mask_policy == "topk_public" else None
+    released, meta = pipe.release({n: u.detach() for (n, _), u in zip(named, update)}, round_index=0,
+                                  public_scores=scores)
+    out = [released[n].to(u.dtype) for (n, _), u in zip(named, update)]
+    masks: list[torch.Tensor | None] = [None] * len(out)
+    sizes = [u.numel() for u in update]
+    if pipe.last_indices is not None and pipe.last_indices.numel() < sum(sizes):
+        flat = torch.zeros(sum(sizes), dtype=torch.bool)
+        flat[pipe.last_indices.cpu()] = True
+        masks = [m.reshape(u.shape) for m, u in zip(torch.split(flat, sizes), update)]
+    info = dict(
+        epsilon=float(meta.get("epsilon_rdp", float("nan"))),
+        unit="update-level DP: the site's whole update of this round (replace-one, sensitivity 2C)",
+        noise_multiplier=float(meta.get("noise_multiplier", float("nan"))),
+        noise_std=float(meta.get("noise_std", float("nan"))),
+        clip_norm=float(meta.get("clip_norm", float("nan"))),
+        keep_fraction=float(cfg.keep_fraction),
+        delta=cfg.delta,
+    )
+    return out, masks, info
+
+
 def observed_gradient(
     model: torch.nn.Module,
     image: torch.Tensor,
@@ -250,7 +298,6 @@ def observed_gradient(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     loss_fn = loss_fn or default_loss()
     model.eval()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     grads = [g.detach() for g in model_gradient(model, loss_fn, image, label)]
     masks: list[torch.Tensor | None] = [None] * len(grads)
     info: dict[str, Any] = {"mode": mode}
@@ -258,38 +305,14 @@ def observed_gradient(
         info.update(epsilon=float("inf"), unit="none (no privacy)")
         return grads, masks, info
     if mode in ("dpfl", "adpfl"):
-        cfg = privacy if isinstance(privacy, PrivacyConfig) else PrivacyConfig.from_dict(dict(privacy))
-        pipe = PrivacyPipeline(cfg, PrivacyLedger(delta=cfg.delta),
-                               generator_factory=None if seed is None else seeded_generators(seed))
-        update = {n: -lr * g for (n, _), g in zip(named, grads)}
-        scores = {n: p.detach().abs() for n, p in named} if cfg.mask_policy == "topk_public" else None
-        released, meta = pipe.release(update, round_index=0, public_scores=scores)
-        out = [-released[n].to(g.dtype) / lr for (n, _), g in zip(named, grads)]
-        if pipe.last_indices is not None and pipe.last_indices.numel() < sum(g.numel() for g in grads):
-            flat = torch.zeros(sum(g.numel() for g in grads), dtype=torch.bool)
-            flat[pipe.last_indices.cpu()] = True
-            masks = [m.reshape(g.shape) for m, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)]
-        info.update(
-            epsilon=float(meta.get("epsilon_rdp", float("nan"))),
-            unit="update-level DP: the site's whole update of this round (replace-one, sensitivity 2C)",
-            noise_multiplier=float(meta.get("noise_multiplier", float("nan"))),
-            noise_std=float(meta.get("noise_std", float("nan"))),
-            clip_norm=float(meta.get("clip_norm", float("nan"))),
-            keep_fraction=float(cfg.keep_fraction),
-            delta=cfg.delta,
-        )
-        return out, masks, info
+        released, masks, rinfo = release_update(model, [-lr * g for g in grads], privacy, seed)
+        info.update(rinfo)
+        return [-r / lr for r in released], masks, info
     # dpsgd
     p = dict(privacy or {})
     z, c = float(p["noise_multiplier"]), float(p["max_grad_norm"])
     q, steps, delta = float(p.get("sample_rate", 1.0)), int(p.get("steps", 1)), float(p.get("delta", 1e-5))
-    summed = [torch.zeros_like(g) for g in grads]
-    for i in range(image.shape[0]):
-        gi = [g.detach() for g in model_gradient(model, loss_fn, image[i:i + 1], label[i:i + 1])]
-        factor = min(1.0, c / (float(torch.sqrt(sum((g * g).sum() for g in gi))) + 1e-6))
-        summed = [s_ + g * factor for s_, g in zip(summed, gi)]
-    gen = make_generator("cpu", seed)
-    out = [g + torch.randn(g.shape, generator=gen, dtype=g.dtype) * (z * c) for g in summed]
+    out = noisy_clipped_sum(model, loss_fn, image, label, z, c, make_generator("cpu", seed))
     from adpfl.privacy.record import opacus_rdp_epsilon
 
     info.update(

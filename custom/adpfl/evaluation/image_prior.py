@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adpfl.evaluation.attack import default_loss, model_gradient
+from adpfl.evaluation.attack import default_loss, model_gradient, total_variation
 
 __all__ = [
     "PUBLIC_SEED",
@@ -47,7 +47,9 @@ __all__ = [
     "LinearPrior",
     "invert_with_prior",
     "mask_basis",
+    "gradient_cost",
     "public_skin_images",
+    "refine_pixels",
 ]
 
 PUBLIC_SEED = 20_240_616
@@ -135,8 +137,13 @@ class LatentAttackConfig:
     prior mean, the others drawn from it), each ``latent_iterations`` of Adam on the
     ``1 - cos`` gradient loss (``layerwise``: see :func:`_cosine_cost`) plus
     ``latent_weight * mean(u^2)``; the best start by gradient loss wins. (A pixel-level
-    refinement after this stage lowered the gradient loss but fell into the texture minima:
-    SSIM 0.73 -> 0.39; not kept.)"""
+    refinement after this stage lowered the gradient loss but fell into the texture minima at
+    32x32: SSIM 0.73 -> 0.39.) ``pixel_iterations`` > 0 adds that second stage for
+    ablations: a free pixel residual on the best prior solution (Adam, ``pixel_lr``), the same
+    gradient loss plus ``pixel_tv`` x total variation; off by default.
+    ``observe`` (optional) replaces the one-step gradient by another differentiable map
+    ``(images, labels) -> list of tensors`` (e.g. a simulated multi-step local update,
+    :mod:`adpfl.evaluation.fedavg_attack`); the targets must have its shapes."""
 
     restarts: int = 2
     latent_iterations: int = 200
@@ -144,14 +151,19 @@ class LatentAttackConfig:
     latent_weight: float = 1e-3
     layerwise: bool = True
     seed: int = 0
+    pixel_iterations: int = 0
+    pixel_lr: float = 0.003
+    pixel_tv: float = 1e-3
+    observe: Callable | None = None
 
 
-def _cosine_cost(model, loss_fn, img, label, tgt, tgt_norm, masks, layerwise=False):
-    """``1 - cos`` between the dummy's gradient and the target: over the whole flattened
-    gradient, or (``layerwise``) averaged over the parameter tensors with at least 64
-    observed entries, each weighted equally (the UNet's final 2-channel convolution holds
-    ~40 % of the gradient norm and is set by the mask alone; scalars flip sign)."""
-    grads = model_gradient(model, loss_fn, img, label, create_graph=True)
+def _cosine_cost(model, loss_fn, img, label, tgt, tgt_norm, masks, layerwise=False, observe=None):
+    """``1 - cos`` between the dummy's gradient (or ``observe(img, label)``) and the target:
+    over the whole flattened gradient, or (``layerwise``) averaged over the parameter tensors
+    with at least 64 observed entries, each weighted equally (the UNet's final 2-channel
+    convolution holds ~40 % of the gradient norm and is set by the mask alone; scalars flip sign)."""
+    grads = (observe(img, label) if observe is not None
+             else model_gradient(model, loss_fn, img, label, create_graph=True))
     if layerwise:
         costs = [1.0 - F.cosine_similarity((g if m is None else g[m]).flatten(), t.flatten(), dim=0, eps=1e-12)
                  for g, t, m in zip(grads, tgt, masks) if t.numel() >= 64]
@@ -176,7 +188,8 @@ def invert_with_prior(
     """Reconstruct the batch whose label masks ``label`` (B, 1, H, W) are known from the
     observed gradient ``target_grads`` (``masks``: observed coordinates of a sparse
     release, None for all). Returns ``image`` (B, C, H, W) in [0, 1], its gradient loss
-    ``cost``, every start's ``restart_costs`` and the whitened ``coefficients``."""
+    ``cost``, every start's ``restart_costs``, the whitened ``coefficients`` and
+    ``prior_stage_image`` (the image before the optional pixel stage)."""
     cfg = config or LatentAttackConfig()
     loss_fn = loss_fn or default_loss()
     model.eval()
@@ -188,19 +201,50 @@ def invert_with_prior(
     n = label.shape[0]
     basis = mask_basis(label)
     best_z, best_cost, restart_costs = None, math.inf, []
+    def cost_of(img):
+        return _cosine_cost(model, loss_fn, img, label, tgt, tgt_norm, masks, cfg.layerwise, cfg.observe)
+
     for r in range(max(1, int(cfg.restarts))):
         z0 = torch.zeros(n, prior.dim) if r == 0 else torch.randn(n, prior.dim, generator=gen)
         z = z0.requires_grad_(True)
         opt = torch.optim.Adam([z], lr=cfg.latent_lr)
         for _ in range(int(cfg.latent_iterations)):
             opt.zero_grad(set_to_none=True)
-            cost = _cosine_cost(model, loss_fn, prior.decode(z, basis), label, tgt, tgt_norm, masks, cfg.layerwise)
-            (cost + cfg.latent_weight * (z * z).mean()).backward()
+            (cost_of(prior.decode(z, basis)) + cfg.latent_weight * (z * z).mean()).backward()
             opt.step()
-        final = float(_cosine_cost(model, loss_fn, prior.decode(z, basis), label, tgt, tgt_norm, masks,
-                                   cfg.layerwise).detach())
+        final = float(cost_of(prior.decode(z, basis)).detach())
         restart_costs.append(final)
         if final < best_cost:
             best_z, best_cost = z.detach().clone(), final
-    return {"image": prior.decode(best_z, basis).detach(), "cost": best_cost, "restart_costs": restart_costs,
-            "coefficients": best_z}
+    image = prior.decode(best_z, basis).detach()
+    out = {"image": image, "cost": best_cost, "restart_costs": restart_costs, "coefficients": best_z,
+           "prior_stage_image": image}
+    if cfg.pixel_iterations > 0:  # second stage: free pixel residual from the prior solution
+        out["image"], out["cost"] = refine_pixels(cost_of, image, cfg)
+    return out
+
+
+def refine_pixels(cost_of: Callable, image: torch.Tensor, cfg: LatentAttackConfig) -> tuple[torch.Tensor, float]:
+    """Pixel stage: a free residual on ``image`` (Adam, ``cfg.pixel_lr``,
+    ``cfg.pixel_iterations``) minimising ``cost_of(image + residual)`` (a gradient loss)
+    plus ``cfg.pixel_tv`` x total variation. Returns the image in [0, 1] and its cost."""
+    delta = torch.zeros_like(image, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.pixel_lr)
+    for _ in range(int(cfg.pixel_iterations)):
+        opt.zero_grad(set_to_none=True)
+        img = (image + delta).clamp(0, 1)
+        (cost_of(img) + cfg.pixel_tv * total_variation(img)).backward()
+        opt.step()
+    final = (image + delta.detach()).clamp(0, 1)
+    return final, float(cost_of(final).detach())
+
+
+def gradient_cost(model: nn.Module, target_grads: Sequence[torch.Tensor], label: torch.Tensor,
+                  loss_fn: Callable | None = None, layerwise: bool = True) -> Callable:
+    """``image -> layer-wise (or whole) 1 - cos`` against ``target_grads`` (all coordinates
+    observed), for :func:`refine_pixels` started anywhere (e.g. an oracle start)."""
+    loss_fn = loss_fn or default_loss()
+    tgt = [t.detach() for t in target_grads]
+    tgt_norm = torch.sqrt(sum((t * t).sum() for t in tgt)).clamp_min(1e-12)
+    masks = [None] * len(tgt)
+    return lambda img: _cosine_cost(model, loss_fn, img, label, tgt, tgt_norm, masks, layerwise)
