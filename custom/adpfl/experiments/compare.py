@@ -391,8 +391,9 @@ def add_compare_parsers(sub) -> None:
                         "(e.g. batch_size=256 dpsgd_physical_batch_size=64 learning_rate=0.003)")
     c.add_argument("--poll", type=float, default=2.0, help="seconds between progress polls")
     c.add_argument("--inprocess", action="store_true",
-                   help="run NP-FL and the record-level modes as an in-process FedAvg over the same SiteSession, "
-                        "job settings and aggregation rule (no simulator; see adpfl.experiments.inprocess)")
+                   help="run every mode as an in-process FedAvg over the same SiteSession, job settings, "
+                        "update-level privacy pipeline and server accounting, and aggregation rule (no simulator; "
+                        "see adpfl.experiments.inprocess)")
     c.set_defaults(func=_compare_entry)
 
     r = sub.add_parser("report", help="regenerate a comparison's report from its run.json files")
