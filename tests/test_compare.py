@@ -259,6 +259,23 @@ def test_inprocess_update_level_run_filters_enforces_and_recomputes(tmp_path):
     assert [r["round"] for r in once["refused"]] == [1] or once["stopped_early"]
 
 
+def test_paper_configuration_is_a_grid_variant_of_adpfl():
+    """adpfl_paper runs the ADP-FL job with Laplace noise scaled to the adaptive percentile
+    clip; its initial L1 clip comes from the job's L2 clip and the network's public size."""
+    from adpfl.experiments.compare import variant_privacy
+    from adpfl.modes import job_mode
+
+    runs = plan_runs([0], [1e5], [], ["adpfl", "adpfl_paper"])
+    assert [r["run_id"] for r in runs] == ["adpfl_eps100000_seed0", "adpfl_paper_eps100000_seed0"]
+    assert job_mode("adpfl_paper") == "adpfl" and job_mode("dpfl") == "dpfl"
+    ov = run_overrides(runs[1], 2, {}, 1e-5)
+    extra = variant_privacy("adpfl_paper", "skin2d", ov)
+    k = round(0.5 * 402181)  # the job's keep_fraction x the standard skin2d network's coordinates
+    assert extra["noise_type"] == "laplace" and extra["clip_norm"] == pytest.approx(2.0 * math.sqrt(2 * k / math.pi),
+                                                                                    abs=1e-3)
+    assert variant_privacy("adpfl", "skin2d", ov) == {}
+
+
 @pytest.mark.integration
 def test_compare_tiny_end_to_end_and_resume(tmp_path):
     out = tmp_path / "cmp"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from adpfl.modes import RECORD_MODES
+from adpfl.modes import RECORD_MODES, job_mode
 
 #: the update-level modes (the FLARE result filter's pipeline; adpfl.experiments.inprocess_update)
 UPDATE_MODES = ("dpfl", "adpfl")
@@ -53,7 +53,7 @@ def run_inprocess(spec: dict, task: str, rounds: int, sites: int, overrides: dic
     from adpfl.tasks.network import TaskNetwork
     from adpfl.training.site import SiteSession
 
-    mode = spec["mode"]
+    mode = job_mode(spec["mode"])
     if mode not in ("npfl",) + UPDATE_MODES + RECORD_MODES:
         raise ValueError(f"--inprocess runs npfl, {UPDATE_MODES} and {RECORD_MODES}, not {mode}")
     settings = job_settings(task, mode, **overrides)
