@@ -260,7 +260,8 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: list[fl
     env = simulator_env(threads, {"ADPFL_DATA_ROOT": str(out / "data" / f"seed{spec['seed']}")})
     env.pop("ADPFL_LEDGER_DIR", None)  # each run's ledgers live in its own workspace
     cmd = [sys.executable, "-m", "adpfl.flare.recipe", "--env", "sim", "--task", args.task,
-           "--mode", job_mode(spec["mode"]), "-w", str(ws), "-n", str(args.sites), "-t", str(threads), "--overrides", str(rdir / "overrides.json"),
+           "--mode", job_mode(spec["mode"]), "-w", str(ws), "-n", str(args.sites), "-t", str(threads),
+           "--overrides", str(rdir / "overrides.json"),
            "--no-summary"]
     t0 = time.perf_counter()
     last_round = None
