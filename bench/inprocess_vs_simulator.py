@@ -38,7 +38,8 @@ def compare(sim_folder: str, inproc_folder: str) -> list[str]:
     sim, inp = _by_key(sim_folder), _by_key(inproc_folder)
     keys = sorted(set(sim) & set(inp))
     lines = ["| mode | seed | Dice simulator | Dice in-process | in-process - simulator | eps per site, simulator "
-             "| eps per site, in-process | unit, delta |", "|---|---|---|---|---|---|---|---|"]
+             "| eps per site, in-process | max abs eps difference | unit, delta |",
+             "|---|---|---|---|---|---|---|---|---|"]
     summary = []
     for mode in sorted({m for m, _ in keys}):
         seeds = [s for m, s in keys if m == mode]
@@ -52,7 +53,10 @@ def compare(sim_folder: str, inproc_folder: str) -> list[str]:
             unit = "-" if not priv else f"{priv.get('unit') or 'update'}, {priv.get('delta')}"
             ea, eb = _eps(a), _eps(b)
             fmt = lambda e: " / ".join(f"{v:.6g}" for v in e.values()) or "-"  # noqa: E731
-            lines.append(f"| {mode} | {seed} | {x:.4f} | {y:.4f} | {y - x:+.4f} | {fmt(ea)} | {fmt(eb)} | {unit} |")
+            gap = max((abs(ea[k] - eb[k]) for k in ea if k in eb), default=None) if set(ea) == set(eb) else None
+            gap = "-" if gap is None else f"{gap:.3g}"
+            lines.append(f"| {mode} | {seed} | {x:.4f} | {y:.4f} | {y - x:+.4f} | {fmt(ea)} | {fmt(eb)} | {gap} "
+                         f"| {unit} |")
         if len(seeds) > 1:
             diff = statistics.mean(di) - statistics.mean(ds)
             summary.append(f"{mode}: mean Dice simulator {statistics.mean(ds):.4f} (std over seeds "
