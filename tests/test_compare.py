@@ -218,6 +218,64 @@ def test_inprocess_record_run_starts_from_the_jobs_network(tmp_path):
     assert 0.0 <= res["final"]["site-1"]["dice_mean"] <= 1.0 and "0" in res["curves"]["site-1"]["dice_mean"]
 
 
+def test_inprocess_update_level_run_filters_enforces_and_recomputes(tmp_path):
+    """Two tiny in-process ADP-FL rounds at 2 sites: every difference goes through the
+    filter's pipeline (sparsify -> adaptive clip -> noise) with the site's own ledger on
+    disk, the server recomputes each site's epsilon from the releases' metadata (site-level
+    update DP), and a budget that affords one round makes the widget's rule stop the run."""
+    import torch
+
+    from adpfl.experiments.inprocess import run_inprocess
+    from adpfl.privacy.ledger import PrivacyLedger
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tiny = {"num_train": 4, "num_val": 2, "image_size": 32, "batch_size": 4, "local_epochs": 1, "hd95": False}
+    try:
+        spec = {"mode": "adpfl", "seed": 0, "epsilon": 1e5, "run_id": "adpfl_eps100000_seed0"}
+        res = run_inprocess(spec, "skin2d", 2, 2, run_overrides(spec, 2, tiny, 1e-5), tmp_path / "data",
+                            tmp_path / "run")
+        # DP-FL at a budget of about one round's cost: the site's ledger refuses the second release
+        one = {"mode": "dpfl", "seed": 0, "epsilon": 1e5, "run_id": "dpfl_once"}
+        ov = run_overrides(one, 2, tiny, 1e-5)
+        ov["privacy"] = {"target_epsilon": 6.0, "delta": 1e-5, "noise_multiplier": 1.0}
+        res_once = run_inprocess(one, "skin2d", 2, 1, ov, tmp_path / "data", tmp_path / "run_once")
+    finally:
+        torch.set_num_threads(threads)
+    priv = res["privacy"]
+    assert priv["unit"] == "update" and priv["delta"] == 1e-5 and not priv["rejected_contributions"]
+    for site in ("site-1", "site-2"):
+        info = priv["sites"][site]
+        assert info["releases"] == 2 and [e["round"] for e in info["per_round"]] == [0, 1]
+        own = PrivacyLedger.load(str(tmp_path / "run" / "ledgers" / site / "skin2d.json"))
+        assert len(own.entries) == 2  # the site's own ledger on disk
+        assert info["epsilon_rdp"] == pytest.approx(own.epsilon("rdp"), rel=1e-9) == info["site_ledger_epsilon_rdp"]
+        assert 0 < info["epsilon_rdp"] <= 1e5
+        assert info["per_round"][0]["noise_multiplier"] != info["per_round"][1]["noise_multiplier"]  # adaptive
+    assert 0.0 <= res["final"]["site-1"]["dice_mean"] <= 1.0
+    once = res_once["privacy"]
+    # z = 1: one release costs 4.73 at delta 1e-5 (RDP), a second 7.08 > 6: the widget stops the run
+    assert once["sites"]["site-1"]["releases"] == 1
+    assert [r["round"] for r in once["refused"]] == [1] or once["stopped_early"]
+
+
+def test_paper_configuration_is_a_grid_variant_of_adpfl():
+    """adpfl_paper runs the ADP-FL job with Laplace noise scaled to the adaptive percentile
+    clip; its initial L1 clip comes from the job's L2 clip and the network's public size."""
+    from adpfl.experiments.compare import variant_privacy
+    from adpfl.modes import job_mode
+
+    runs = plan_runs([0], [1e5], [], ["adpfl", "adpfl_paper"])
+    assert [r["run_id"] for r in runs] == ["adpfl_eps100000_seed0", "adpfl_paper_eps100000_seed0"]
+    assert job_mode("adpfl_paper") == "adpfl" and job_mode("dpfl") == "dpfl"
+    ov = run_overrides(runs[1], 2, {}, 1e-5)
+    extra = variant_privacy("adpfl_paper", "skin2d", ov)
+    k = round(0.5 * 402181)  # the job's keep_fraction x the standard skin2d network's coordinates
+    assert extra["noise_type"] == "laplace" and extra["clip_norm"] == pytest.approx(2.0 * math.sqrt(2 * k / math.pi),
+                                                                                    abs=1e-3)
+    assert variant_privacy("adpfl", "skin2d", ov) == {}
+
+
 @pytest.mark.integration
 def test_compare_tiny_end_to_end_and_resume(tmp_path):
     out = tmp_path / "cmp"

@@ -252,3 +252,17 @@ def test_site_cap_applies_when_the_job_sets_no_budget(tmp_path):
     assert all(c != ReturnCode.OK and _has_no_model_data(o) for c, o in zip(codes[4:], outs[4:]))
     ledger = json.loads((tmp_path / "site-1" / "privacy_ledger.json").read_text())
     assert ledger["target_epsilon"] == 3.0 and max(e["epsilon_rdp"] for e in ledger["entries"]) <= 3.0
+
+
+def test_paper_laplace_configuration_through_the_filter(tmp_path):
+    """The grid's adpfl_paper settings through the FLARE filter: a sparse Laplace release
+    scaled to the adaptive clip, accepted by the server's check, accounted at 1 / z_eff."""
+    f = ADPFilter(mode="adpfl", noise_type="laplace", target_epsilon=40.0, delta=1e-5, planned_rounds=4,
+                  keep_fraction=0.5, mask_policy="random", clip_norm=50.0, clip_indicator_noise=1.0,
+                  ledger_dir=str(tmp_path), device="cpu")
+    out = f.process(_result(_update()), _ctx())
+    assert out.get_return_code() == ReturnCode.OK
+    meta = check_privacy_meta(from_shareable(out).get_meta_prop(PRIVACY_META_KEY), delta=1e-5)
+    assert meta["mechanism"] == "laplace" and meta["epsilon_round"] == pytest.approx(10.0)
+    assert meta["noise_scale"] == pytest.approx(meta["update_noise_multiplier"] * 2 * 50.0)
+    assert f._pipeline.clip_norm != 50.0  # the percentile clip moved

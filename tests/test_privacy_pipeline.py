@@ -180,6 +180,32 @@ def test_laplace_dpfl():
     assert float(out["w"].abs().mean()) == pytest.approx(meta["noise_scale"], rel=0.02)
 
 
+def test_laplace_adpfl_noise_follows_the_adaptive_clip_and_accounts_the_indicator():
+    """The ADP-FL paper's noise: Laplace scaled to the percentile clip threshold. The clip's
+    Laplace indicator (scale 20, epsilon 1/20 a round) and the update's Laplace noise add up
+    to the effective multiplier the ledger accounts (epsilon_round = 1 / z_eff)."""
+    from adpfl.privacy.metadata import check_privacy_meta
+
+    cfg = adpfl(noise_type="laplace", clip_indicator_noise=20.0, target_epsilon=40.0, planned_rounds=4,
+                clip_learning_rate=1.0, clip_percentile=0.5)
+    ledger = PrivacyLedger(delta=D)
+    pipe = PrivacyPipeline(cfg, ledger, generator_factory=seeded_generators(0))
+    clips = []
+    for r in range(4):
+        clips.append(pipe.clip_norm)
+        out, meta = pipe.release(update(scale=0.1, seed=r), r)
+        check_privacy_meta(dict(meta), D)  # the server accepts it
+        z_eff, z_u = meta["noise_multiplier"], meta["update_noise_multiplier"]
+        assert z_eff == pytest.approx(4 / 40.0)  # planned_rounds / target_epsilon: even pure-DP spend
+        assert 1 / z_u + 1 / 20.0 == pytest.approx(1 / z_eff)
+        assert meta["noise_scale"] == pytest.approx(z_u * 2 * meta["clip_norm"])
+        assert meta["epsilon_round"] == pytest.approx(10.0)
+    assert ledger.epsilon() == pytest.approx(40.0)  # pure epsilon-DP, basic composition
+    assert len(set(clips)) == 4 and all(cfg.clip_min <= c <= cfg.clip_max for c in clips)  # C moves each round
+    with pytest.raises(BudgetExhausted):
+        pipe.release(update(seed=9), 4)
+
+
 @pytest.mark.parametrize(
     "kw,needle",
     [
@@ -190,7 +216,7 @@ def test_laplace_dpfl():
         (dict(clip_norm=-1.0), "clip_norm"),
         (dict(delta=2.0), "delta"),
         (dict(target_epsilon=0.01), "target_epsilon=0.01 is unreachable in planned_rounds=20 at delta=1e-05"),
-        (dict(noise_type="laplace"), "noise_type"),
+        (dict(noise_type="uniform"), "noise_type"),
         (dict(planned_rounds=0), "planned_rounds"),
         (dict(clip_min=2.0), "clip_min"),
     ],

@@ -32,7 +32,7 @@ from pathlib import Path
 from adpfl._io import read_json, write_json_atomic
 from adpfl.data.sizes import DATA_SIZES
 from adpfl.flare.simulator import last_started_round, result_dir, server_log, simulator_env
-from adpfl.modes import MODES, RECORD_MODES
+from adpfl.modes import GRID_VARIANTS, MODES, RECORD_MODES, job_mode
 from adpfl.tasks.base import TASK_NAMES
 
 #: tiny CPU settings (--tiny): seconds per round on a laptop
@@ -40,7 +40,8 @@ TINY_EXECUTOR = {"num_train": 6, "num_val": 3, "image_size": 32, "local_epochs":
 
 
 #: how the run banner names each mode
-MODE_LABELS = {"npfl": "NP-FL", "dpfl": "DP-FL", "adpfl": "ADP-FL", "dpsgd": "DP-SGD", "adpsgd": "ADP-SGD"}
+MODE_LABELS = {"npfl": "NP-FL", "dpfl": "DP-FL", "adpfl": "ADP-FL", "dpsgd": "DP-SGD", "adpsgd": "ADP-SGD",
+               "adpfl_paper": "ADP-FL paper config"}
 
 
 def run_id(mode: str, seed: int, epsilon: float | None) -> str:
@@ -48,15 +49,15 @@ def run_id(mode: str, seed: int, epsilon: float | None) -> str:
 
 
 def plan_runs(seeds, epsilons, dpsgd_epsilons=(), modes=MODES) -> list[dict]:
-    unknown = set(modes) - set(MODES)
+    unknown = set(modes) - set(MODES) - set(GRID_VARIANTS)
     if unknown:
-        raise ValueError(f"--modes: unknown {sorted(unknown)}; known: {list(MODES)}")
+        raise ValueError(f"--modes: unknown {sorted(unknown)}; known: {list(MODES) + list(GRID_VARIANTS)}")
     runs = []
     for seed in seeds:
         if "npfl" in modes:
             runs.append({"mode": "npfl", "seed": int(seed), "epsilon": None})
         for eps in epsilons:
-            for mode in ("dpfl", "adpfl"):
+            for mode in ("dpfl", "adpfl") + tuple(GRID_VARIANTS):
                 if mode in modes:
                     runs.append({"mode": mode, "seed": int(seed), "epsilon": float(eps)})
         for eps in dpsgd_epsilons or ():
@@ -92,6 +93,31 @@ def run_overrides(spec: dict, rounds: int, executor: dict, delta: float, record_
     elif spec["mode"] != "npfl":
         ov["privacy"] = {"target_epsilon": spec["epsilon"], "delta": delta}
     return ov
+
+
+def variant_privacy(mode: str, task: str, overrides: dict) -> dict:
+    """The privacy settings a grid variant adds to its job mode's (``{}`` for a job mode).
+
+    ``adpfl_paper``, the ADP-FL paper's configuration as the paper describes it (Saha &
+    Ukwatta 2026): the clip threshold follows a percentile of the update norms each round and
+    the noise is Laplace, scaled to that threshold. Here: the job's ADP-FL pipeline (sparsify,
+    adaptive percentile clip) with ``noise_type="laplace"`` (L1 clip, Laplace scale ``z_u * 2 *
+    C_t``, the clip's indicator Laplace-noised too; everything accounted, pure epsilon per
+    round). The initial L1 clip is the job's L2 clip scaled by ``sqrt(2 k / pi)`` (the L1 norm
+    of a k-coordinate Gaussian-like vector of that L2 norm; k = kept coordinates of the task
+    network): public numbers only, nothing tuned on a site's data."""
+    if mode not in GRID_VARIANTS:
+        return {}
+    from adpfl.flare.jobs import job_settings
+    from adpfl.privacy.mechanisms import keep_count
+    from adpfl.tasks.network import TaskNetwork
+
+    settings = job_settings(task, job_mode(mode), **overrides)
+    privacy = settings["privacy"]
+    net = TaskNetwork(task, settings["executor"].get("network") or "standard")
+    k = keep_count(sum(v.numel() for v in net.state_dict().values()), float(privacy["keep_fraction"]))
+    clip = float(privacy["clip_norm"]) * math.sqrt(2.0 * k / math.pi)
+    return {"noise_type": "laplace", "clip_norm": round(clip, 3), "clip_max": max(1e4, 100.0 * clip)}
 
 
 # ---------------------------------------------------------------------------- collection
@@ -202,6 +228,8 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: list[fl
         shutil.rmtree(rdir)  # an unfinished earlier attempt
     rdir.mkdir(parents=True)
     overrides = run_overrides(spec, args.rounds, executor, args.delta, parse_kv(getattr(args, "record_executor", [])))
+    if spec["mode"] in GRID_VARIANTS:
+        overrides["privacy"].update(variant_privacy(spec["mode"], args.task, overrides))
     if getattr(args, "inprocess", False):
         import torch
 
@@ -222,17 +250,18 @@ def execute_run(spec: dict, args, out: Path, executor: dict, done_walls: list[fl
                   "delta": float(args.delta), "workspace": None, **result}
         write_json_atomic(rdir / "run.json", record, indent=1, default=float)
         return record
-    settings = job_settings(args.task, spec["mode"], **overrides)
+    settings = job_settings(args.task, job_mode(spec["mode"]), **overrides)
     # the run is the job definition with these overrides on FLARE's SimEnv (the Recipe route,
     # adpfl.flare.recipe); the exported job folder beside it records what ran
-    export_job(args.task, spec["mode"], str(rdir / "job"), **overrides)
+    export_job(args.task, job_mode(spec["mode"]), str(rdir / "job"), **overrides)
     write_json_atomic(str(rdir / "overrides.json"), overrides)
     ws = rdir / "ws"
     threads = args.threads or args.sites
     env = simulator_env(threads, {"ADPFL_DATA_ROOT": str(out / "data" / f"seed{spec['seed']}")})
     env.pop("ADPFL_LEDGER_DIR", None)  # each run's ledgers live in its own workspace
-    cmd = [sys.executable, "-m", "adpfl.flare.recipe", "--env", "sim", "--task", args.task, "--mode", spec["mode"],
-           "-w", str(ws), "-n", str(args.sites), "-t", str(threads), "--overrides", str(rdir / "overrides.json"),
+    cmd = [sys.executable, "-m", "adpfl.flare.recipe", "--env", "sim", "--task", args.task,
+           "--mode", job_mode(spec["mode"]), "-w", str(ws), "-n", str(args.sites), "-t", str(threads),
+           "--overrides", str(rdir / "overrides.json"),
            "--no-summary"]
     t0 = time.perf_counter()
     last_round = None
@@ -374,8 +403,9 @@ def add_compare_parsers(sub) -> None:
     c.add_argument("--dpsgd-epsilons", type=float, nargs="*", default=[8.0],
                    help="record-level targets of the DP-SGD and ADP-SGD runs (one training image; a different unit "
                         "from --epsilons; none: no record-level runs)")
-    c.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
-                   help="methods to run (default: all four)")
+    c.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES) + list(GRID_VARIANTS),
+                   help="methods to run (default: the job modes; adpfl_paper: ADP-FL with the paper's Laplace noise "
+                        "scaled to the percentile clip, see variant_privacy)")
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     c.add_argument("--rounds", type=int, default=5)
     c.add_argument("--sites", type=int, default=3)
@@ -391,8 +421,9 @@ def add_compare_parsers(sub) -> None:
                         "(e.g. batch_size=256 dpsgd_physical_batch_size=64 learning_rate=0.003)")
     c.add_argument("--poll", type=float, default=2.0, help="seconds between progress polls")
     c.add_argument("--inprocess", action="store_true",
-                   help="run NP-FL and the record-level modes as an in-process FedAvg over the same SiteSession, "
-                        "job settings and aggregation rule (no simulator; see adpfl.experiments.inprocess)")
+                   help="run every mode as an in-process FedAvg over the same SiteSession, job settings, "
+                        "update-level privacy pipeline and server accounting, and aggregation rule (no simulator; "
+                        "see adpfl.experiments.inprocess)")
     c.set_defaults(func=_compare_entry)
 
     r = sub.add_parser("report", help="regenerate a comparison's report from its run.json files")

@@ -13,11 +13,13 @@ site's record-level metadata goes through the server widget's check
 (:func:`adpfl.privacy.metadata.check_record_meta`, epsilon recomputed from the history)
 before its difference is averaged. What it leaves out: FLARE's transport, the
 best-model selection (the final global model is scored, as the simulator's
-``SRV_FL_global_model.pt``) and the update-level filter (record-level modes have none; the
-update-level modes still need the simulator runner).
+``SRV_FL_global_model.pt``). The update-level modes (``dpfl``, ``adpfl``) send each site's
+difference through the result filter's pipeline and the widget's accounting
+(:mod:`adpfl.experiments.inprocess_update`) before it is averaged.
 
 The run.json it writes has the simulator runner's layout plus ``"runner": "inprocess"``
-and, per site, the record-level epsilon by Opacus RDP (enforced) and PRV (reported).
+and, per site, the record-level epsilon by Opacus RDP (enforced) and PRV (reported), or
+the update-level epsilon (site-level update DP) as the server recomputes it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from pathlib import Path
 
 import torch
 
-from adpfl.modes import RECORD_MODES
+from adpfl.modes import RECORD_MODES, job_mode
+
+#: the update-level modes (the FLARE result filter's pipeline; adpfl.experiments.inprocess_update)
+UPDATE_MODES = ("dpfl", "adpfl")
 
 __all__ = ["run_inprocess"]
 
@@ -48,21 +53,25 @@ def run_inprocess(spec: dict, task: str, rounds: int, sites: int, overrides: dic
     from adpfl.tasks.network import TaskNetwork
     from adpfl.training.site import SiteSession
 
-    mode = spec["mode"]
-    if mode not in ("npfl",) + RECORD_MODES:
-        raise ValueError(f"--inprocess runs npfl and the record-level modes {RECORD_MODES}; {mode} needs the "
-                         "simulator (its update-level filter is a FLARE component)")
+    mode = job_mode(spec["mode"])
+    if mode not in ("npfl",) + UPDATE_MODES + RECORD_MODES:
+        raise ValueError(f"--inprocess runs npfl, {UPDATE_MODES} and {RECORD_MODES}, not {mode}")
     settings = job_settings(task, mode, **overrides)
     if settings["num_rounds"] != rounds:
         raise ValueError("num_rounds of the settings disagree with --rounds")
-    private = mode in RECORD_MODES
+    private = mode in RECORD_MODES + UPDATE_MODES
     torch.manual_seed(int(spec["seed"]))
     names = [f"site-{i + 1}" for i in range(sites)]
     sessions = []
     for site in names:
         s = SiteSession(site, *_session_args(settings))
-        s.setup(str(data_root / task), ledger_folder=str(run_dir / "ledgers") if private else None)
+        s.setup(str(data_root / task), ledger_folder=str(run_dir / "ledgers") if mode in RECORD_MODES else None)
         sessions.append(s)
+    update_level = None
+    if mode in UPDATE_MODES:
+        from adpfl.experiments.inprocess_update import UpdateLevelPrivacy
+
+        update_level = UpdateLevelPrivacy(settings, names, run_dir / "ledgers", spec["run_id"])
     # the server's initial model is the job's network variant (setting `network`), as its persistor's,
     # from the public warm-start checkpoint when the job names one (setting `initial_checkpoint`)
     network = settings["executor"].get("network") or "standard"
@@ -74,7 +83,7 @@ def run_inprocess(spec: dict, task: str, rounds: int, sites: int, overrides: dic
     for r in range(rounds):
         diffs, weights = [], []
         for site, s in zip(names, sessions):
-            s.load_global(glob)
+            s.load_global(glob, r if update_level else None)  # r: the round's public signals (filter)
             try:
                 # only global models are scored (as the simulator's curves): no local validation pass
                 res = s.train_round(glob, r, job_id=spec["run_id"], validate_local=False)
@@ -86,7 +95,15 @@ def run_inprocess(spec: dict, task: str, rounds: int, sites: int, overrides: dic
                     curves[site].setdefault(k, {})[str(r)] = float(v)
             if res.diff is None:
                 continue
-            if private:
+            if update_level is not None:
+                try:
+                    res.diff = update_level.release(site, res.diff, r, s.public_info)
+                except BudgetExhausted as e:  # the site's filter refuses: nothing leaves
+                    refused.append({"site": site, "round": r, "reason": str(e)})
+                    continue
+                if res.diff is None:  # rejected by the server's check
+                    continue
+            elif private:
                 try:
                     check_record_meta(res.record_meta, float(settings["executor"]["dpsgd_delta"]))
                 except ValueError as e:
@@ -98,13 +115,15 @@ def run_inprocess(spec: dict, task: str, rounds: int, sites: int, overrides: dic
             total = float(sum(weights))
             glob = {k: (glob[k] + sum(w * d[k] for w, d in zip(weights, diffs)) / total).astype(glob[k].dtype)
                     for k in glob}
+        if update_level is not None and update_level.should_stop(r, rounds):
+            break
     final = {}
     for site, s in zip(names, sessions):
         s.load_global(glob)
         final[site] = {k: (float(v) if isinstance(v, (int, float)) else None) for k, v in s.validate().items()}
     regions = sorted({k[5:] for m in final.values() for k in m if k.startswith("dice_") and k != "dice_mean"})
-    privacy = None
-    if private:
+    privacy = None if update_level is None else update_level.report(refused)
+    if mode in RECORD_MODES:
         delta = float(settings["executor"]["dpsgd_delta"])
         per_site = {}
         for site, s in zip(names, sessions):

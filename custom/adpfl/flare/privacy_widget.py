@@ -36,6 +36,7 @@ from adpfl.privacy.policy import (
     RECORD_UNIT,
     UNCOVERED,
     UNIT,
+    account_update_release,
     check_record_budget,
     projected_record_epsilon,
     projected_update_epsilon,
@@ -164,19 +165,7 @@ class PrivacyAccountingWidget(Widget):
             if ledger.has_round(int(release_round), fl_ctx.get_job_id()):
                 self._reject(result, site, current_round, f"a second release for round {release_round}", fl_ctx)
                 return
-            entry = ledger.record(
-                round=int(release_round),
-                noise_multiplier=float(meta["noise_multiplier"]),
-                update_noise_multiplier=float(meta.get("update_noise_multiplier", meta["noise_multiplier"])),
-                clip_norm=float(meta["clip_norm"]),
-                keep_fraction=float(meta["keep_fraction"]),
-                mask_policy=str(meta["mask_policy"]),
-                mask_covered=bool(meta["mask_covered"]),
-                mechanism=meta["mechanism"],
-                job_id=fl_ctx.get_job_id(),
-            )
-            entry["site_reported_epsilon_rdp"] = meta.get("epsilon_rdp")
-            ledger.entries[-1] = entry
+            entry = account_update_release(ledger, dict(meta, round=int(release_round)), fl_ctx.get_job_id())
             self._site_reported[site] = meta
             if meta.get("seeded"):
                 self._seeded = True

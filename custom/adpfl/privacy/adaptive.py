@@ -22,6 +22,16 @@ same data compose exactly into one Gaussian mechanism with
 ``sqrt(1/z_u^2 + 1/sigma_b^2)`` in units of unit-variance noise). The ledger accounts
 ``z_eff``. With one site the indicator is a single bit per round, so a ``sigma_b`` small
 enough for a useful C walk costs noticeable budget; the settings trade that off.
+
+Laplace releases (``noise_type="laplace"``, the ADP-FL paper's noise: Laplace scaled to the
+percentile clip threshold) draw the indicator's noise from ``Laplace(0, sigma_b)`` instead:
+a pure ``1 / sigma_b``-DP mechanism each round (sensitivity 1), composed with the update's
+``1 / z_u`` by basic composition into one effective multiplier
+
+    1 / z_eff = 1 / z_u + 1 / sigma_b
+
+so the ledger's Laplace entry (``epsilon_round = 1 / z_eff``) covers both. Written by hand:
+Opacus accounts Gaussian mechanisms only.
 """
 
 from __future__ import annotations
@@ -35,19 +45,22 @@ from .config import PrivacyConfig, default_of
 from .errors import PrivacyConfigError
 
 
-def effective_noise_multiplier(z_update: float, sigma_b: float | None) -> float:
-    """Single Gaussian multiplier equivalent to the update (``z_update``) plus the noisy
-    indicator (``sigma_b``); ``sigma_b=None`` or ``inf`` means no indicator."""
+def effective_noise_multiplier(z_update: float, sigma_b: float | None, mechanism: str = "gaussian") -> float:
+    """Single multiplier equivalent to the update (``z_update``) plus the noisy indicator
+    (``sigma_b``), Gaussian (squares add) or Laplace (epsilons add); ``sigma_b=None`` or
+    ``inf`` means no indicator."""
     if not (z_update > 0 and math.isfinite(z_update)):
         raise PrivacyConfigError(f"update noise multiplier must be positive and finite, got {z_update}")
     if sigma_b is None or math.isinf(sigma_b):
         return float(z_update)
     if not sigma_b > 0:
         raise PrivacyConfigError(f"clip_indicator_noise (sigma_b) must be positive, got {sigma_b}")
+    if mechanism == "laplace":
+        return float(1.0 / (1.0 / z_update + 1.0 / sigma_b))
     return float(1.0 / math.sqrt(1.0 / z_update**2 + 1.0 / sigma_b**2))
 
 
-def update_noise_multiplier_for(z_eff_target: float, sigma_b: float | None) -> float:
+def update_noise_multiplier_for(z_eff_target: float, sigma_b: float | None, mechanism: str = "gaussian") -> float:
     """Inverse of :func:`effective_noise_multiplier`: the update's multiplier ``z_u`` such
     that update + indicator together account as ``z_eff_target``. Requires
     ``sigma_b > z_eff_target``."""
@@ -61,6 +74,8 @@ def update_noise_multiplier_for(z_eff_target: float, sigma_b: float | None) -> f
             f"{z_eff_target:.4g}: it must exceed it (the indicator alone would cost more); "
             f"use clip_indicator_noise >= {3 * z_eff_target:.3g} or turn adaptive clipping off (clip_learning_rate=0)"
         )
+    if mechanism == "laplace":
+        return float(1.0 / (1.0 / z_eff_target - 1.0 / sigma_b))
     inv = 1.0 / z_eff_target**2 - 1.0 / sigma_b**2
     return float(1.0 / math.sqrt(inv))
 
@@ -72,8 +87,10 @@ class AdaptiveClipper:
         initial_clip_norm: starting ``C``.
         target_quantile: ``gamma`` in (0, 1) (0.5 = median of update norms).
         learning_rate: ``eta`` >= 0 of the geometric update (0 = fixed clip).
-        indicator_noise_std: ``sigma_b`` > 0, std of the indicator noise.
+        indicator_noise_std: ``sigma_b`` > 0, std of the indicator noise (Gaussian) or its
+            scale (Laplace).
         min_clip_norm / max_clip_norm: clamps of ``C``.
+        noise: ``"gaussian"`` or ``"laplace"``, the indicator's noise (that of the release).
     Defaults are those of :class:`adpfl.privacy.config.PrivacyConfig` (``clip_*`` settings).
     """
 
@@ -85,6 +102,7 @@ class AdaptiveClipper:
         indicator_noise_std: float = default_of(PrivacyConfig, "clip_indicator_noise"),
         min_clip_norm: float = default_of(PrivacyConfig, "clip_min"),
         max_clip_norm: float = default_of(PrivacyConfig, "clip_max"),
+        noise: str = "gaussian",
     ):
         if not (0 < min_clip_norm <= initial_clip_norm <= max_clip_norm):
             raise PrivacyConfigError(
@@ -96,6 +114,9 @@ class AdaptiveClipper:
             raise PrivacyConfigError(f"clip_learning_rate must be finite and >= 0, got {learning_rate}")
         if not (indicator_noise_std > 0 and math.isfinite(indicator_noise_std)):
             raise PrivacyConfigError(f"clip_indicator_noise must be positive and finite, got {indicator_noise_std}")
+        if noise not in ("gaussian", "laplace"):
+            raise PrivacyConfigError(f"indicator noise must be gaussian or laplace, got {noise!r}")
+        self.noise = noise
         self.clip_norm = float(initial_clip_norm)
         self.target_quantile = float(target_quantile)
         self.learning_rate = float(learning_rate)
@@ -110,7 +131,11 @@ class AdaptiveClipper:
         if not math.isfinite(norm):
             raise PrivacyConfigError("pre-clip norm is not finite")
         indicator = 1.0 if norm <= self.clip_norm else 0.0
-        noise = float(torch.randn((), generator=generator, device=generator.device, dtype=torch.float64))
+        if self.noise == "laplace":
+            e = torch.empty(2, device=generator.device, dtype=torch.float64).exponential_(generator=generator)
+            noise = float(e[0] - e[1])
+        else:
+            noise = float(torch.randn((), generator=generator, device=generator.device, dtype=torch.float64))
         b_noisy = indicator + self.indicator_noise_std * noise
         new_c = self.clip_norm * math.exp(-self.learning_rate * (b_noisy - self.target_quantile))
         self.clip_norm = float(min(self.max_clip_norm, max(self.min_clip_norm, new_c)))

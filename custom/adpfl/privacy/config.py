@@ -79,7 +79,9 @@ class PrivacyConfig:
     delta: float = setting(1e-5, "the delta every epsilon is stated at", "probability, per site")
     planned_rounds: int | None = setting(None, "rounds the budget is planned over (the job's num_rounds)",
                                             "rounds")
-    noise_type: str = setting("gaussian", "gaussian, or laplace (dpfl only, L1 clip, pure epsilon-DP)")
+    noise_type: str = setting("gaussian", "gaussian, or laplace (L1 clip, pure epsilon-DP, budget spread evenly "
+                              "over planned_rounds; in adpfl the noise scale follows the adaptive L1 clip, whose "
+                              "indicator gets Laplace noise too: the ADP-FL paper's noise)")
     accountant: str = setting("rdp", "accountant that enforces the budget: rdp (PRV is reported beside it) or prv")
     noise_max_factor: float = setting(1.5, "adaptive noise: largest multiplier as a factor of the even-spend plan",
                                       "factor >= 1")
@@ -152,11 +154,6 @@ class PrivacyConfig:
                     )
                 self._check_reachable()
         else:
-            if self.noise_type != "gaussian":
-                raise PrivacyConfigError(
-                    f"noise_type={self.noise_type!r} is supported in mode='dpfl' only (adaptive clipping and the "
-                    "adaptive schedule are Gaussian)"
-                )
             if self.target_epsilon is None or self.planned_rounds is None:
                 raise PrivacyConfigError(
                     "mode='adpfl' needs target_epsilon and planned_rounds (the adaptive noise budget)"

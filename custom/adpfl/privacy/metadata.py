@@ -139,8 +139,9 @@ def _check_update_consistency(meta: dict[str, Any]) -> None:
         raise ValueError(f"seeded={meta['seeded']!r} is not true/false")
     if meta["mechanism"] == "laplace":
         scale = _positive_number(meta, "noise_scale")
-        if not math.isclose(scale, float(meta["noise_multiplier"]) * 2.0 * clip, rel_tol=1e-4):
-            raise ValueError(f"noise_scale={scale:.6g} does not equal noise_multiplier * 2 * clip_norm")
+        z_u = float(meta.get("update_noise_multiplier", meta["noise_multiplier"]))
+        if not math.isclose(scale, z_u * 2.0 * clip, rel_tol=1e-4):
+            raise ValueError(f"noise_scale={scale:.6g} does not equal update_noise_multiplier * 2 * clip_norm")
         if not math.isclose(_positive_number(meta, "noise_std"), scale * math.sqrt(2.0), rel_tol=1e-4):
             raise ValueError(f"noise_std={meta['noise_std']:.6g} contradicts a Laplace scale of {scale:.6g}")
         if not math.isclose(_positive_number(meta, "epsilon_round"), 1.0 / float(meta["noise_multiplier"]),

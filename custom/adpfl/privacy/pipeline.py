@@ -11,7 +11,9 @@ Conventions: replace-one sensitivity ``2 * C_t``; noise std ``sigma_t = z_u * 2 
 on every kept coordinate (``z_u`` is the update's own multiplier; the ledger accounts
 the effective ``z_t`` that also covers the adaptive clipper's noisy indicator);
 unkept coordinates are exactly 0 in the release. Laplace (pure DP, L1 clip, scale
-``b = z * 2 * C``, ``epsilon_round = 1 / z``) is supported in dpfl mode only.
+``b = z_u * 2 * C``, ``epsilon_round = 1 / z``): fixed ``z`` (``planned_rounds /
+target_epsilon``); in adpfl the clip ``C_t`` adapts (L1 norms, Laplace indicator,
+:mod:`adpfl.privacy.adaptive`), so the noise scale follows the percentile clip threshold.
 
 Order inside :meth:`PrivacyPipeline.release`: under the ledger file's lock (when
 ``ledger_path`` is given; :mod:`adpfl.privacy.reservation`), re-read the ledger from disk
@@ -107,7 +109,7 @@ class PrivacyPipeline:
         ledger.accountant = config.accountant
         ledger.track_prv = config.track_prv
         self.mechanism = config.noise_type
-        if config.mode == "dpfl":
+        if config.mode == "dpfl" or self.mechanism == "laplace":  # Laplace: even pure-DP spend per round
             self.schedule: FixedNoise | AdaptiveNoiseSchedule = FixedNoise(config.resolved_noise_multiplier())
         else:
             self.schedule = AdaptiveNoiseSchedule(
@@ -127,6 +129,7 @@ class PrivacyPipeline:
                 indicator_noise_std=config.clip_indicator_noise,
                 min_clip_norm=config.clip_min,
                 max_clip_norm=config.clip_max,
+                noise=self.mechanism,
             )
             if not config.clip_indicator_noise > self.schedule.z_max:
                 raise PrivacyConfigError(
@@ -215,7 +218,8 @@ class PrivacyPipeline:
                     "cost privacy again (resend the cached release instead)"
                 )
             z_eff = float(self.schedule.next_noise_multiplier(ledger, round_index, global_change))
-            z_update = update_noise_multiplier_for(z_eff, cfg.clip_indicator_noise) if self.clipper else z_eff
+            z_update = (update_noise_multiplier_for(z_eff, cfg.clip_indicator_noise, self.mechanism)
+                        if self.clipper else z_eff)
             projected = ledger.projected_epsilon(z_eff, mechanism=self.mechanism)
             if ledger.target_epsilon is not None and projected > ledger.target_epsilon:
                 raise BudgetExhausted(

@@ -65,7 +65,7 @@ def noise_floor(settings: Mapping[str, Any]) -> float:
     a release the site's own rules allow."""
     known = {f.name for f in fields(PrivacyConfig)}
     config = PrivacyConfig(**{k: v for k, v in settings.items() if k in known})
-    if config.mode == "adpfl":
+    if config.mode == "adpfl" and config.noise_type != "laplace":  # Laplace: fixed z in both modes
         schedule = AdaptiveNoiseSchedule(
             target_epsilon=config.target_epsilon, delta=config.delta, planned_rounds=int(config.planned_rounds),
             accountant=config.accountant, min_factor=config.noise_min_factor, max_factor=config.noise_max_factor,
@@ -76,6 +76,28 @@ def noise_floor(settings: Mapping[str, Any]) -> float:
     z *= 1 - 1e-4
     scale = 10.0 ** (3 - math.floor(math.log10(z)))
     return math.floor(z * scale) / scale
+
+
+def account_update_release(ledger: PrivacyLedger, meta: Mapping[str, Any], job_id: str | None) -> dict[str, Any]:
+    """The server's own accounting of one checked release (:func:`adpfl.privacy.metadata.check_privacy_meta`):
+    the released noise multiplier, clip and mask recorded in the server's ledger of the site,
+    so every epsilon is recomputed rather than taken from the site; the site's own figure
+    stays beside it (``site_reported_epsilon_rdp``). Returns the entry. Raises PrivacyError
+    for a second release of the same round."""
+    entry = ledger.record(
+        round=int(meta["round"]),
+        noise_multiplier=float(meta["noise_multiplier"]),
+        update_noise_multiplier=float(meta.get("update_noise_multiplier", meta["noise_multiplier"])),
+        clip_norm=float(meta["clip_norm"]),
+        keep_fraction=float(meta["keep_fraction"]),
+        mask_policy=str(meta["mask_policy"]),
+        mask_covered=bool(meta["mask_covered"]),
+        mechanism=meta["mechanism"],
+        job_id=job_id,
+    )
+    entry["site_reported_epsilon_rdp"] = meta.get("epsilon_rdp")
+    ledger.entries[-1] = entry
+    return entry
 
 
 def site_total_epsilon(ledger: PrivacyLedger, reported: float | None) -> float:
