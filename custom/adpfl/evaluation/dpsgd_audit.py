@@ -34,8 +34,8 @@ law with the noise variance scaled by ``statistic_noise_factor ** 2`` (default 0
 test most powerful against a mechanism with half the claimed noise), summed over rounds (the
 Poisson-mixture ratio: it exploits rounds in which the canary joined, unlike the plain sum of
 movements). Any statistic fixed before the run gives a valid bound; the factor was chosen by
-simulating the game (noise / 4, 800 canaries: mean bound 2.49 at factor 1, 3.06 at 0.5 against a
-claim of 2), never on audited runs.
+simulating the game (``python bench/privacy_audit.py --simulate-dpsgd``: noise / 4, 800
+canaries, mean bound 2.60 at factor 1, 3.03 at 0.5, against a claim of 2), never on audited runs.
 
 Bound: guess "in" for the ``guesses_in`` highest scores and "out" for the ``guesses_out``
 lowest (both fixed before the run), abstain on the rest; with ``v`` correct of ``r``
