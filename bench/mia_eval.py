@@ -59,6 +59,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 SITES = ("site-1", "site-2", "site-3")
+HEADER = ("| setting | accounted epsilon (unit, delta, accountant) | members / non-members | attack | AUC (std err) "
+          "| TPR at 1 % FPR | mean loss members / non-members | final global Dice (sites' validation) "
+          "| training s (target; shadows) |",
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def auc(members: np.ndarray, non_members: np.ndarray) -> float:
@@ -164,6 +168,29 @@ def train_federation(kind: str, dls: list[dict], cfg, rounds: int, epsilon: floa
     return g, trainers, info, time.perf_counter() - t0
 
 
+def result_rows(name: str, info: str, scores: dict, member: np.ndarray, loss: np.ndarray, dice: float,
+                secs: float, shadow_s: float) -> list[str]:
+    """One table row per attack (``member``: bool mask over the candidates)."""
+    n_m, n_n = int(member.sum()), int((~member).sum())
+    rows = []
+    for attack, sc in scores.items():
+        au = auc(sc[member], sc[~member])
+        rows.append(f"| {name} | {info} | {n_m} / {n_n} | {attack} | {au:.3f} ({auc_std_error(au, n_m, n_n):.3f}) "
+                    f"| {tpr_at_fpr(sc[member], sc[~member]):.3f} | {loss[member].mean():.3f} / "
+                    f"{loss[~member].mean():.3f} | {dice:.3f} | {secs:.0f}; {shadow_s:.0f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def finish(a, head: str, lines: list[str], t_start: float, name: str) -> int:
+    tail = f"wall {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()[0]:.2f}"
+    print(tail, flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(head + "\n\n" + "\n".join(lines) + "\n\n" + tail + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--train", type=int, default=12, help="training images per site (members)")
@@ -213,10 +240,7 @@ def main(argv=None) -> int:
     non_members = [e for dl in target for e in dl["validation"]]
     cands = members + non_members
     n_m = len(members)
-    lines = ["| setting | accounted epsilon (unit, delta, accountant) | members / non-members | attack | AUC (std err) "
-             "| TPR at 1 % FPR | mean loss members / non-members | final global Dice (sites' validation) "
-             "| training s (target; shadows) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = list(HEADER)
     for kind in a.settings:
         cfg, net = setting_config(kind, a)
         g, trainers, info, secs = train_federation(kind, target, cfg, a.rounds, a.epsilon, seed=0, network=net)
@@ -235,19 +259,10 @@ def main(argv=None) -> int:
             mu = sp.mean(axis=0)
             sd_out = float((sp - mu).std(ddof=1)) if len(sp) > 1 else 1.0
             scores[f"offline LiRA ({len(sp)} shadows, fixed variance)"] = (phi - mu) / max(sd_out, 1e-12)
-        for attack, s in scores.items():
-            au, n_n = auc(s[:n_m], s[n_m:]), len(cands) - n_m
-            lines.append(f"| {kind if kind == 'NP-FL' else f'DP-SGD eps {a.epsilon:g}'} | {info} "
-                         f"| {n_m} / {n_n} | {attack} | {au:.3f} ({auc_std_error(au, n_m, n_n):.3f}) "
-                         f"| {tpr_at_fpr(s[:n_m], s[n_m:]):.3f} | {loss[:n_m].mean():.3f} / {loss[n_m:].mean():.3f} "
-                         f"| {dice:.3f} | {secs:.0f}; {shadow_s:.0f} |")
-            print(lines[-1], flush=True)
-    tail = f"wall {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()[0]:.2f}"
-    print(tail, flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mia.md").write_text(head + "\n\n" + "\n".join(lines) + "\n\n" + tail + "\n")
-    return 0
+        member = np.arange(len(cands)) < n_m
+        lines += result_rows(kind if kind == "NP-FL" else f"DP-SGD eps {a.epsilon:g}", info, scores, member, loss,
+                             dice, secs, shadow_s)
+    return finish(a, head, lines, t_start, "mia.md")
 
 
 def main_online(a, argv) -> int:
@@ -286,11 +301,7 @@ def main_online(a, argv) -> int:
     cands = [e for p in pools for e in p["training"]]
     member = np.concatenate(target_in)
     sin = np.stack([np.concatenate(m) for m in shadow_in])
-    n_m, n_n = int(member.sum()), int((~member).sum())
-    lines = ["| setting | accounted epsilon (unit, delta, accountant) | members / non-members | attack | AUC (std err) "
-             "| TPR at 1 % FPR | mean loss members / non-members | final global Dice (sites' validation) "
-             "| training s (target; shadows) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = list(HEADER)
     for kind in a.settings:
         cfg, net = setting_config(kind, a)
         g, trainers, info, secs = train_federation(kind, subset(target_in), cfg, a.rounds, a.epsilon, seed=0,
@@ -309,18 +320,8 @@ def main_online(a, argv) -> int:
         scores = {"loss threshold": -loss, f"online LiRA ({a.online} shadows, global variances)": online,
                   "offline LiRA (the same shadows' OUT models, fixed variance)": offline}
         name = "NP-FL" if kind == "NP-FL" else f"DP-SGD eps {a.epsilon:g}"
-        for attack, sc in scores.items():
-            au = auc(sc[member], sc[~member])
-            lines.append(f"| {name} | {info} | {n_m} / {n_n} | {attack} | {au:.3f} ({auc_std_error(au, n_m, n_n):.3f}) "
-                         f"| {tpr_at_fpr(sc[member], sc[~member]):.3f} | {loss[member].mean():.3f} / "
-                         f"{loss[~member].mean():.3f} | {dice:.3f} | {secs:.0f}; {shadow_s:.0f} |")
-            print(lines[-1], flush=True)
-    tail = f"wall {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()[0]:.2f}"
-    print(tail, flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mia_online.md").write_text(head + "\n\n" + "\n".join(lines) + "\n\n" + tail + "\n")
-    return 0
+        lines += result_rows(name, info, scores, member, loss, dice, secs, shadow_s)
+    return finish(a, head, lines, t_start, "mia_online.md")
 
 
 if __name__ == "__main__":
