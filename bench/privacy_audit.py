@@ -183,7 +183,8 @@ def simulate_dpsgd(reps: int = 40, seed: int = 0) -> int:
 
     rng = np.random.default_rng(seed)
     for q, steps, m, guesses, factor in ((0.114, 20, 800, 80, 1.0), (0.114, 20, 800, 80, 0.5),
-                                         (0.114, 20, 200, 40, 1.0), (0.114, 20, 200, 40, 0.5)):
+                                         (0.114, 20, 200, 40, 1.0), (0.114, 20, 200, 40, 0.5),
+                                         (0.114, 20, 200, 40, 0.25)):
         z = get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=q, steps=steps, accountant="rdp")
         lbs = []
         for _ in range(reps):
