@@ -2,6 +2,8 @@
 
     python bench/mia_eval.py [--train 12] [--size 16] [--rounds 15] [--epochs 10] [--shadows 3]
                              [--nonmembers 100] [--out docs/results/privacy_audit]
+    python bench/mia_eval.py --online 4 --train 150 --size 32 --rounds 4 --epochs 3 \
+        --dp-network dp --dp-batch 32 --dp-lr 0.01 --dp-steps 15 --npfl-lr 1e-3 --val 30 --out ...
 
 Setting chosen to make NP-FL overfit (the tiny-dataset regime; at 16 images per site and 6
 rounds x 5 epochs its loss-threshold AUC was still 0.557 +- 0.049): in-process FedAvg (no
@@ -23,6 +25,17 @@ Attacks on the final global model (black box: per-image loss / confidence only):
   (CE: the mean pixel cross-entropy, so ``p`` is the geometric mean of the true-class
   pixel probabilities); score = ``(phi_target - mean_out) / std_out``, ``mean_out`` the
   image's mean over the shadows, ``std_out`` pooled over all images.
+
+Online LiRA (``--online K``, K even; Carlini et al. 2022, online variant with a global
+variance per side, their advice for few shadows): each site's pool of ``2 * --train``
+images (its training list) is split at random into the target's members and its
+non-members; shadow federations 2j and 2j+1 train on complementary random halves of every
+site's pool, so each candidate is IN exactly K/2 shadows and OUT of K/2. Per candidate,
+``mu_in`` / ``mu_out`` = mean ``phi`` over its IN / OUT shadows; ``sigma_in`` / ``sigma_out``
+pooled over all candidates; score = ``log N(phi; mu_in, sigma_in) - log N(phi; mu_out,
+sigma_out)``. The offline score from the same OUT shadows is reported beside it. ``--dp-*``
+and ``--npfl-*`` set each setting's own network, batch, learning rate and (DP-SGD) steps per
+round, so each trains in its own best known configuration (docs/results/record_skin2d_realistic_b32).
 
 Reported per setting: AUC (Mann-Whitney, 0.5 = no leakage), TPR at 1 % FPR (threshold at the
 99th percentile of the non-members' scores), mean losses, the final global model's Dice on
@@ -46,6 +59,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 SITES = ("site-1", "site-2", "site-3")
+HEADER = ("| setting | accounted epsilon (unit, delta, accountant) | members / non-members | attack | AUC (std err) "
+          "| TPR at 1 % FPR | mean loss members / non-members | final global Dice (sites' validation) "
+          "| training s (target; shadows) |",
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def auc(members: np.ndarray, non_members: np.ndarray) -> float:
@@ -87,7 +104,37 @@ def image_stats(model, trainer, entries) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(loss), np.asarray(phi)
 
 
-def train_federation(kind: str, dls: list[dict], cfg, rounds: int, epsilon: float, seed: int):
+def lira_online(phi: np.ndarray, shadow_phi: np.ndarray, shadow_in: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Online LiRA with global variances: ``phi`` (candidates,), ``shadow_phi`` and
+    ``shadow_in`` (shadows, candidates; bool). Returns (online score, offline score from the
+    OUT shadows only). Every candidate needs at least one IN and one OUT shadow."""
+    sp, sin = np.asarray(shadow_phi, float), np.asarray(shadow_in, bool)
+    n_in, n_out = sin.sum(axis=0), (~sin).sum(axis=0)
+    if (n_in == 0).any() or (n_out == 0).any():
+        raise ValueError("online LiRA needs every candidate IN and OUT of at least one shadow")
+    mu_in = np.where(sin, sp, 0.0).sum(axis=0) / n_in
+    mu_out = np.where(~sin, sp, 0.0).sum(axis=0) / n_out
+    s_in = math.sqrt(float(np.where(sin, (sp - mu_in) ** 2, 0.0).sum()) / max(1, int(n_in.sum() - len(n_in))))
+    s_out = math.sqrt(float(np.where(~sin, (sp - mu_out) ** 2, 0.0).sum()) / max(1, int(n_out.sum() - len(n_out))))
+    s_in, s_out = max(s_in, 1e-6), max(s_out, 1e-6)
+    online = (-0.5 * ((phi - mu_in) / s_in) ** 2 - math.log(s_in)) - (-0.5 * ((phi - mu_out) / s_out) ** 2
+                                                                       - math.log(s_out))
+    return online, (phi - mu_out) / s_out
+
+
+def setting_config(kind: str, a):
+    """The TrainConfig and network variant of ``kind`` (NP-FL or DP-SGD) from the options."""
+    from adpfl.training import TrainConfig
+
+    if kind == "NP-FL":
+        return TrainConfig(local_epochs=a.epochs, batch_size=a.npfl_batch, learning_rate=a.npfl_lr,
+                           image_size=a.size, device="cpu", seed=0), a.npfl_network
+    return TrainConfig(local_epochs=a.epochs, batch_size=a.dp_batch, learning_rate=a.dp_lr, image_size=a.size,
+                       device="cpu", seed=0, max_steps_per_round=a.dp_steps), a.dp_network
+
+
+def train_federation(kind: str, dls: list[dict], cfg, rounds: int, epsilon: float, seed: int,
+                     network: str = "standard"):
     """FedAvg of ``rounds`` rounds over the sites' datalists; returns (global model, trainers,
     privacy info, seconds)."""
     from adpfl.privacy.config import DPSGDConfig
@@ -103,8 +150,8 @@ def train_federation(kind: str, dls: list[dict], cfg, rounds: int, epsilon: floa
     else:
         dp = DPSGDConfig(target_epsilon=epsilon, planned_rounds=rounds)
         trainers = [DPSGDTrainer(task, dl, cfg, dp) for dl in dls]
-    g = TaskNetwork("skin2d")
-    models = [TaskNetwork("skin2d") for _ in dls]
+    g = TaskNetwork("skin2d", network)
+    models = [TaskNetwork("skin2d", network) for _ in dls]
     info, t0 = "none", time.perf_counter()
     for _r in range(rounds):
         gs = {k: v.clone() for k, v in g.state_dict().items()}
@@ -115,9 +162,33 @@ def train_federation(kind: str, dls: list[dict], cfg, rounds: int, epsilon: floa
             deltas.append({k: v - gs[k] for k, v in m.state_dict().items()})
             if "epsilon" in res:
                 info = (f"{res['epsilon']:.3f}, record-level (one image), delta {res['delta']:g}, Opacus RDP; "
-                        f"z = {res['noise_multiplier']:.4g}, q = {res['sample_rate']:.3g}")
+                        f"z = {res['noise_multiplier']:.4g}, q = {res['sample_rate']:.3g}, "
+                        f"{sum(int(h[2]) for h in tr.history)} steps")
         g.load_state_dict({k: gs[k] + sum(d[k] for d in deltas) / len(deltas) for k in gs})
     return g, trainers, info, time.perf_counter() - t0
+
+
+def result_rows(name: str, info: str, scores: dict, member: np.ndarray, loss: np.ndarray, dice: float,
+                secs: float, shadow_s: float) -> list[str]:
+    """One table row per attack (``member``: bool mask over the candidates)."""
+    n_m, n_n = int(member.sum()), int((~member).sum())
+    rows = []
+    for attack, sc in scores.items():
+        au = auc(sc[member], sc[~member])
+        rows.append(f"| {name} | {info} | {n_m} / {n_n} | {attack} | {au:.3f} ({auc_std_error(au, n_m, n_n):.3f}) "
+                    f"| {tpr_at_fpr(sc[member], sc[~member]):.3f} | {loss[member].mean():.3f} / "
+                    f"{loss[~member].mean():.3f} | {dice:.3f} | {secs:.0f}; {shadow_s:.0f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def finish(a, head: str, lines: list[str], t_start: float, name: str) -> int:
+    tail = f"wall {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()[0]:.2f}"
+    print(tail, flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(head + "\n\n" + "\n".join(lines) + "\n\n" + tail + "\n")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -130,6 +201,16 @@ def main(argv=None) -> int:
     ap.add_argument("--shadows", type=int, default=3, help="shadow federations per setting for offline LiRA")
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--settings", nargs="*", default=["NP-FL", "DP-SGD"])
+    ap.add_argument("--online", type=int, default=0,
+                    help="K > 0 (even): online LiRA with K shadows on halves of a pool of 2 x --train per site")
+    ap.add_argument("--val", type=int, default=None, help="validation images per site for Dice (online mode)")
+    ap.add_argument("--npfl-batch", type=int, default=8)
+    ap.add_argument("--npfl-lr", type=float, default=2e-3)
+    ap.add_argument("--npfl-network", default="standard")
+    ap.add_argument("--dp-batch", type=int, default=8)
+    ap.add_argument("--dp-lr", type=float, default=2e-3)
+    ap.add_argument("--dp-network", default="standard")
+    ap.add_argument("--dp-steps", type=int, default=None, help="DP-SGD steps per round (None: --epochs epochs)")
     ap.add_argument("--out", default="docs/results/privacy_audit")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -137,8 +218,9 @@ def main(argv=None) -> int:
     from _machine import run_header
     from adpfl.data.datalist import load_site_datalist
     from adpfl.data.synthetic import ensure_site_data
-    from adpfl.training import TrainConfig
 
+    if a.online:
+        return main_online(a, argv)
     head = run_header("mia_eval.py", argv)
     print(head, flush=True)
     t_start = time.perf_counter()
@@ -154,23 +236,20 @@ def main(argv=None) -> int:
 
     target = sites(0, a.nonmembers)
     shadow_data = [sites(k + 1, 2) for k in range(a.shadows)]
-    cfg = TrainConfig(local_epochs=a.epochs, batch_size=8, learning_rate=2e-3, image_size=a.size, device="cpu", seed=0)
     members = [e for dl in target for e in dl["training"]]
     non_members = [e for dl in target for e in dl["validation"]]
     cands = members + non_members
     n_m = len(members)
-    lines = ["| setting | accounted epsilon (unit, delta, accountant) | members / non-members | attack | AUC (std err) "
-             "| TPR at 1 % FPR | mean loss members / non-members | final global Dice (sites' validation) "
-             "| training s (target; shadows) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = list(HEADER)
     for kind in a.settings:
-        g, trainers, info, secs = train_federation(kind, target, cfg, a.rounds, a.epsilon, seed=0)
+        cfg, net = setting_config(kind, a)
+        g, trainers, info, secs = train_federation(kind, target, cfg, a.rounds, a.epsilon, seed=0, network=net)
         loss, phi = image_stats(g, trainers[0], cands)
         dice = float(np.mean([tr.evaluate(g, with_hd95=False)["dice_mean"] for tr in trainers]))
         print(f"{kind}: target trained in {secs:.0f} s, Dice {dice:.3f}, {info}", flush=True)
         shadow_phi, shadow_s = [], 0.0
         for k, sd in enumerate(shadow_data):
-            sg, st, _, s_secs = train_federation(kind, sd, cfg, a.rounds, a.epsilon, seed=k + 1)
+            sg, st, _, s_secs = train_federation(kind, sd, cfg, a.rounds, a.epsilon, seed=k + 1, network=net)
             shadow_phi.append(image_stats(sg, st[0], cands)[1])
             shadow_s += s_secs
             print(f"  shadow {k + 1}: {s_secs:.0f} s", flush=True)
@@ -180,19 +259,69 @@ def main(argv=None) -> int:
             mu = sp.mean(axis=0)
             sd_out = float((sp - mu).std(ddof=1)) if len(sp) > 1 else 1.0
             scores[f"offline LiRA ({len(sp)} shadows, fixed variance)"] = (phi - mu) / max(sd_out, 1e-12)
-        for attack, s in scores.items():
-            au, n_n = auc(s[:n_m], s[n_m:]), len(cands) - n_m
-            lines.append(f"| {kind if kind == 'NP-FL' else f'DP-SGD eps {a.epsilon:g}'} | {info} "
-                         f"| {n_m} / {n_n} | {attack} | {au:.3f} ({auc_std_error(au, n_m, n_n):.3f}) "
-                         f"| {tpr_at_fpr(s[:n_m], s[n_m:]):.3f} | {loss[:n_m].mean():.3f} / {loss[n_m:].mean():.3f} "
-                         f"| {dice:.3f} | {secs:.0f}; {shadow_s:.0f} |")
-            print(lines[-1], flush=True)
-    tail = f"wall {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()[0]:.2f}"
-    print(tail, flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mia.md").write_text(head + "\n\n" + "\n".join(lines) + "\n\n" + tail + "\n")
-    return 0
+        member = np.arange(len(cands)) < n_m
+        lines += result_rows(kind if kind == "NP-FL" else f"DP-SGD eps {a.epsilon:g}", info, scores, member, loss,
+                             dice, secs, shadow_s)
+    return finish(a, head, lines, t_start, "mia.md")
+
+
+def main_online(a, argv) -> int:
+    """Online LiRA (``--online K``): see the module docstring. Writes ``mia_online.md``."""
+    from _machine import run_header
+    from adpfl.data.datalist import load_site_datalist
+    from adpfl.data.synthetic import ensure_site_data
+
+    if a.online % 2:
+        raise SystemExit(f"--online must be even (complementary shadow pairs), got {a.online}")
+    head = run_header("mia_eval.py", argv)
+    print(head, flush=True)
+    t_start = time.perf_counter()
+    n_val = a.val or 30
+    root = Path(tempfile.gettempdir()) / f"adpfl_mia_online_{a.size}_{2 * a.train}_{n_val}"
+    pools = []
+    for s in SITES:
+        ensure_site_data("skin2d", root, s, num_train=2 * a.train, num_val=n_val, seed=0, size=a.size)
+        pools.append(load_site_datalist(root, s, task="skin2d"))
+    rng = np.random.default_rng(20261124)  # the public split of the experiment (not a privacy draw)
+
+    def half(n: int) -> np.ndarray:
+        m = np.zeros(n, bool)
+        m[rng.permutation(n)[: n // 2]] = True
+        return m
+
+    target_in = [half(len(p["training"])) for p in pools]
+    shadow_in = []  # per shadow: per site mask
+    for _j in range(a.online // 2):
+        h = [half(len(p["training"])) for p in pools]
+        shadow_in += [h, [~m for m in h]]
+
+    def subset(masks: list[np.ndarray]) -> list[dict]:
+        return [{**p, "training": [e for e, keep in zip(p["training"], m) if keep]} for p, m in zip(pools, masks)]
+
+    cands = [e for p in pools for e in p["training"]]
+    member = np.concatenate(target_in)
+    sin = np.stack([np.concatenate(m) for m in shadow_in])
+    lines = list(HEADER)
+    for kind in a.settings:
+        cfg, net = setting_config(kind, a)
+        g, trainers, info, secs = train_federation(kind, subset(target_in), cfg, a.rounds, a.epsilon, seed=0,
+                                                   network=net)
+        loss, phi = image_stats(g, trainers[0], cands)
+        dice = float(np.mean([tr.evaluate(g, with_hd95=False)["dice_mean"] for tr in trainers]))
+        print(f"{kind}: target trained in {secs:.0f} s, Dice {dice:.3f}, {info}", flush=True)
+        sphi, shadow_s = [], 0.0
+        for k, masks in enumerate(shadow_in):
+            sg, st, _, s_secs = train_federation(kind, subset(masks), cfg, a.rounds, a.epsilon, seed=k + 1,
+                                                 network=net)
+            sphi.append(image_stats(sg, st[0], cands)[1])
+            shadow_s += s_secs
+            print(f"  shadow {k + 1}: {s_secs:.0f} s", flush=True)
+        online, offline = lira_online(phi, np.stack(sphi), sin)
+        scores = {"loss threshold": -loss, f"online LiRA ({a.online} shadows, global variances)": online,
+                  "offline LiRA (the same shadows' OUT models, fixed variance)": offline}
+        name = "NP-FL" if kind == "NP-FL" else f"DP-SGD eps {a.epsilon:g}"
+        lines += result_rows(name, info, scores, member, loss, dice, secs, shadow_s)
+    return finish(a, head, lines, t_start, "mia_online.md")
 
 
 if __name__ == "__main__":
