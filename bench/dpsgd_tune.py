@@ -144,7 +144,7 @@ def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> P
     epochs = sorted({r.get("epochs") for r in rows if r.get("epochs") is not None})
     lines = [f"# DP-SGD {stage} on the public tuning split", "",
              f"Command: `python bench/dpsgd_tune.py {' '.join(sys.argv[1:])}`", "",
-             f"Machine: {machine()}; shared 2-core VM (other jobs running), `nice -n 10`. Wall time of this "
+             f"Machine: {machine()}; shared 2-core VM (other jobs running), niceness {os.nice(0)}. Wall time of this "
              f"invocation {wall / 60:.1f} min (finished rows of earlier invocations are reused).", "",
              f"Data: the PUBLIC tuning split, synthetic skin2d with data seed {args.data_seed} ({args.sites} site(s), "
              f"{args.num_train} training / {args.num_val} validation images at {args.image_size}x{args.image_size}); "
