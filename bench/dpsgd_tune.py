@@ -17,7 +17,9 @@ Stages:
 
 * ``search``: NP-FL (the reference) and DP-SGD over learning rate x expected Poisson batch,
   each at the same number of epochs (``--epochs-per-round`` x ``--rounds``; the per-round step
-  cap is set per batch size so compute is equal);
+  cap is set per batch size so compute is equal); ``--epochs E ...`` adds an epochs axis (total
+  epochs over the ``--rounds`` rounds; rows named ``..._e<E>``, one NP-FL reference per E, and
+  each DP row's Dice / NP-FL is against the NP-FL row of the same epochs);
 * ``ablation``: the chosen configuration (``--base NAME`` of a search row, plus
   ``--base-extra``) and the same with one lever changed at a time: augmentation
   multiplicity and EMA of the weights (removed when the chosen one has them, else added),
@@ -60,15 +62,29 @@ def steps_cap(batch: int, num_train: int, epochs_per_round: float) -> int:
 
 
 def search_configs(lrs, batches, num_train: int, epochs_per_round: float,
+                   epochs: list[float] | None = None, rounds: int = 4,
                    npfl_extra: dict | None = None) -> dict[str, tuple[str, dict]]:
-    npfl = dict({"batch_size": 8}, **(npfl_extra or {}))
-    npfl.setdefault("max_steps_per_round", steps_cap(int(npfl["batch_size"]), num_train, epochs_per_round))
-    cfgs = {"npfl": ("npfl", npfl)}
-    for b in batches:
-        for lr in lrs:
-            cfgs[f"b{b}_lr{lr:g}"] = ("dpsgd", dict(DP_BASE, batch_size=b, learning_rate=lr,
-                                                    max_steps_per_round=steps_cap(b, num_train, epochs_per_round)))
+    """NP-FL and DP-SGD over lr x batch; with ``epochs`` (totals over ``rounds``), over that axis
+    too (names ``..._e<E>``; each row's ``local_epochs`` covers its per-round epochs, the step cap
+    stops it there). ``npfl_extra``: the NP-FL rows' own settings (batch, learning rate, ...)."""
+    axis = [(epochs_per_round, "")] if not epochs else [(e / rounds, f"_e{e:g}") for e in epochs]
+    cfgs = {}
+    for epr, suffix in axis:
+        fixed = {"local_epochs": max(1, math.ceil(epr))} if suffix else {}
+        npfl = dict(fixed, **{"batch_size": 8, **(npfl_extra or {})})
+        npfl.setdefault("max_steps_per_round", steps_cap(int(npfl["batch_size"]), num_train, epr))
+        cfgs[f"npfl{suffix}"] = ("npfl", npfl)
+        for b in batches:
+            for lr in lrs:
+                cfgs[f"b{b}_lr{lr:g}{suffix}"] = ("dpsgd", dict(DP_BASE, **fixed, batch_size=b, learning_rate=lr,
+                                                                max_steps_per_round=steps_cap(b, num_train, epr)))
     return cfgs
+
+
+def row_epochs(extra: dict, num_train: int, rounds: int) -> float:
+    """Epochs in all that a row's settings train (its step cap x expected batch over the rounds),
+    to the nearest quarter epoch (the step caps round: 52 steps of 32 over 4 rounds are 2.02 epochs)."""
+    return round(4 * rounds * int(extra["max_steps_per_round"]) * int(extra["batch_size"]) / num_train) / 4
 
 
 def ablation_configs(base: dict, num_train: int, epochs_per_round: float) -> dict[str, tuple[str, dict]]:
@@ -95,14 +111,14 @@ def run_one(name: str, mode: str, extra: dict, args, stage_dir: Path) -> dict:
     path = stage_dir / f"{name}.json"
     if path.is_file():
         return read_json(path)
+    # the row's own settings go to the executor of EVERY mode (as a record-executor they would
+    # skip NP-FL, whose reference then trained a whole epoch per round, uncapped)
     executor = {"data_size": "realistic", "num_train": args.num_train, "num_val": args.num_val,
                 "image_size": args.image_size, "local_epochs": max(1, math.ceil(args.epochs_per_round)),
-                "hd95": True, **parse_kv(args.executor)}
-    if mode == "npfl":  # run_overrides applies a row's extra to the record-level modes only
-        executor.update(extra)
+                "hd95": True, **parse_kv(args.executor), **extra}
     spec = {"mode": mode, "seed": args.data_seed, "epsilon": None if mode == "npfl" else args.epsilon,
             "run_id": f"tune_{name}"}
-    overrides = run_overrides(spec, args.rounds, executor, args.delta, extra)
+    overrides = run_overrides(spec, args.rounds, executor, args.delta)
     run_dir = stage_dir / name
     if run_dir.exists():  # an unfinished attempt: its ledgers must not count against the rerun
         import shutil
@@ -120,7 +136,8 @@ def run_one(name: str, mode: str, extra: dict, args, stage_dir: Path) -> dict:
             per_round.setdefault(int(r), []).append(v)
         for r, v in (site_curves.get(f"dice_{key_region(args.task)}") or {}).items():
             key_round.setdefault(int(r), []).append(v)
-    rec = {"name": name, "mode": mode, "extra": extra, "dice": sum(dice) / len(dice),
+    rec = {"name": name, "mode": mode, "extra": extra, "epochs": row_epochs(extra, args.num_train, args.rounds),
+           "dice": sum(dice) / len(dice),
            "dice_key": (sum(key) / len(key)) if all(k is not None for k in key) else None,
            "hd95": (sum(hd) / len(hd)) if all(h is not None for h in hd) else None,
            "dice_by_round": {r: sum(v) / len(v) for r, v in sorted(per_round.items())},
@@ -140,23 +157,26 @@ def key_region(task: str) -> str:
 
 
 def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> Path:
-    npfl = next((r for r in rows if r["mode"] == "npfl"), None)
-    if npfl is None and (out / "search" / "npfl.json").is_file():
-        npfl = read_json(out / "search" / "npfl.json")
-    ref = npfl["dice"] if npfl else None
-    ref_key = npfl.get("dice_key") if npfl else None
+    npfl_rows = [r for r in rows if r["mode"] == "npfl"]
+    npfl_rows += [read_json(f) for f in sorted((out / "search").glob("npfl*.json"))]
+    refs, refs_key = {}, {}  # NP-FL reference per epochs (mean Dice and key-region Dice)
+    for rec in npfl_rows:
+        refs.setdefault(rec.get("epochs"), rec["dice"])
+        refs_key.setdefault(rec.get("epochs"), rec.get("dice_key"))
+    epochs = sorted({r.get("epochs") for r in rows if r.get("epochs") is not None})
     unit = "image" if args.task == "skin2d" else "patient"
     size = "x".join([str(args.image_size)] * (2 if args.task == "skin2d" else 3))
     lines = [f"# DP-SGD {stage} on the public tuning split", "",
              f"Command: `python bench/dpsgd_tune.py {' '.join(sys.argv[1:])}`", "",
-             f"Machine: {machine()}; shared 2-core VM (other jobs running), `nice -n 10`. Wall time of this "
+             f"Machine: {machine()}; shared 2-core VM (other jobs running), niceness {os.nice(0)}. Wall time of this "
              f"invocation {wall / 60:.1f} min (finished rows of earlier invocations are reused).", "",
              f"Data: the PUBLIC tuning split, synthetic {args.task} with data seed {args.data_seed} ({args.sites} "
              f"site(s), {args.num_train} training / {args.num_val} validation {unit}s at {size}); "
              "no comparison site (data seeds 0, 1, 2) trains on it, so this tuning spends none of their budget. "
-             f"{args.rounds} rounds x {args.epochs_per_round:g} epoch(s) per round for every row. Privacy: record "
-             f"level (one {unit}), target epsilon {args.epsilon:g}, delta {args.delta:g}, enforced by the site's "
-             "ledger (Opacus RDP; PRV reported). Final Dice: mean over regions; "
+             f"{args.rounds} rounds; epochs in all per row (its step cap x batch over the rounds): "
+             f"{', '.join(f'{e:g}' for e in epochs)}; Dice / NP-FL against the NP-FL row of the same epochs. "
+             f"Privacy: record level (one {unit}), target epsilon {args.epsilon:g}, delta {args.delta:g}, "
+             "enforced by the site's ledger (Opacus RDP; PRV reported). Final Dice: mean over regions; "
              f"key region: {key_region(args.task)}.", "",
              f"| Config | Mode | Settings | Final Dice | Dice {key_region(args.task)} | HD95 lesion (px) | "
              "Dice / NP-FL | "
@@ -165,6 +185,8 @@ def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> P
     for r in rows:
         eps = "-" if not r["epsilon"] else "; ".join(f"{s} {a:.3f} / {b:.3f}" for s, (a, b) in r["epsilon"].items())
         z = "-" if not r["z"] else ", ".join(f"{v:.3f}" for v in r["z"].values())
+        ref = refs.get(r.get("epochs"))
+        ref_key = refs_key.get(r.get("epochs"))
         ratio = f"{100 * r['dice'] / ref:.1f}%" if ref else "-"
         dk = r.get("dice_key")
         key_ratio = f"{100 * dk / ref_key:.1f}%" if (ref_key and dk is not None) else "-"
@@ -192,6 +214,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--epochs-per-round", type=float, default=0.25)
     ap.add_argument("--task", choices=sorted(PRESETS["realistic"]), default="skin2d")
+    ap.add_argument("--epochs", type=float, nargs="*", default=[],
+                    help="search: epochs axis (total epochs over --rounds; rows ..._e<E>)")
     ap.add_argument("--num-train", type=int, default=None, help="default: the task's realistic preset")
     ap.add_argument("--num-val", type=int, default=None, help="default: the task's realistic preset")
     ap.add_argument("--image-size", type=int, default=32)
@@ -215,7 +239,7 @@ def main() -> int:
     stage_dir = out / args.stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     if args.stage == "search":
-        cfgs = search_configs(args.lrs, args.batches, args.num_train, args.epochs_per_round,
+        cfgs = search_configs(args.lrs, args.batches, args.num_train, args.epochs_per_round, args.epochs, args.rounds,
                               parse_kv(args.npfl_extra))
     else:
         if not args.base:
