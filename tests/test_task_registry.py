@@ -69,7 +69,9 @@ def test_skin_mask_with_unknown_values_names_the_allowed_sets(tmp_path):
 
 def test_one_job_per_registered_task_and_mode():
     from adpfl.flare.jobs import all_jobs
-    from adpfl.modes import MODE_LABELS, MODES
+    from adpfl.modes import GRID_VARIANTS, MODE_LABELS, MODES
 
     assert sorted(all_jobs()) == sorted((t, m) for t in TASK_NAMES for m in MODES)
-    assert set(MODE_LABELS) == set(MODES)
+    # every job mode and every comparison-grid variant (a job mode with other settings, no job of its own)
+    assert set(MODE_LABELS) == set(MODES) | set(GRID_VARIANTS)
+    assert set(GRID_VARIANTS.values()) <= set(MODES) and not set(GRID_VARIANTS) & set(MODES)
