@@ -79,9 +79,8 @@ class UpdateLevelPrivacy:
         dense, meta = self.pipelines[site].release(update, round_index, public_scores=scores,
                                                    global_change=public.get("global_change"), job_id=self.run_key)
         try:
-            meta = check_privacy_meta(dict(meta), self.config.delta, self.min_noise_multiplier)
-            if meta["mechanism"] != self.config.noise_type:
-                raise ValueError(f"released with {meta['mechanism']}, the job's noise_type is {self.config.noise_type}")
+            meta = check_privacy_meta(dict(meta), self.config.delta, self.min_noise_multiplier,
+                                      self.config.noise_type)
             account_update_release(self.server[site], meta, self.run_key)
         except Exception as e:  # the widget rejects (never aggregated), the run goes on
             self.rejected.append({"site": site, "round": round_index, "reason": str(e)})

@@ -147,9 +147,8 @@ class PrivacyAccountingWidget(Widget):
                 check_record_budget(record, self.record_target_epsilon)
             meta = None
             if self.update_level:
-                meta = check_privacy_meta(dxo.get_meta_prop(PRIVACY_META_KEY), self.delta, self.min_noise_multiplier)
-                if meta["mechanism"] != self.noise_type:
-                    raise ValueError(f"released with {meta['mechanism']}, the job's noise_type is {self.noise_type}")
+                meta = check_privacy_meta(dxo.get_meta_prop(PRIVACY_META_KEY), self.delta, self.min_noise_multiplier,
+                                          self.noise_type)
         except Exception as e:
             self._reject(result, site, current_round, str(e), fl_ctx)
             return

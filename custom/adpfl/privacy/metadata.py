@@ -52,8 +52,10 @@ NO_MASK = "none"
 _AGREE = 1e-6
 
 
-def check_privacy_meta(meta: Any, delta: float, min_noise_multiplier: float = 0.0) -> dict[str, Any]:
-    """Validate a contribution's privacy metadata; returns it or raises ValueError (why)."""
+def check_privacy_meta(meta: Any, delta: float, min_noise_multiplier: float = 0.0,
+                       noise_type: str | None = None) -> dict[str, Any]:
+    """Validate a contribution's privacy metadata; returns it or raises ValueError (why).
+    ``noise_type``: the job's mechanism, which the release must use (None: either)."""
     if not isinstance(meta, dict):
         raise ValueError("no privacy metadata attached (a private job accepts only noised releases)")
     missing = [k for k in REQUIRED_FIELDS if k not in meta]
@@ -64,6 +66,8 @@ def check_privacy_meta(meta: Any, delta: float, min_noise_multiplier: float = 0.
         raise ValueError(f"privacy metadata carries private values {leaked}")
     if meta["mechanism"] not in ("gaussian", "laplace"):
         raise ValueError(f"unknown mechanism {meta['mechanism']!r}")
+    if noise_type is not None and meta["mechanism"] != noise_type:
+        raise ValueError(f"released with {meta['mechanism']}, the job's noise_type is {noise_type}")
     allowed = set(REQUIRED_FIELDS) | set(OPTIONAL_FIELDS)
     if meta["mechanism"] == "laplace":
         allowed |= set(LAPLACE_FIELDS)
