@@ -26,6 +26,9 @@ MODE_LABELS = {"npfl": "NP-FL", "dpfl": "DP-FL", "adpfl": "ADP-FL", "dpsgd": "DP
 #: the modes whose privacy unit is one training record (DP-SGD inside local training)
 RECORD_MODES = ("dpsgd", "adpsgd")
 
+#: the modes whose privacy unit is a site's whole update (the result filter's pipeline)
+UPDATE_MODES = ("dpfl", "adpfl")
+
 #: comparison-grid configurations that run a job mode with other privacy settings (``adpfl
 #: compare --modes``; their settings: adpfl.experiments.compare.variant_privacy)
 GRID_VARIANTS = {"adpfl_paper": "adpfl"}
@@ -36,4 +39,4 @@ def job_mode(mode: str) -> str:
     """The job mode a comparison-grid mode runs (itself, or a variant's)."""
     return GRID_VARIANTS.get(mode, mode)
 
-__all__ = ["GRID_VARIANTS", "MODES", "MODE_LABELS", "RECORD_MODES", "job_mode"]
+__all__ = ["GRID_VARIANTS", "MODES", "MODE_LABELS", "RECORD_MODES", "UPDATE_MODES", "job_mode"]

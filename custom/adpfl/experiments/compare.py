@@ -32,7 +32,7 @@ from pathlib import Path
 from adpfl._io import read_json, write_json_atomic
 from adpfl.data.sizes import DATA_SIZES
 from adpfl.flare.simulator import last_started_round, result_dir, server_log, simulator_env
-from adpfl.modes import GRID_VARIANTS, MODES, RECORD_MODES, job_mode
+from adpfl.modes import GRID_VARIANTS, MODES, RECORD_MODES, UPDATE_MODES, job_mode
 from adpfl.tasks.base import TASK_NAMES
 
 #: tiny CPU settings (--tiny): seconds per round on a laptop
@@ -57,7 +57,7 @@ def plan_runs(seeds, epsilons, dpsgd_epsilons=(), modes=MODES) -> list[dict]:
         if "npfl" in modes:
             runs.append({"mode": "npfl", "seed": int(seed), "epsilon": None})
         for eps in epsilons:
-            for mode in ("dpfl", "adpfl") + tuple(GRID_VARIANTS):
+            for mode in UPDATE_MODES + tuple(GRID_VARIANTS):
                 if mode in modes:
                     runs.append({"mode": mode, "seed": int(seed), "epsilon": float(eps)})
         for eps in dpsgd_epsilons or ():

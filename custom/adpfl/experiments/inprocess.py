@@ -29,10 +29,7 @@ from pathlib import Path
 
 import torch
 
-from adpfl.modes import RECORD_MODES, job_mode
-
-#: the update-level modes (the FLARE result filter's pipeline; adpfl.experiments.inprocess_update)
-UPDATE_MODES = ("dpfl", "adpfl")
+from adpfl.modes import RECORD_MODES, UPDATE_MODES, job_mode
 
 __all__ = ["run_inprocess"]
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from adpfl._io import read_json
 from adpfl.metrics.conventions import FAMILY_LABELS, SCORING, describe
-from adpfl.modes import GRID_VARIANTS, MODE_LABELS, MODES, RECORD_MODES
+from adpfl.modes import GRID_VARIANTS, MODE_LABELS, MODES, RECORD_MODES, UPDATE_MODES
 
 REACH_FRACTION = 0.9
 
@@ -344,7 +344,7 @@ def plot_all(runs: Sequence[dict], summary: dict, folder: Path, task: str = "") 
     paths.append(_save(fig, folder / "convergence.png"))
 
     # 2. frontier, one plot per privacy unit (never on one epsilon axis)
-    units = [(("dpfl", "adpfl") + tuple(GRID_VARIANTS), "target epsilon per site (site-level update DP)",
+    units = [(UPDATE_MODES + tuple(GRID_VARIANTS), "target epsilon per site (site-level update DP)",
               "frontier.png"),
              (RECORD_MODES, f"target epsilon per site (record-level DP: {record_unit(task)})", "frontier_record.png")]
     for modes, xlabel, name in units:
