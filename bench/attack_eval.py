@@ -52,14 +52,15 @@ def _cases(size: int, n: int, clean: bool = False, first: int = 0):
 def job_default_settings():
     """(name, mode, privacy, unit) of every default private setting of the skin2d jobs."""
     from adpfl.flare.jobs import MODE_DEFAULTS, TASK_DEFAULTS
+    from adpfl.modes import MODE_LABELS, UPDATE_MODES
     from adpfl.privacy.config import DPSGDConfig, PrivacyConfig
     from adpfl.privacy.record import calibrate_with_prior
 
     rounds = TASK_DEFAULTS["skin2d"]["num_rounds"]
     out = [("NP-FL", "npfl", None, "none")]
-    for mode in ("dpfl", "adpfl"):
+    for mode in UPDATE_MODES:
         cfg = dict(MODE_DEFAULTS[mode], **TASK_DEFAULTS["skin2d"]["privacy"], planned_rounds=rounds, track_prv=False)
-        label = {"dpfl": "DP-FL", "adpfl": "ADP-FL"}[mode]
+        label = MODE_LABELS[mode]
         out.append((f"{label} job default (target {cfg['target_epsilon']:g} over {rounds} rounds)", mode,
                     PrivacyConfig(**cfg), "update-level (site's round update); epsilon of this one release"))
     n, batch, epochs = 40, 8, 2  # the skin2d job: 40 synthetic records, TrainConfig defaults

@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     from adpfl.evaluation.attack import image_metrics, release_update
     from adpfl.evaluation.fedavg_attack import local_update, simulated_update
     from adpfl.evaluation.image_prior import LatentAttackConfig, invert_with_prior
+    from adpfl.modes import UPDATE_MODES
     from adpfl.tasks.base import get_task
     from attack_controls import normalised_gain, setup
     from attack_eval import job_default_settings
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         for j, (name, mode, priv, unit) in enumerate(job_default_settings()):
             if a.rows != "all" and (mode == "dpsgd") != (a.rows == "dp-record"):
                 continue
-            if mode in ("dpfl", "adpfl"):
+            if mode in UPDATE_MODES:
                 rel, masks, info = release_update(net, clear, priv, seed=41 + j)
                 settings.append((name, unit, info, rel, masks))
             elif mode == "dpsgd":

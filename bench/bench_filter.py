@@ -22,6 +22,7 @@ import torch
 
 from _machine import machine  # bench/ is on sys.path when a script runs
 from adpfl.flare.sparse import encode_release
+from adpfl.modes import UPDATE_MODES
 from adpfl.privacy import PrivacyConfig, PrivacyLedger, PrivacyPipeline
 
 SETTINGS = {
@@ -110,7 +111,7 @@ def main() -> None:
         for size in args.sizes:
             n = int(size)
             floor, gbps = copy_floor_ms(n, device, args.repeats)
-            for setting in ("dpfl", "adpfl"):
+            for setting in UPDATE_MODES:
                 ms, enc = time_release(setting, n, device, args.repeats)
                 line = (f"{dev_name:<6} {n / 1e6:>5.1f}M {setting:<6} {ms:>10.1f} {floor:>9.2f} {gbps:>6.1f} "
                         f"{ms / floor:>8.1f} {'-' if enc is None else f'{enc:.1f}':>9}")

@@ -22,6 +22,7 @@ from adpfl.experiments.report import (
     summarize,
     write_report,
 )
+from adpfl.modes import UPDATE_MODES
 
 ROUNDS = 4
 
@@ -295,7 +296,7 @@ def test_compare_tiny_end_to_end_and_resume(tmp_path):
         assert set(r["final"]) == {"site-1", "site-2"}
         assert set(r["curves"]) == {"site-1", "site-2"} and "0" in r["curves"]["site-1"]["dice_mean"]
         assert r["settings"]["executor"]["data_seed"] == 0 and r["settings"]["num_rounds"] == 1
-        if r["mode"] in ("dpfl", "adpfl"):
+        if r["mode"] in UPDATE_MODES:
             assert r["settings"]["privacy"]["target_epsilon"] == 1e5 and r["settings"]["privacy"]["delta"] == 1e-5
             assert 0 < epsilon_spent(r) <= 1e5
         if r["mode"] == "dpsgd":

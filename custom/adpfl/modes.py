@@ -5,6 +5,7 @@
 ``dpfl``    update-level DP: clip + Gaussian noise with a fixed noise multiplier
 ``adpfl``   update-level DP with the adaptive noise schedule and adaptive clipping
 ``dpsgd``   record-level DP: DP-SGD inside local training (a different privacy unit)
+``adpsgd``  record-level DP with adaptive per-sample clipping and a public noise schedule
 ==========  ==============================================================================
 
 One home for the names, their order and their display labels; the job definition

@@ -28,7 +28,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from adpfl.modes import MODES
+from adpfl.modes import MODES, UPDATE_MODES
 from adpfl.privacy.config import PrivacyConfig
 from adpfl.privacy.ledger import PrivacyLedger
 from adpfl.privacy.mechanisms import make_generator, seeded_generators
@@ -304,7 +304,7 @@ def observed_gradient(
     if mode == "npfl":
         info.update(epsilon=float("inf"), unit="none (no privacy)")
         return grads, masks, info
-    if mode in ("dpfl", "adpfl"):
+    if mode in UPDATE_MODES:
         released, masks, rinfo = release_update(model, [-lr * g for g in grads], privacy, seed)
         info.update(rinfo)
         return [-r / lr for r in released], masks, info

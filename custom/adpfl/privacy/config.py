@@ -18,12 +18,15 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from adpfl.modes import UPDATE_MODES
+
 from .analysis import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, calibrate_noise_multiplier, epsilon_gaussian
 from .errors import PrivacyConfigError
 from .mechanisms import MASK_POLICIES
 
-#: how the site's update is released (not the job modes npfl/dpfl/adpfl/dpsgd of flare/jobs.py)
-RELEASE_MODES = ("dpfl", "adpfl")
+#: how the site's update is released: the update-level job modes (adpfl.modes, the one home of
+#: the mode names; npfl and the record-level modes release no filtered update)
+RELEASE_MODES = UPDATE_MODES
 NOISE_TYPES = ("gaussian", "laplace")
 DPSGD_OPTIMIZERS = ("adam", "sgd")
 
