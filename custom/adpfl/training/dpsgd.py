@@ -46,6 +46,7 @@ docs/benchmarks.md. :func:`dpsgd_network` builds the task network and runs
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,13 @@ from adpfl.training.dp_extras import AugmentedCopies, ema_tracker, random_mask
 from adpfl.training.dp_noise import RecordDPOptimizer
 from adpfl.training.grad_samplers import register as _register_grad_samplers
 from adpfl.training.loop import LocalTrainer, TrainConfig
+
+# Opacus' GradSampleModule registers full backward hooks; torch warns on every DP-SGD run that
+# they fire on module outputs because the input image does not require a gradient. That is the
+# intended case (per-sample gradients are of the weights, not the image), so the warning is
+# noise in every site's log; only this message is silenced.
+warnings.filterwarnings(
+    "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
 
 # every GradSampleModule of this process uses the hand-written samplers (Opacus' registry is global)
 _register_grad_samplers()
