@@ -18,6 +18,7 @@ from adpfl.experiments.report import (
     dice_curve,
     epsilon_spent,
     load_runs,
+    round_stability,
     rounds_to_reach,
     summarize,
     write_report,
@@ -80,6 +81,14 @@ def test_run_helpers():
     assert epsilon_spent(_fake_run("dpfl", 0, 1e4, 0.4, [0.1], eps_spent=100.0)) == pytest.approx(110.0)
 
 
+def test_round_stability_ignores_the_first_learning_step_and_finds_the_largest_drop():
+    # round 0 -> 1 (0.1 -> 0.5) is learning; after it: +0.2, -0.1, +0.12
+    change, drop = round_stability({0: 0.1, 1: 0.5, 2: 0.7, 3: 0.6, 4: 0.72})
+    assert change == pytest.approx((0.2 + 0.1 + 0.12) / 3) and drop == pytest.approx(0.1)
+    assert round_stability({0: 0.1, 1: 0.5, 2: 0.6})[1] == 0.0  # monotone: no drop
+    assert all(math.isnan(v) for v in round_stability({0: 0.1, 1: 0.5}))
+
+
 def test_summarize_table_and_statements(synthetic):
     s = summarize(load_runs(synthetic))
     assert s["regions"] == ["kidney", "tumor"]
@@ -98,6 +107,8 @@ def test_summarize_table_and_statements(synthetic):
     assert rows["DP-FL eps=10000"]["epsilon_rdp"][0] == pytest.approx(9900.0)  # max over sites
     assert rows["DP-FL eps=10000"]["epsilon_prv"][0] == pytest.approx(8100.0)
     assert rows["ADP-FL eps=10000"]["dice_fraction_of_npfl"] == pytest.approx(0.925)
+    # 0.5, 0.7, 0.78, final 0.80 after round 1: changes 0.2, 0.08, 0.02, no drop
+    assert rows["NP-FL"]["round_abs_change"][0] == pytest.approx(0.1) and rows["NP-FL"]["round_max_drop"][0] == 0
     st = " ".join(s["statements"])
     assert "epsilon=10000, DP-FL keeps 50.0%" in st and "ADP-FL keeps 92.5%" in st
     assert "epsilon=100000" not in st
@@ -114,6 +125,8 @@ def test_write_report_files(synthetic):
     with open(paths["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 and "dice_tumor_mean" in rows[0] and "epsilon_rdp_max_site_mean" in rows[0]
+    assert float(rows[0]["round_abs_change_mean"]) == pytest.approx(0.1) and rows[0]["round_max_drop_mean"] == "0.0"
+    assert "Round-to-round abs. change / largest drop" in md
     assert {Path(p).name for p in paths["plots"]} == {"convergence.png", "frontier.png", "epsilon_by_round.png"}
     for p in paths["plots"]:
         assert Path(p).stat().st_size > 1000 and Path(p).read_bytes()[:4] == b"\x89PNG"

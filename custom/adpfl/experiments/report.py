@@ -12,6 +12,8 @@ mean +- std over seeds:
 - rounds to reach 90 % of NP-FL's final Dice (same seed): the first round r whose global
   model (validated at the start of round r, mean over sites; the final model counts as
   round R) reaches it; "not reached" if no seed reaches it;
+- round-to-round stability of the global Dice after the first round: the mean absolute
+  change between consecutive rounds and the largest drop (:func:`round_stability`);
 - epsilon actually spent: max over sites, RDP and PRV (from the server's privacy report);
 - plots: Dice vs round (convergence), final Dice vs epsilon (frontier, NP-FL as a
   horizontal line), epsilon vs round per site.
@@ -95,6 +97,18 @@ def rounds_to_reach(curve: dict[int, float], threshold: float) -> int | None:
     return None
 
 
+def round_stability(curve: dict[int, float]) -> tuple[float, float]:
+    """(mean |Dice_r - Dice_{r-1}|, largest drop max(Dice_{r-1} - Dice_r, 0)) over the
+    consecutive rounds r >= 2 of a run's global-Dice curve (round 0 -> 1 is the first
+    learning step, not instability; the final model counts as round R). NaN for both
+    when the curve has fewer than two rounds after round 1."""
+    vals = [curve[r] for r in sorted(curve) if r >= 1 and math.isfinite(curve[r])]
+    steps = [b - a for a, b in zip(vals, vals[1:])]
+    if not steps:
+        return float("nan"), float("nan")
+    return float(np.mean(np.abs(steps))), float(max(max(-d for d in steps), 0.0))
+
+
 def epsilon_spent(run: dict, kind: str = "epsilon_rdp") -> float:
     """Max over sites of the epsilon spent (0 for NP-FL's none)."""
     priv = run.get("privacy")
@@ -158,6 +172,9 @@ def summarize(runs: Sequence[dict]) -> dict:
             ref = npfl_final.get(r["seed"], npfl_mean)
             reached.append(rounds_to_reach(dice_curve(r), REACH_FRACTION * ref) if math.isfinite(ref) else None)
         row["rounds_to_90"] = reached
+        stab = [round_stability(dice_curve(r)) for r in group]
+        row["round_abs_change"] = (_mean(a for a, _ in stab), _std(a for a, _ in stab))
+        row["round_max_drop"] = (_mean(d for _, d in stab), _std(d for _, d in stab))
         for kind in ("epsilon_rdp", "epsilon_prv"):
             vals = [epsilon_spent(r, kind) for r in group] if key[0] != "npfl" else []
             row[kind] = (_mean(vals), _std(vals)) if vals else None
@@ -191,6 +208,11 @@ def _statements(rows: list[dict]) -> list[str]:
                 out.append(f"At epsilon={eps:g}, DP-FL keeps {frac:.1%} of NP-FL's final Dice (< 90 %); no ADP-FL run.")
     if not out and any(r["mode"] == "dpfl" for r in rows):
         out.append("DP-FL keeps >= 90 % of NP-FL's final Dice at every epsilon compared.")
+    for (mode, eps), row in sorted(by.items(), key=lambda kv: _sort_key(kv[0])):
+        frac = row["dice_fraction_of_npfl"]
+        if mode in RECORD_MODES and math.isfinite(frac):
+            out.append(f"Record-level epsilon={eps:g} (one record, {len(row['seeds'])} seeds): "
+                       f"{MODE_LABELS[mode].split(' (')[0]} keeps {frac:.1%} of NP-FL's final Dice.")
     out.extend(_record_statements(by))
     return out
 
@@ -240,7 +262,8 @@ def table_columns(regions: Sequence[str], keys: Sequence[str] | None = None) -> 
     return (
         ["method", "target_epsilon", "seeds", "dice_mean"]
         + keys
-        + ["rounds_to_90pct_npfl", "epsilon_rdp_max_site", "epsilon_prv_max_site", "dice_fraction_of_npfl",
+        + ["rounds_to_90pct_npfl", "round_abs_change", "round_max_drop", "epsilon_rdp_max_site",
+           "epsilon_prv_max_site", "dice_fraction_of_npfl",
            "wall_time_s"]
     )
 
@@ -259,7 +282,8 @@ def markdown(summary: dict, title: str = "ADP-FL comparison", task: str = "") ->
     regions, rows = summary["regions"], summary["rows"]
     keys = summary.get("metric_keys") or [f"dice_{g}" for g in regions] + [f"hd95_{g}" for g in regions]
     hdr = (["Method", "Seeds", "Dice (mean)"] + [metric_label(k) for k in keys]
-           + ["Rounds to 90% NP-FL", "eps RDP (max site)", "eps PRV (max site)", "Dice / NP-FL"])
+           + ["Rounds to 90% NP-FL", "Round-to-round abs. change / largest drop", "eps RDP (max site)",
+              "eps PRV (max site)", "Dice / NP-FL"])
     lines = [f"# {title}", "", "Mean +- std over seeds; per seed, Dice/HD95 are means over sites of the final global "
              "model's validation; epsilon is the spend of the most-spent site (site-level update DP, at the run's "
              f"delta; for DP-SGD/ADP-SGD rows: record-level DP, {record_unit(task)}, a different unit that is not "
@@ -272,13 +296,17 @@ def markdown(summary: dict, title: str = "ADP-FL comparison", task: str = "") ->
     for r in rows:
         cells = [r["method"], str(len(r["seeds"])), _pm(r["dice_mean"])]
         cells += [_pm(r[k], 2 if "hd95" in k else 3) for k in keys]
-        cells += [_reach(r["rounds_to_90"]), _pm(r["epsilon_rdp"], 4 if _small(r["epsilon_rdp"]) else 1),
+        cells += [_reach(r["rounds_to_90"]), f"{_pm(r['round_abs_change'])} / {_pm(r['round_max_drop'])}",
+                  _pm(r["epsilon_rdp"], 4 if _small(r["epsilon_rdp"]) else 1),
                   _pm(r["epsilon_prv"], 4 if _small(r["epsilon_prv"]) else 1),
                   "n/a" if not math.isfinite(r["dice_fraction_of_npfl"]) else f"{r['dice_fraction_of_npfl']:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Privacy / utility", ""] + [f"- {s}" for s in summary["statements"]]
     lines += ["", "Rounds to 90 % of NP-FL: first round r whose global model (validated by the sites at the start of "
               "round r; the final model counts as the last round) reaches 90 % of the same seed's NP-FL final Dice.",
+              "", "Round-to-round stability: over the rounds after the first, the mean absolute change of the "
+              "global model's Dice (mean over sites) between consecutive rounds, and the largest drop; "
+              "mean +- std over seeds.",
               "", "Plots: `plots/convergence.png`, `plots/frontier.png` (update level), `plots/frontier_record.png` "
               "(record level, when there are such runs), `plots/epsilon_by_round.png`.", ""]
     return "\n".join(lines)
@@ -304,6 +332,8 @@ def write_csv(summary: dict, path: Path) -> None:
             for m in ["dice_mean"] + keys:
                 line += [("" if not math.isfinite(v) else v) for v in r[m]]  # "" = no cases
             line.append(_reach(r["rounds_to_90"]))
+            for k in ("round_abs_change", "round_max_drop"):
+                line += [("" if not math.isfinite(v) else v) for v in r[k]]
             for k in ("epsilon_rdp", "epsilon_prv"):
                 line += list(r[k]) if r[k] is not None else ["", ""]
             line += [r["dice_fraction_of_npfl"], r["wall_time_s"]]
