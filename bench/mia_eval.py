@@ -33,7 +33,9 @@ non-members; shadow federations 2j and 2j+1 train on complementary random halves
 site's pool, so each candidate is IN exactly K/2 shadows and OUT of K/2. Per candidate,
 ``mu_in`` / ``mu_out`` = mean ``phi`` over its IN / OUT shadows; ``sigma_in`` / ``sigma_out``
 pooled over all candidates; score = ``log N(phi; mu_in, sigma_in) - log N(phi; mu_out,
-sigma_out)``. The offline score from the same OUT shadows is reported beside it. ``--dp-*``
+sigma_out)``. The offline score from the same OUT shadows is reported beside it, and (K > 2)
+the online score from the first complementary pair alone (each candidate 1 IN, 1 OUT: the
+fewest shadows online LiRA runs with), to show what the extra shadows add. ``--dp-*``
 and ``--npfl-*`` set each setting's own network, batch, learning rate and (DP-SGD) steps per
 round, so each trains in its own best known configuration (docs/results/record_skin2d_realistic_b32).
 
@@ -371,6 +373,8 @@ def main_online(a, argv) -> int:
         online, offline = lira_online(phi, np.stack(sphi), sin)
         scores = {"loss threshold": -loss, f"online LiRA ({a.online} shadows, global variances)": online,
                   "offline LiRA (the same shadows' OUT models, fixed variance)": offline}
+        if a.online > 2:  # the fewest shadows online LiRA can run with: the first complementary pair
+            scores["online LiRA (its first 2 shadows only)"] = lira_online(phi, np.stack(sphi[:2]), sin[:2])[0]
         lines += result_rows(name, info, scores, member, loss, dice, secs, shadow_s)
     if not a.online:
         lines = []
