@@ -4,6 +4,9 @@
                              [--nonmembers 100] [--out docs/results/privacy_audit]
     python bench/mia_eval.py --online 4 --train 150 --size 32 --rounds 4 --epochs 3 \
         --dp-network dp --dp-batch 32 --dp-lr 0.01 --dp-steps 15 --npfl-lr 1e-3 --val 30 --out ...
+    python bench/mia_eval.py --online 4 --probe 10 12 14 16 18 --train 80 --size 32 --rounds 20 --epochs 5 \
+        --npfl-lr 1e-3 --dp-network dp --dp-batch 32 --dp-lr 0.01 --dp-steps 12 --dp-rounds 4 --val 30 \
+        --name mia_middle.md --out ...   (docs/privacy-evaluation.md 4.2: NP-FL leaks, DP-SGD learns)
 
 Setting chosen to make NP-FL overfit (the tiny-dataset regime; at 16 images per site and 6
 rounds x 5 epochs its loss-threshold AUC was still 0.557 +- 0.049): in-process FedAvg (no
