@@ -4,6 +4,9 @@
                              [--nonmembers 100] [--out docs/results/privacy_audit]
     python bench/mia_eval.py --online 4 --train 150 --size 32 --rounds 4 --epochs 3 \
         --dp-network dp --dp-batch 32 --dp-lr 0.01 --dp-steps 15 --npfl-lr 1e-3 --val 30 --out ...
+    python bench/mia_eval.py --online 4 --probe 10 12 14 16 18 --train 80 --size 32 --rounds 20 --epochs 5 \
+        --npfl-lr 1e-3 --dp-network dp --dp-batch 32 --dp-lr 0.01 --dp-steps 12 --dp-rounds 4 --val 30 \
+        --name mia_middle.md --out ...   (docs/privacy-evaluation.md 4.2: NP-FL leaks, DP-SGD learns)
 
 Setting chosen to make NP-FL overfit (the tiny-dataset regime; at 16 images per site and 6
 rounds x 5 epochs its loss-threshold AUC was still 0.557 +- 0.049): in-process FedAvg (no
@@ -33,9 +36,19 @@ non-members; shadow federations 2j and 2j+1 train on complementary random halves
 site's pool, so each candidate is IN exactly K/2 shadows and OUT of K/2. Per candidate,
 ``mu_in`` / ``mu_out`` = mean ``phi`` over its IN / OUT shadows; ``sigma_in`` / ``sigma_out``
 pooled over all candidates; score = ``log N(phi; mu_in, sigma_in) - log N(phi; mu_out,
-sigma_out)``. The offline score from the same OUT shadows is reported beside it. ``--dp-*``
+sigma_out)``. The offline score from the same OUT shadows is reported beside it, and (K > 2)
+the online score from the first complementary pair alone (each candidate 1 IN, 1 OUT: the
+fewest shadows online LiRA runs with), to show what the extra shadows add. ``--dp-*``
 and ``--npfl-*`` set each setting's own network, batch, learning rate and (DP-SGD) steps per
 round, so each trains in its own best known configuration (docs/results/record_skin2d_realistic_b32).
+
+Probing (``--probe R1 R2 ...``, with ``--online K``; K = 0 trains the targets only): the
+target's global model is also scored after each listed round (and after the last): the
+loss-threshold AUC (std err), TPR at 1 % FPR, the members' and the non-members' mean loss (the
+train / held-out loss gap that overfitting opens) and the Dice, one row per probe, written to
+``mia_probe.md`` (or ``--name``). One training gives a whole epochs axis of the cheap attack, so
+a grid over members per site x epochs costs one federation per members value. ``--dp-rounds``
+lets DP-SGD keep its own (public) schedule while NP-FL trains longer on the same members.
 
 Reported per setting: AUC (Mann-Whitney, 0.5 = no leakage), TPR at 1 % FPR (threshold at the
 99th percentile of the non-members' scores), mean losses, the final global model's Dice on
@@ -122,6 +135,27 @@ def lira_online(phi: np.ndarray, shadow_phi: np.ndarray, shadow_in: np.ndarray) 
     return online, (phi - mu_out) / s_out
 
 
+def setting_rounds(kind: str, a) -> int:
+    """FedAvg rounds of ``kind``: DP-SGD may keep its own schedule (``--dp-rounds``)."""
+    return a.rounds if kind == "NP-FL" or a.dp_rounds is None else a.dp_rounds
+
+
+def probe_row(name: str, r: int, epochs: int, info: str, loss: np.ndarray, member: np.ndarray, dice: float,
+              secs: float) -> str:
+    """One probe row: the loss-threshold attack and the train / held-out loss gap after round ``r``."""
+    n_m, n_n = int(member.sum()), int((~member).sum())
+    au = auc(-loss[member], -loss[~member])
+    return (f"| {name} | {r} | {r * epochs} | {info} | {n_m} / {n_n} | {au:.3f} ({auc_std_error(au, n_m, n_n):.3f}) "
+            f"| {tpr_at_fpr(-loss[member], -loss[~member]):.3f} | {loss[member].mean():.3f} / "
+            f"{loss[~member].mean():.3f} | {dice:.3f} | {secs:.0f} |")
+
+
+PROBE_HEADER = ("| setting | round | local epochs so far | accounted epsilon (unit, delta, accountant) "
+                "| members / non-members | loss-threshold AUC (std err) | TPR at 1 % FPR "
+                "| mean loss members / non-members | Dice (sites' validation) | training s so far |",
+                "|---|---|---|---|---|---|---|---|---|---|")
+
+
 def setting_config(kind: str, a):
     """The TrainConfig and network variant of ``kind`` (NP-FL or DP-SGD) from the options."""
     from adpfl.training import TrainConfig
@@ -134,9 +168,10 @@ def setting_config(kind: str, a):
 
 
 def train_federation(kind: str, dls: list[dict], cfg, rounds: int, epsilon: float, seed: int,
-                     network: str = "standard"):
+                     network: str = "standard", on_round=None):
     """FedAvg of ``rounds`` rounds over the sites' datalists; returns (global model, trainers,
-    privacy info, seconds)."""
+    privacy info, seconds). ``on_round(r, global model, trainers, info, seconds so far)``, if
+    given, runs after each round ``r`` (1-based); its time is not counted in the seconds."""
     from adpfl.privacy.config import DPSGDConfig
     from adpfl.tasks.base import get_task
     from adpfl.tasks.network import TaskNetwork
@@ -152,8 +187,8 @@ def train_federation(kind: str, dls: list[dict], cfg, rounds: int, epsilon: floa
         trainers = [DPSGDTrainer(task, dl, cfg, dp) for dl in dls]
     g = TaskNetwork("skin2d", network)
     models = [TaskNetwork("skin2d", network) for _ in dls]
-    info, t0 = "none", time.perf_counter()
-    for _r in range(rounds):
+    info, t0, probe_s = "none", time.perf_counter(), 0.0
+    for r in range(rounds):
         gs = {k: v.clone() for k, v in g.state_dict().items()}
         deltas = []
         for m, tr in zip(models, trainers):
@@ -165,7 +200,11 @@ def train_federation(kind: str, dls: list[dict], cfg, rounds: int, epsilon: floa
                         f"z = {res['noise_multiplier']:.4g}, q = {res['sample_rate']:.3g}, "
                         f"{sum(int(h[2]) for h in tr.history)} steps")
         g.load_state_dict({k: gs[k] + sum(d[k] for d in deltas) / len(deltas) for k in gs})
-    return g, trainers, info, time.perf_counter() - t0
+        if on_round is not None:
+            tp = time.perf_counter()
+            on_round(r + 1, g, trainers, info, tp - t0 - probe_s)
+            probe_s += time.perf_counter() - tp
+    return g, trainers, info, time.perf_counter() - t0 - probe_s
 
 
 def result_rows(name: str, info: str, scores: dict, member: np.ndarray, loss: np.ndarray, dice: float,
@@ -211,6 +250,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dp-lr", type=float, default=2e-3)
     ap.add_argument("--dp-network", default="standard")
     ap.add_argument("--dp-steps", type=int, default=None, help="DP-SGD steps per round (None: --epochs epochs)")
+    ap.add_argument("--dp-rounds", type=int, default=None, help="DP-SGD's FedAvg rounds (None: --rounds)")
+    ap.add_argument("--probe", type=int, nargs="*", default=[],
+                    help="rounds after which the target is probed (loss threshold, loss gap, Dice); with --online")
+    ap.add_argument("--name", default=None, help="result file name (default mia.md / mia_online.md / mia_probe.md)")
     ap.add_argument("--out", default="docs/results/privacy_audit")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -219,7 +262,7 @@ def main(argv=None) -> int:
     from adpfl.data.datalist import load_site_datalist
     from adpfl.data.synthetic import ensure_site_data
 
-    if a.online:
+    if a.online or a.probe:
         return main_online(a, argv)
     head = run_header("mia_eval.py", argv)
     print(head, flush=True)
@@ -262,11 +305,12 @@ def main(argv=None) -> int:
         member = np.arange(len(cands)) < n_m
         lines += result_rows(kind if kind == "NP-FL" else f"DP-SGD eps {a.epsilon:g}", info, scores, member, loss,
                              dice, secs, shadow_s)
-    return finish(a, head, lines, t_start, "mia.md")
+    return finish(a, head, lines, t_start, a.name or "mia.md")
 
 
 def main_online(a, argv) -> int:
-    """Online LiRA (``--online K``): see the module docstring. Writes ``mia_online.md``."""
+    """Online LiRA (``--online K``) and probes (``--probe``): see the module docstring. Writes
+    ``mia_online.md`` (K > 0) or ``mia_probe.md`` (K = 0), or ``--name``."""
     from _machine import run_header
     from adpfl.data.datalist import load_site_datalist
     from adpfl.data.synthetic import ensure_site_data
@@ -300,18 +344,31 @@ def main_online(a, argv) -> int:
 
     cands = [e for p in pools for e in p["training"]]
     member = np.concatenate(target_in)
-    sin = np.stack([np.concatenate(m) for m in shadow_in])
-    lines = list(HEADER)
+    sin = np.stack([np.concatenate(m) for m in shadow_in]) if shadow_in else None
+    lines, probes = list(HEADER), list(PROBE_HEADER)
     for kind in a.settings:
         cfg, net = setting_config(kind, a)
-        g, trainers, info, secs = train_federation(kind, subset(target_in), cfg, a.rounds, a.epsilon, seed=0,
-                                                   network=net)
+        rounds = setting_rounds(kind, a)
+        name = "NP-FL" if kind == "NP-FL" else f"DP-SGD eps {a.epsilon:g}"
+
+        def probe(r, g, trainers, info, secs, name=name, cfg=cfg, rounds=rounds):
+            if r not in a.probe and r != rounds:
+                return
+            loss = image_stats(g, trainers[0], cands)[0]
+            dice = float(np.mean([tr.evaluate(g, with_hd95=False)["dice_mean"] for tr in trainers]))
+            probes.append(probe_row(name, r, cfg.local_epochs, info, loss, member, dice, secs))
+            print(probes[-1], flush=True)
+
+        g, trainers, info, secs = train_federation(kind, subset(target_in), cfg, rounds, a.epsilon, seed=0,
+                                                   network=net, on_round=probe if a.probe else None)
+        if not a.online:
+            continue
         loss, phi = image_stats(g, trainers[0], cands)
         dice = float(np.mean([tr.evaluate(g, with_hd95=False)["dice_mean"] for tr in trainers]))
         print(f"{kind}: target trained in {secs:.0f} s, Dice {dice:.3f}, {info}", flush=True)
         sphi, shadow_s = [], 0.0
         for k, masks in enumerate(shadow_in):
-            sg, st, _, s_secs = train_federation(kind, subset(masks), cfg, a.rounds, a.epsilon, seed=k + 1,
+            sg, st, _, s_secs = train_federation(kind, subset(masks), cfg, rounds, a.epsilon, seed=k + 1,
                                                  network=net)
             sphi.append(image_stats(sg, st[0], cands)[1])
             shadow_s += s_secs
@@ -319,9 +376,14 @@ def main_online(a, argv) -> int:
         online, offline = lira_online(phi, np.stack(sphi), sin)
         scores = {"loss threshold": -loss, f"online LiRA ({a.online} shadows, global variances)": online,
                   "offline LiRA (the same shadows' OUT models, fixed variance)": offline}
-        name = "NP-FL" if kind == "NP-FL" else f"DP-SGD eps {a.epsilon:g}"
+        if a.online > 2:  # the fewest shadows online LiRA can run with: the first complementary pair
+            scores["online LiRA (its first 2 shadows only)"] = lira_online(phi, np.stack(sphi[:2]), sin[:2])[0]
         lines += result_rows(name, info, scores, member, loss, dice, secs, shadow_s)
-    return finish(a, head, lines, t_start, "mia_online.md")
+    if not a.online:
+        lines = []
+    if a.probe:
+        lines = probes + ([""] if lines else []) + lines
+    return finish(a, head, lines, t_start, a.name or ("mia_online.md" if a.online else "mia_probe.md"))
 
 
 if __name__ == "__main__":
