@@ -64,7 +64,7 @@ from adpfl.privacy.mechanisms import make_generator
 from adpfl.privacy.record import PRIVACY_UNIT, RecordLedger, calibrate_with_prior, opacus_rdp_epsilon
 from adpfl.privacy.record_adaptive import QuantileClip, RecordNoiseSchedule, gradient_noise_multiplier
 from adpfl.tasks.base import SegTask
-from adpfl.training.dp_extras import AugmentedCopies, ema_tracker, random_mask
+from adpfl.training.dp_extras import AugmentedCopies, ema_tracker, lr_factor, random_mask
 from adpfl.training.dp_noise import RecordDPOptimizer
 from adpfl.training.grad_samplers import register as _register_grad_samplers
 from adpfl.training.loop import LocalTrainer, TrainConfig
@@ -315,6 +315,9 @@ class DPSGDTrainer:
         opt = self.make_optimizer(model, gen, mask)
         params = [p for p in model.parameters() if p.requires_grad]
         loss_fn = self.base.loss_fn
+        # the schedule counts this job's logical steps over its planned rounds (public numbers only)
+        done_before = self.rounds_trained * self.steps_per_round
+        total_steps = int(self.dp.planned_rounds or 1) * self.steps_per_round
         steps, samples, loss_sum, nonempty = 0, 0, 0.0, 0
         aborted = False
         t0 = time.perf_counter()
@@ -343,6 +346,9 @@ class DPSGDTrainer:
                         loss.backward()
                         loss_sum += float(loss.detach())
                         nonempty += 1
+                    for group in opt.param_groups:
+                        group["lr"] = self.config.learning_rate * lr_factor(
+                            self.dp.lr_schedule, done_before + steps, total_steps, self.dp.lr_final_factor)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     samples += n // self.dp.augmult
