@@ -188,6 +188,11 @@ def key_region(task: str) -> str:
     return get_task(task).key_region
 
 
+def _num(v) -> str:
+    """An epsilon in the table; ``-`` where an accountant gave none (PRV at a diagnostic epsilon of 1e6)."""
+    return "-" if v is None else f"{v:.3f}"
+
+
 def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> Path:
     # the search's NP-FL rows are the reference (first); a stage's own NP-FL rows only where it has none
     npfl_rows = [read_json(f) for f in sorted((out / "search").glob("npfl*.json"))]
@@ -216,7 +221,7 @@ def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> P
              f"{key_region(args.task)} / NP-FL | Dice by round | eps RDP / PRV per site | z | Wall (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        eps = "-" if not r["epsilon"] else "; ".join(f"{s} {a:.3f} / {b:.3f}" for s, (a, b) in r["epsilon"].items())
+        eps = "-" if not r["epsilon"] else "; ".join(f"{s} {_num(a)} / {_num(b)}" for s, (a, b) in r["epsilon"].items())
         z = "-" if not r["z"] else ", ".join(f"{v:.3f}" for v in r["z"].values())
         ref = refs.get(r.get("epochs"))
         ref_key = refs_key.get(r.get("epochs"))
