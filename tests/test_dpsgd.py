@@ -286,3 +286,26 @@ def test_cosine_learning_rate_schedule_spans_the_planned_rounds(site):
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor("cosine", 1, 4, 0.1))
     tr.train(model)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_ema_warmup_follows_min_decay_schedule():
+    from adpfl.privacy.errors import PrivacyConfigError
+    from adpfl.training.dp_extras import ema_tracker
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    values = [1.0, 3.0, 2.0, 5.0]
+    for warmup, decay in ((True, 0.999), (False, 0.5)):
+        ema = ema_tracker(model, decay, warmup=warmup)
+        expected = None
+        for t, v in enumerate(values):
+            with torch.no_grad():
+                model.weight.fill_(v)
+            ema.update_parameters(model)
+            if expected is None:
+                expected = v  # the first update copies the weights
+            else:
+                d = min(decay, (1 + t) / (10 + t)) if warmup else decay
+                expected = d * expected + (1 - d) * v
+        assert float(ema.module.weight) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(PrivacyConfigError, match="ema_warmup"):
+        DPSGDConfig(target_epsilon=8.0, planned_rounds=2, ema_warmup="yes").validate()

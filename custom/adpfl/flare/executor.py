@@ -92,6 +92,7 @@ class SegmentationExecutor(Executor):
         dpsgd_public_num_records: int | None = _D.public_num_records,
         dpsgd_lr_schedule: str = _D.lr_schedule,
         dpsgd_lr_final_factor: float = _D.lr_final_factor,
+        dpsgd_ema_warmup: bool = _D.ema_warmup,
         dpsgd_ledger_name: str | None = _S.dpsgd_ledger_name,
         ledger_dir: str | None = _S.ledger_dir,
         train_task_name: str = AppConstants.TASK_TRAIN,
@@ -139,7 +140,8 @@ class SegmentationExecutor(Executor):
                      noise_min_factor=dpsgd_noise_min_factor, noise_max_factor=dpsgd_noise_max_factor,
                      keep_fraction=dpsgd_keep_fraction, augmult=dpsgd_augmult, ema_decay=dpsgd_ema_decay,
                      physical_batch_size=dpsgd_physical_batch_size, public_num_records=dpsgd_public_num_records,
-                     lr_schedule=dpsgd_lr_schedule, lr_final_factor=dpsgd_lr_final_factor)
+                     lr_schedule=dpsgd_lr_schedule, lr_final_factor=dpsgd_lr_final_factor,
+                     ema_warmup=dpsgd_ema_warmup)
         for name, value in extra.items():
             setattr(self, f"dpsgd_{name}", value)
         self.ledger_dir = ledger_dir

@@ -226,6 +226,9 @@ class DPSGDConfig:
                               "before clipping (still one record's contribution)", "K copies")
     ema_decay: float = setting(0.0, "EMA of the weights over the round's steps; the EMA is what leaves "
                                     "(post-processing; 0 = off)", "decay in [0, 1)")
+    ema_warmup: bool = setting(False, "EMA decay at the round's t-th averaged step min(ema_decay, (1 + t) / (10 + t)) "
+                                      "(De et al. 2022), so a high decay does not pin the EMA to the round's first "
+                                      "weights")
     physical_batch_size: int | None = setting(None, "largest physical batch (Opacus BatchMemoryManager): "
                                                     "larger Poisson batches as virtual steps (None = no split)",
                                               "records")
@@ -276,6 +279,8 @@ class DPSGDConfig:
             raise PrivacyConfigError(f"augmult must be an integer >= 1, got {self.augmult!r}")
         if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
             raise PrivacyConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not isinstance(self.ema_warmup, bool):
+            raise PrivacyConfigError(f"ema_warmup must be true or false, got {self.ema_warmup!r}")
         if self.lr_schedule not in DPSGD_LR_SCHEDULES:
             raise PrivacyConfigError(f"lr_schedule must be one of {DPSGD_LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.lr_schedule != "constant" and self.planned_rounds is None:

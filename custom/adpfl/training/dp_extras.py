@@ -43,12 +43,24 @@ class AugmentedCopies(torch.utils.data.Dataset):
         return [self.dataset[index] for _ in range(self.k)]
 
 
-def ema_tracker(model: torch.nn.Module, decay: float) -> AveragedModel | None:
-    """An EMA of ``model``'s weights starting from its current ones (None when ``decay == 0``).
-    Call ``update_parameters(model)`` after each optimizer step."""
+def ema_tracker(model: torch.nn.Module, decay: float, warmup: bool = False) -> AveragedModel | None:
+    """An EMA of ``model``'s weights (None when ``decay == 0``). Call ``update_parameters(model)``
+    after each optimizer step; the first call copies the weights (``AveragedModel``), the
+    ``t``-th later one averages with decay ``decay``, or with ``warmup`` ``min(decay, (1 + t) /
+    (10 + t))`` (De et al. 2022; torch's EMA helper has a fixed decay, hence this function)."""
     if decay <= 0:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=False)
+    if not warmup:
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=False)
+
+    @torch.no_grad()
+    def warmup_update(ema_params, params, n_averaged) -> None:
+        t = float(n_averaged)
+        d = min(float(decay), (1.0 + t) / (10.0 + t))
+        for p_ema, p in zip(ema_params, params):
+            p_ema.lerp_(p, 1.0 - d)
+
+    return AveragedModel(model, multi_avg_fn=warmup_update, use_buffers=False)
 
 
 def lr_factor(schedule: str, step: int, total_steps: int, final_factor: float = 0.0) -> float:

@@ -310,7 +310,7 @@ class DPSGDTrainer:
         sample_gen = make_generator("cpu")
         aug_gen = self.base.augment_generator()  # augmentation only (per row, before per-sample gradients)
         mask = random_mask(model, float(self.dp.keep_fraction), gen)
-        ema = ema_tracker(model, float(self.dp.ema_decay))
+        ema = ema_tracker(model, float(self.dp.ema_decay), bool(self.dp.ema_warmup))
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         opt = self.make_optimizer(model, gen, mask)
         params = [p for p in model.parameters() if p.requires_grad]
