@@ -24,7 +24,15 @@ Stages:
   ``--base-extra``) and the same with one lever changed at a time: augmentation
   multiplicity and EMA of the weights (removed when the chosen one has them, else added),
   large batches / virtual steps (expected batch 32), the ``dp`` network (-> ``standard``),
-  and adaptive clipping (ADP-SGD's quantile clip, mode ``adpsgd``, against the chosen DP-SGD).
+  and adaptive clipping (ADP-SGD's quantile clip, mode ``adpsgd``, against the chosen DP-SGD);
+* ``diagnose``: where the chosen DP-SGD row (``--base``) loses against NP-FL, split into three
+  gaps: ``npfl_same_schedule`` (NP-FL on the base row's network, expected batch, learning rate
+  and step count: the network + schedule gap against the NP-FL reference), ``clip_only``
+  (DP-SGD with the base row's clipping and a record-level target epsilon of
+  ``--clip-only-epsilon``, default 1e6, i.e. almost no noise: the clipping gap; a
+  DIAGNOSTIC, not a private configuration) and ``chosen`` (the base row itself: the noise gap);
+* ``levers``: the base row with the settings of each ``--row NAME KEY=VALUE ...`` on top
+  (``mode=adpsgd`` / ``mode=npfl`` changes the mode; ``dpsgd_target_epsilon=E`` a row's epsilon).
 
 Each finished run is kept as ``<out>/<stage>/<name>.json`` (re-running skips it) and the
 stage's table is rewritten as ``<out>/<stage>.md``::
@@ -107,6 +115,28 @@ def ablation_configs(base: dict, num_train: int, epochs_per_round: float) -> dic
     return cfgs
 
 
+def diagnose_configs(base: dict, clip_only_epsilon: float = 1e6) -> dict[str, tuple[str, dict]]:
+    """The gap decomposition of a chosen DP-SGD row (see the module docstring): NP-FL with the
+    row's network, batch, learning rate and steps; the row with (nearly) no noise; the row."""
+    record_only = {k: v for k, v in base.items() if k.startswith("dpsgd_")}
+    same = {k: v for k, v in base.items() if k not in record_only}
+    return {"npfl_same_schedule": ("npfl", same),
+            "clip_only": ("dpsgd", dict(base, dpsgd_target_epsilon=float(clip_only_epsilon))),
+            "chosen": ("dpsgd", dict(base))}
+
+
+def lever_configs(base: dict, rows: list[list[str]]) -> dict[str, tuple[str, dict]]:
+    """``{name: (mode, base + the row's settings)}`` for each ``[NAME, KEY=VALUE, ...]`` of ``rows``."""
+    cfgs = {}
+    for row in rows:
+        if not row:
+            raise SystemExit("--row needs a name and KEY=VALUE settings")
+        settings = parse_kv(row[1:])
+        mode = str(settings.pop("mode", "dpsgd"))
+        cfgs[row[0]] = (mode, dict(base, **settings))
+    return cfgs
+
+
 def run_one(name: str, mode: str, extra: dict, args, stage_dir: Path) -> dict:
     path = stage_dir / f"{name}.json"
     if path.is_file():
@@ -116,7 +146,9 @@ def run_one(name: str, mode: str, extra: dict, args, stage_dir: Path) -> dict:
     executor = {"data_size": "realistic", "num_train": args.num_train, "num_val": args.num_val,
                 "image_size": args.image_size, "local_epochs": max(1, math.ceil(args.epochs_per_round)),
                 "hd95": True, **parse_kv(args.executor), **extra}
-    spec = {"mode": mode, "seed": args.data_seed, "epsilon": None if mode == "npfl" else args.epsilon,
+    # a row may carry its own record-level target (diagnose's clip_only row); compare sets it from spec
+    epsilon = float(extra.get("dpsgd_target_epsilon", args.epsilon))
+    spec = {"mode": mode, "seed": args.data_seed, "epsilon": None if mode == "npfl" else epsilon,
             "run_id": f"tune_{name}"}
     overrides = run_overrides(spec, args.rounds, executor, args.delta)
     run_dir = stage_dir / name
@@ -156,9 +188,15 @@ def key_region(task: str) -> str:
     return get_task(task).key_region
 
 
+def _num(v) -> str:
+    """An epsilon in the table; ``-`` where an accountant gave none (PRV at a diagnostic epsilon of 1e6)."""
+    return "-" if v is None else f"{v:.3f}"
+
+
 def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> Path:
-    npfl_rows = [r for r in rows if r["mode"] == "npfl"]
-    npfl_rows += [read_json(f) for f in sorted((out / "search").glob("npfl*.json"))]
+    # the search's NP-FL rows are the reference (first); a stage's own NP-FL rows only where it has none
+    npfl_rows = [read_json(f) for f in sorted((out / "search").glob("npfl*.json"))]
+    npfl_rows += [r for r in rows if r["mode"] == "npfl"]
     refs, refs_key = {}, {}  # NP-FL reference per epochs (mean Dice and key-region Dice)
     for rec in npfl_rows:
         refs.setdefault(rec.get("epochs"), rec["dice"])
@@ -183,7 +221,7 @@ def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> P
              f"{key_region(args.task)} / NP-FL | Dice by round | eps RDP / PRV per site | z | Wall (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        eps = "-" if not r["epsilon"] else "; ".join(f"{s} {a:.3f} / {b:.3f}" for s, (a, b) in r["epsilon"].items())
+        eps = "-" if not r["epsilon"] else "; ".join(f"{s} {_num(a)} / {_num(b)}" for s, (a, b) in r["epsilon"].items())
         z = "-" if not r["z"] else ", ".join(f"{v:.3f}" for v in r["z"].values())
         ref = refs.get(r.get("epochs"))
         ref_key = refs_key.get(r.get("epochs"))
@@ -207,7 +245,7 @@ def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> P
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results/record_tune")
-    ap.add_argument("--stage", choices=["search", "ablation"], default="search")
+    ap.add_argument("--stage", choices=["search", "ablation", "diagnose", "levers"], default="search")
     ap.add_argument("--data-root", default="", help="default: <out>/data (synthetic sites generated there)")
     ap.add_argument("--data-seed", type=int, default=1000, help="the public split's seed (sites use 0, 1, 2)")
     ap.add_argument("--sites", type=int, default=1)
@@ -226,6 +264,10 @@ def main() -> int:
     ap.add_argument("--base", default="", help="ablation: the search row to start from")
     ap.add_argument("--base-extra", nargs="*", default=[], metavar="KEY=VALUE", help="ablation: added to --base")
     ap.add_argument("--executor", nargs="*", default=[], metavar="KEY=VALUE", help="executor settings of every row")
+    ap.add_argument("--clip-only-epsilon", type=float, default=1e6,
+                    help="diagnose: the clip_only row's record-level target epsilon (a diagnostic, not private)")
+    ap.add_argument("--row", nargs="+", action="append", default=[], metavar="NAME_OR_KEY=VALUE",
+                    help="levers: one row, NAME then KEY=VALUE settings on top of --base (repeatable)")
     ap.add_argument("--only", nargs="*", default=[], help="run only these config names")
     ap.add_argument("--npfl-extra", nargs="*", default=[], metavar="KEY=VALUE",
                     help="search: settings of the NP-FL reference row (default batch 8, one round's epochs)")
@@ -243,13 +285,18 @@ def main() -> int:
                               parse_kv(args.npfl_extra))
     else:
         if not args.base:
-            raise SystemExit("--stage ablation needs --base NAME (a finished search row)")
+            raise SystemExit(f"--stage {args.stage} needs --base NAME (a finished search row)")
         base_path = out / "search" / f"{args.base}.json"
         if not base_path.is_file():
             raise SystemExit(f"--base {args.base}: {base_path} does not exist (run the search first)")
         base = dict(read_json(base_path)["extra"], **parse_kv(args.base_extra))
-        cfgs = ablation_configs(base, args.num_train, args.epochs_per_round)
-        if not args.base_extra and not (stage_dir / "chosen.json").is_file():
+        if args.stage == "ablation":
+            cfgs = ablation_configs(base, args.num_train, args.epochs_per_round)
+        elif args.stage == "diagnose":
+            cfgs = diagnose_configs(base, args.clip_only_epsilon)
+        else:
+            cfgs = lever_configs(base, args.row)
+        if args.stage != "levers" and not args.base_extra and not (stage_dir / "chosen.json").is_file():
             # the chosen configuration IS the search row: its finished run is reused, not re-run
             write_json_atomic(stage_dir / "chosen.json", dict(read_json(base_path), name="chosen"), indent=1)
     print(f"{machine()}\n{args.stage}: {len(cfgs)} configs -> {stage_dir}", flush=True)

@@ -262,3 +262,50 @@ def test_trainer_adds_noise_in_float64(site, monkeypatch):
     n_params = sum(1 for p in model.parameters() if p.requires_grad)
     assert len(calls) == 2 * n_params  # 2 steps, every parameter
     assert all(std == pytest.approx(1.5 * 0.7) and out == torch.float32 for std, _, out in calls)
+
+
+def test_cosine_learning_rate_schedule_spans_the_planned_rounds(site):
+    from adpfl.privacy.errors import PrivacyConfigError
+    from adpfl.training.dp_extras import lr_factor
+
+    assert lr_factor("constant", 7, 10) == 1.0
+    assert lr_factor("cosine", 0, 5, 0.1) == pytest.approx(1.0)
+    assert lr_factor("cosine", 2, 5, 0.1) == pytest.approx(0.55)  # half-way: mean of 1 and the final factor
+    assert lr_factor("cosine", 4, 5, 0.1) == pytest.approx(0.1) == lr_factor("cosine", 9, 5, 0.1)
+    with pytest.raises(PrivacyConfigError, match="lr_schedule"):
+        DPSGDConfig(target_epsilon=8.0, planned_rounds=2, lr_schedule="linear").validate()
+    with pytest.raises(PrivacyConfigError, match="lr_schedule 'cosine' needs planned_rounds"):
+        DPSGDConfig(noise_multiplier=1.0, lr_schedule="cosine").validate()
+    with pytest.raises(PrivacyConfigError, match="lr_final_factor"):
+        DPSGDConfig(target_epsilon=8.0, planned_rounds=2, lr_final_factor=1.5).validate()
+    # the trainer steps the schedule across rounds: 2 rounds x 2 steps, the last one at 0.1 x lr
+    tr = _trainer(site, noise_multiplier=1.0, planned_rounds=2, lr_schedule="cosine", lr_final_factor=0.1)
+    model = dpsgd_network(get_task("skin2d"))
+    tr.train(model)
+    opt = tr.optimizer_for(model)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor("cosine", 1, 4, 0.1))
+    tr.train(model)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_ema_warmup_follows_min_decay_schedule():
+    from adpfl.privacy.errors import PrivacyConfigError
+    from adpfl.training.dp_extras import ema_tracker
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    values = [1.0, 3.0, 2.0, 5.0]
+    for warmup, decay in ((True, 0.999), (False, 0.5)):
+        ema = ema_tracker(model, decay, warmup=warmup)
+        expected = None
+        for t, v in enumerate(values):
+            with torch.no_grad():
+                model.weight.fill_(v)
+            ema.update_parameters(model)
+            if expected is None:
+                expected = v  # the first update copies the weights
+            else:
+                d = min(decay, (1 + t) / (10 + t)) if warmup else decay
+                expected = d * expected + (1 - d) * v
+        assert float(ema.module.weight) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(PrivacyConfigError, match="ema_warmup"):
+        DPSGDConfig(target_epsilon=8.0, planned_rounds=2, ema_warmup="yes").validate()

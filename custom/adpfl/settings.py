@@ -132,7 +132,8 @@ COMPONENTS: dict[str, dict] = {
         + _group(_SITE, "hd95 dpsgd")
         + _group(_DPSGD, "target_epsilon delta max_grad_norm noise_multiplier planned_rounds", prefix="dpsgd_")
         + _group(_DPSGD, "adaptive clip_quantile clip_learning_rate clip_count_noise noise_min_factor "
-                         "noise_max_factor keep_fraction augmult ema_decay physical_batch_size public_num_records",
+                         "noise_max_factor keep_fraction augmult ema_decay physical_batch_size public_num_records "
+                         "lr_schedule lr_final_factor ema_warmup",
                   prefix="dpsgd_")
         + _group(_SITE, "dpsgd_ledger_name ledger_dir")
         + _group(f"{_HERE}:ExecutorTaskNames", "train_task_name validate_task_name")

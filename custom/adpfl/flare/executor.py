@@ -90,6 +90,9 @@ class SegmentationExecutor(Executor):
         dpsgd_ema_decay: float = _D.ema_decay,
         dpsgd_physical_batch_size: int | None = _D.physical_batch_size,
         dpsgd_public_num_records: int | None = _D.public_num_records,
+        dpsgd_lr_schedule: str = _D.lr_schedule,
+        dpsgd_lr_final_factor: float = _D.lr_final_factor,
+        dpsgd_ema_warmup: bool = _D.ema_warmup,
         dpsgd_ledger_name: str | None = _S.dpsgd_ledger_name,
         ledger_dir: str | None = _S.ledger_dir,
         train_task_name: str = AppConstants.TASK_TRAIN,
@@ -136,7 +139,9 @@ class SegmentationExecutor(Executor):
                      clip_learning_rate=dpsgd_clip_learning_rate, clip_count_noise=dpsgd_clip_count_noise,
                      noise_min_factor=dpsgd_noise_min_factor, noise_max_factor=dpsgd_noise_max_factor,
                      keep_fraction=dpsgd_keep_fraction, augmult=dpsgd_augmult, ema_decay=dpsgd_ema_decay,
-                     physical_batch_size=dpsgd_physical_batch_size, public_num_records=dpsgd_public_num_records)
+                     physical_batch_size=dpsgd_physical_batch_size, public_num_records=dpsgd_public_num_records,
+                     lr_schedule=dpsgd_lr_schedule, lr_final_factor=dpsgd_lr_final_factor,
+                     ema_warmup=dpsgd_ema_warmup)
         for name, value in extra.items():
             setattr(self, f"dpsgd_{name}", value)
         self.ledger_dir = ledger_dir

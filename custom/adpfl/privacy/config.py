@@ -29,6 +29,8 @@ from .mechanisms import MASK_POLICIES
 RELEASE_MODES = UPDATE_MODES
 NOISE_TYPES = ("gaussian", "laplace")
 DPSGD_OPTIMIZERS = ("adam", "sgd")
+#: learning-rate schedules of DP-SGD over its planned steps (adpfl.training.dp_extras.lr_factor)
+DPSGD_LR_SCHEDULES = ("constant", "cosine")
 
 
 def setting(default: Any, help: str, unit: str = "") -> Any:
@@ -227,9 +229,18 @@ class DPSGDConfig:
                               "before clipping (still one record's contribution)", "K copies")
     ema_decay: float = setting(0.0, "EMA of the weights over the round's steps; the EMA is what leaves "
                                     "(post-processing; 0 = off)", "decay in [0, 1)")
+    ema_warmup: bool = setting(False, "EMA decay at the round's t-th averaged step min(ema_decay, (1 + t) / (10 + t)) "
+                                      "(De et al. 2022), so a high decay does not pin the EMA to the round's first "
+                                      "weights")
     physical_batch_size: int | None = setting(None, "largest physical batch (Opacus BatchMemoryManager): "
                                                     "larger Poisson batches as virtual steps (None = no split)",
                                               "records")
+    lr_schedule: str = setting("constant", "learning rate over the planned training (planned_rounds x steps per "
+                                           "round, counted across rounds): constant, or cosine from the job's "
+                                           "learning_rate down to lr_final_factor x it (public step counts only: "
+                                           "post-processing, no privacy cost)")
+    lr_final_factor: float = setting(0.0, "cosine schedule: the last step's learning rate as a factor of the "
+                                          "job's learning_rate", "factor in [0, 1]")
     public_num_records: int | None = setting(
         None, "the site's number of training records as it declares it public (e.g. its published cohort "
               "size): the sample rate q = batch_size / public_num_records and the steps per round come from it, "
@@ -271,6 +282,16 @@ class DPSGDConfig:
             raise PrivacyConfigError(f"augmult must be an integer >= 1, got {self.augmult!r}")
         if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
             raise PrivacyConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not isinstance(self.ema_warmup, bool):
+            raise PrivacyConfigError(f"ema_warmup must be true or false, got {self.ema_warmup!r}")
+        if self.lr_schedule not in DPSGD_LR_SCHEDULES:
+            raise PrivacyConfigError(f"lr_schedule must be one of {DPSGD_LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.lr_schedule != "constant" and self.planned_rounds is None:
+            raise PrivacyConfigError(f"lr_schedule {self.lr_schedule!r} needs planned_rounds (the steps it spans)")
+        if isinstance(self.lr_final_factor, bool) or not (
+            isinstance(self.lr_final_factor, (int, float)) and 0 <= self.lr_final_factor <= 1
+        ):
+            raise PrivacyConfigError(f"lr_final_factor must be in [0, 1], got {self.lr_final_factor!r}")
         if self.physical_batch_size is not None and (
             isinstance(self.physical_batch_size, bool) or not isinstance(self.physical_batch_size, int)
             or self.physical_batch_size < 1

@@ -65,7 +65,7 @@ from adpfl.privacy.mechanisms import make_generator
 from adpfl.privacy.record import PRIVACY_UNIT, RecordLedger, calibrate_with_prior, opacus_rdp_epsilon
 from adpfl.privacy.record_adaptive import QuantileClip, RecordNoiseSchedule, gradient_noise_multiplier
 from adpfl.tasks.base import SegTask
-from adpfl.training.dp_extras import AugmentedCopies, ema_tracker, random_mask
+from adpfl.training.dp_extras import AugmentedCopies, ema_tracker, lr_factor, random_mask
 from adpfl.training.dp_noise import RecordDPOptimizer
 from adpfl.training.grad_samplers import register as _register_grad_samplers
 from adpfl.training.loop import LocalTrainer, TrainConfig
@@ -318,11 +318,14 @@ class DPSGDTrainer:
         sample_gen = make_generator("cpu")
         aug_gen = self.base.augment_generator()  # augmentation only (per row, before per-sample gradients)
         mask = random_mask(model, float(self.dp.keep_fraction), gen)
-        ema = ema_tracker(model, float(self.dp.ema_decay))
+        ema = ema_tracker(model, float(self.dp.ema_decay), bool(self.dp.ema_warmup))
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         opt = self.make_optimizer(model, gen, mask)
         params = [p for p in model.parameters() if p.requires_grad]
         loss_fn = self.base.loss_fn
+        # the schedule counts this job's logical steps over its planned rounds (public numbers only)
+        done_before = self.rounds_trained * self.steps_per_round
+        total_steps = int(self.dp.planned_rounds or 1) * self.steps_per_round
         steps, samples, loss_sum, nonempty = 0, 0, 0.0, 0
         aborted = False
         t0 = time.perf_counter()
@@ -351,6 +354,9 @@ class DPSGDTrainer:
                         loss.backward()
                         loss_sum += float(loss.detach())
                         nonempty += 1
+                    for group in opt.param_groups:
+                        group["lr"] = self.config.learning_rate * lr_factor(
+                            self.dp.lr_schedule, done_before + steps, total_steps, self.dp.lr_final_factor)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     samples += n // self.dp.augmult
