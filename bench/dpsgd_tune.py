@@ -200,8 +200,8 @@ def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> P
              f"Privacy: record level (one {unit}), target epsilon {args.epsilon:g}, delta {args.delta:g}, "
              "enforced by the site's ledger (Opacus RDP; PRV reported). Final Dice: mean over regions; "
              f"key region: {key_region(args.task)}.", "",
-             *([f"Warm start: every row starts from the public checkpoint of its network ("
-                + ", ".join(f"{k}: `{v}`" for k, v in sorted(args.checkpoints.items()))
+             *(["Warm start: every row starts from the public checkpoint of its network ("
+                + ", ".join(f"{k}: `{os.path.relpath(v)}`" for k, v in sorted(args.checkpoints.items()))
                 + "); round 0 of Dice by round is the checkpoint alone.", ""] if args.checkpoints else []),
              f"| Config | Mode | Settings | Final Dice | Dice {key_region(args.task)} | HD95 lesion (px) | "
              "Dice / NP-FL | "
