@@ -34,6 +34,12 @@ Stages:
 * ``levers``: the base row with the settings of each ``--row NAME KEY=VALUE ...`` on top
   (``mode=adpsgd`` / ``mode=npfl`` changes the mode; ``dpsgd_target_epsilon=E`` a row's epsilon).
 
+``--initial-checkpoint NETWORK=PATH ...`` warm-starts every row from the public checkpoint of its
+network (``adpfl pretrain-public``; NP-FL rows train the ``standard`` network, DP rows ``dp``): the
+search then tunes DP-SGD *fine-tuning* from that checkpoint, still on the public split only (the
+checkpoint's own public sites ``public-N`` are other site indices than the split's ``site-N``).
+Round 0 of each row's Dice by round is the checkpoint alone.
+
 Each finished run is kept as ``<out>/<stage>/<name>.json`` (re-running skips it) and the
 stage's table is rewritten as ``<out>/<stage>.md``::
 
@@ -137,6 +143,22 @@ def lever_configs(base: dict, rows: list[list[str]]) -> dict[str, tuple[str, dic
     return cfgs
 
 
+def with_initial_checkpoints(cfgs: dict[str, tuple[str, dict]],
+                             checkpoints: dict[str, str]) -> dict[str, tuple[str, dict]]:
+    """Each row with ``initial_checkpoint`` = the checkpoint of its network (``network`` setting,
+    default ``standard``); no checkpoints: the rows unchanged. A row whose network has none is an error."""
+    if not checkpoints:
+        return cfgs
+    out = {}
+    for name, (mode, extra) in cfgs.items():
+        network = extra.get("network", "standard")
+        if network not in checkpoints:
+            raise SystemExit(f"--initial-checkpoint: row {name} trains the {network!r} network, but only "
+                             f"{sorted(checkpoints)} checkpoint(s) were given (NETWORK=PATH)")
+        out[name] = (mode, dict(extra, initial_checkpoint=str(checkpoints[network])))
+    return out
+
+
 def run_one(name: str, mode: str, extra: dict, args, stage_dir: Path) -> dict:
     path = stage_dir / f"{name}.json"
     if path.is_file():
@@ -216,6 +238,9 @@ def write_table(stage: str, rows: list[dict], args, out: Path, wall: float) -> P
              f"Privacy: record level (one {unit}), target epsilon {args.epsilon:g}, delta {args.delta:g}, "
              "enforced by the site's ledger (Opacus RDP; PRV reported). Final Dice: mean over regions; "
              f"key region: {key_region(args.task)}.", "",
+             *(["Warm start: every row starts from the public checkpoint of its network ("
+                + ", ".join(f"{k}: `{os.path.relpath(v)}`" for k, v in sorted(args.checkpoints.items()))
+                + "); round 0 of Dice by round is the checkpoint alone.", ""] if args.checkpoints else []),
              f"| Config | Mode | Settings | Final Dice | Dice {key_region(args.task)} | HD95 lesion (px) | "
              "Dice / NP-FL | "
              f"{key_region(args.task)} / NP-FL | Dice by round | eps RDP / PRV per site | z | Wall (s) |",
@@ -269,12 +294,15 @@ def main() -> int:
     ap.add_argument("--row", nargs="+", action="append", default=[], metavar="NAME_OR_KEY=VALUE",
                     help="levers: one row, NAME then KEY=VALUE settings on top of --base (repeatable)")
     ap.add_argument("--only", nargs="*", default=[], help="run only these config names")
+    ap.add_argument("--initial-checkpoint", nargs="*", default=[], metavar="NETWORK=PATH",
+                    help="warm start: each row from the public checkpoint of its network (adpfl pretrain-public)")
     ap.add_argument("--npfl-extra", nargs="*", default=[], metavar="KEY=VALUE",
                     help="search: settings of the NP-FL reference row (default batch 8, one round's epochs)")
     args = ap.parse_args()
     n_train, n_val, _ = PRESETS["realistic"][args.task]
     args.num_train = n_train if args.num_train is None else args.num_train
     args.num_val = n_val if args.num_val is None else args.num_val
+    args.checkpoints = {k: str(Path(v).resolve()) for k, v in parse_kv(args.initial_checkpoint).items()}
     torch.set_num_threads(1)
     out = Path(args.out).resolve()
     args.data_root = args.data_root or str(out / "data")
@@ -299,6 +327,7 @@ def main() -> int:
         if args.stage != "levers" and not args.base_extra and not (stage_dir / "chosen.json").is_file():
             # the chosen configuration IS the search row: its finished run is reused, not re-run
             write_json_atomic(stage_dir / "chosen.json", dict(read_json(base_path), name="chosen"), indent=1)
+    cfgs = with_initial_checkpoints(cfgs, args.checkpoints)
     print(f"{machine()}\n{args.stage}: {len(cfgs)} configs -> {stage_dir}", flush=True)
     t0 = time.perf_counter()
     rows = []

@@ -1,0 +1,40 @@
+"""bench/dpsgd_tune.py's warm start: every row starts from the public checkpoint of its own network."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "dpsgd_tune.py"
+
+
+@pytest.fixture(scope="module")
+def tune():
+    spec = importlib.util.spec_from_file_location("dpsgd_tune_under_test", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rows_get_the_checkpoint_of_their_network(tune):
+    cfgs = tune.search_configs([1e-3, 3e-3], [32], num_train=3300, epochs_per_round=0.25)
+    warm = tune.with_initial_checkpoints(cfgs, {"standard": "/p/std.pt", "dp": "/p/dp.pt"})
+    assert set(warm) == set(cfgs)
+    assert warm["npfl"][1]["initial_checkpoint"] == "/p/std.pt"  # NP-FL trains the standard network
+    for name in ("b32_lr0.001", "b32_lr0.003"):
+        mode, extra = warm[name]
+        assert mode == "dpsgd" and extra["network"] == "dp" and extra["initial_checkpoint"] == "/p/dp.pt"
+        # nothing else of the row changes (same step cap, batch, learning rate)
+        assert {k: v for k, v in extra.items() if k != "initial_checkpoint"} == cfgs[name][1]
+    assert "initial_checkpoint" not in cfgs["npfl"][1]  # the input rows are not modified
+
+
+def test_no_checkpoints_leaves_rows_unchanged(tune):
+    cfgs = tune.search_configs([1e-2], [32], num_train=3300, epochs_per_round=0.25)
+    assert tune.with_initial_checkpoints(cfgs, {}) == cfgs
+
+
+def test_a_network_without_checkpoint_is_refused_naming_the_option(tune):
+    cfgs = tune.search_configs([1e-2], [32], num_train=3300, epochs_per_round=0.25)
+    with pytest.raises(SystemExit, match="--initial-checkpoint: row b32_lr0.01 trains the 'dp' network"):
+        tune.with_initial_checkpoints(cfgs, {"standard": "/p/std.pt"})
