@@ -1,19 +1,13 @@
 """bench/dpsgd_tune.py's warm start: every row starts from the public checkpoint of its own network."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "dpsgd_tune.py"
+from bench_scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def tune():
-    spec = importlib.util.spec_from_file_location("dpsgd_tune_under_test", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("dpsgd_tune")
 
 
 def test_rows_get_the_checkpoint_of_their_network(tune):

@@ -1,21 +1,15 @@
 """The membership-inference scores of bench/mia_eval.py (numpy only, no training): the signs and
 the per-example calibration that the AUCs in docs/privacy-evaluation.md section 4 rest on."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "mia_eval.py"
+from bench_scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def mia():
-    spec = importlib.util.spec_from_file_location("mia_eval_bench", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("mia_eval")
 
 
 def _parse_probe(row: str) -> tuple[float, float]:
