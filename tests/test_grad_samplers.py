@@ -74,7 +74,7 @@ def test_empty_batch_gives_zero_rows():
     assert got[layer.weight].shape == (1, 3, 2, 3, 3, 3) and not got[layer.weight].any()
 
 
-@pytest.mark.parametrize("network", ["standard", "dp"])
+@pytest.mark.parametrize("network", ["standard", "dp", "dp_ws"])
 def test_unet_per_sample_grads_exact_without_functorch(network):
     """Both 3D UNet variants: every parametrised layer is hooked by a registered sampler (no
     functorch), and the per-sample gradients equal one-sample-at-a-time gradients."""
@@ -98,3 +98,27 @@ def test_unet_per_sample_grads_exact_without_functorch(network):
         num = sum(float((saved[n][i] - p.grad).norm() ** 2) for n, p in net.named_parameters())
         den = sum(float(p.grad.norm() ** 2) for p in net.parameters())
         assert math.sqrt(num / den) < 1e-5
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_ws_conv_per_sample_grads_exact(dims):
+    """The weight-standardised convolution's sampler equals one-sample-at-a-time gradients of
+    ``weight`` (through the standardisation) and differs from the plain convolution's sampler."""
+    from adpfl.tasks.dp_unet import WSConv2d, WSConv3d
+
+    torch.manual_seed(1)
+    layer = (WSConv2d if dims == 2 else WSConv3d)(3, 4, 3, padding=1)
+    with torch.no_grad():
+        layer.weight.mul_(3).add_(0.2)  # a non-standardised weight, so the chain rule matters
+    x = torch.randn(3, 3, *([6] * dims))
+    out = layer(x)
+    target = torch.randn_like(out)
+    backprops = target  # d/d out of sum(out * target)
+    got = grad_samplers.ws_conv_grad_sample(layer, [x], backprops)
+    plain = grad_samplers.conv_grad_sample(layer, [x], backprops)
+    for i in range(3):
+        layer.zero_grad()
+        (layer(x[i:i + 1]) * target[i:i + 1]).sum().backward()
+        for p in (layer.weight, layer.bias):
+            assert float((got[p][i] - p.grad).norm() / p.grad.norm()) < 1e-5
+    assert float((got[layer.weight] - plain[layer.weight]).norm() / plain[layer.weight].norm()) > 0.1

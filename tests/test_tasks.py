@@ -222,7 +222,7 @@ def test_brain_channels_follow_the_datalist_order(datalists):
 
 
 # -- network ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("network", ["standard", "dp"])
+@pytest.mark.parametrize("network", ["standard", "dp", "dp_ws"])
 @pytest.mark.parametrize("name, spatial", [("skin2d", (32, 32)), ("kidney3d", (32,) * 3), ("brain3d", (32,) * 3)])
 def test_task_network_forward(name, spatial, network):
     task = get_task(name)
@@ -244,14 +244,27 @@ def test_both_networks_have_only_registered_per_sample_gradients(name):
 
     import adpfl.training.dpsgd  # noqa: F401  (registers adpfl.training.grad_samplers)
 
-    dp, std = TaskNetwork(name, "dp"), TaskNetwork(name)
-    for net in (dp, std):
+    dp, std, ws = TaskNetwork(name, "dp"), TaskNetwork(name), TaskNetwork(name, "dp_ws")
+    for net in (dp, std, ws):
         layers = {type(m) for m in net.modules() if any(True for _ in m.parameters(recurse=False))}
         assert layers and layers <= set(GradSampleModule.GRAD_SAMPLERS), layers
         assert ModuleValidator.validate(net, strict=True) == []
     assert not {torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d} & {type(m) for m in dp.modules()}
     n_dp, n_std = (sum(p.numel() for p in m.parameters()) for m in (dp, std))
     assert abs(n_dp - n_std) / n_std < 0.01
+    # dp_ws: dp's parameters and state-dict keys; weight-standardised convolutions exactly where a
+    # normalisation follows, never the output convolution
+    from monai.networks.blocks import Convolution
+
+    from adpfl.tasks.dp_unet import WSConv2d, WSConv3d
+
+    assert list(ws.state_dict()) == list(dp.state_dict())
+    ws_convs = [m for m in ws.modules() if isinstance(m, (WSConv2d, WSConv3d))]
+    normed = [b for b in ws.modules() if isinstance(b, Convolution) and getattr(b, "adn", None) is not None
+              and "N" in b.adn._modules]
+    assert ws_convs and len(ws_convs) == len(normed)
+    assert not isinstance(list(ws.modules())[-1], (WSConv2d, WSConv3d))
+    assert not [m for m in dp.modules() if isinstance(m, (WSConv2d, WSConv3d))]
 
 
 def test_network_setting_is_checked():

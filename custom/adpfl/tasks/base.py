@@ -25,7 +25,7 @@ TASK_NAMES = ("skin2d", "kidney3d", "brain3d")
 #: (PReLU, transposed-convolution up-sampling); ``dp`` is :class:`adpfl.tasks.dp_unet.DPUNet`,
 #: the same UNet with ReLU and convolution + linear up-sampling. Both have fast exact per-sample gradients
 #: for record-level DP-SGD (:mod:`adpfl.training.grad_samplers`). Their state dicts differ.
-NETWORKS = ("standard", "dp")
+NETWORKS = ("standard", "dp", "dp_ws")
 
 
 def check_network(network: str) -> str:
@@ -102,12 +102,12 @@ class SegTask:
     def build_network(self, network: str = "standard") -> torch.nn.Module:
         """The MONAI UNet of this task in variant ``network`` (:data:`NETWORKS`; wrapped by
         :class:`adpfl.tasks.network.TaskNetwork`)."""
-        if check_network(network) == "dp":
+        if check_network(network) in ("dp", "dp_ws"):
             from adpfl.tasks.dp_unet import DPUNet as UNet
         else:
             from monai.networks.nets import UNet
 
-        return UNet(
+        net = UNet(
             spatial_dims=self.spatial_dims,
             in_channels=self.in_channels,
             out_channels=self.num_classes,
@@ -115,6 +115,11 @@ class SegTask:
             strides=self.unet_strides,
             num_res_units=self.num_res_units,
         )
+        if network == "dp_ws":
+            from adpfl.tasks.dp_unet import standardise_convolutions
+
+            standardise_convolutions(net)
+        return net
 
     def resolve_size(self, size=None) -> tuple[int, ...]:
         """``size`` as a full spatial tuple (an int means the same size on every axis)."""

@@ -28,15 +28,65 @@ the jobs train the standard network; it stays a setting for comparison (docs/ben
 MONAI's UNet has no option for the up-sampling layer, so the one hook it offers for that,
 ``_get_up_layer``, is overridden here; everything else is MONAI's. Affine-free InstanceNorm
 has no parameters, so it needs no per-sample gradient at all.
+
+``network="dp_ws"`` is the same network with **weight standardisation** (Qiao et al. 2019; with
+GroupNorm, the normalisation De et al. 2022 used for DP-SGD): every convolution that a
+normalisation layer follows convolves with its weight standardised per output channel,
+``(w - mean) / sqrt(var + eps)`` over the fan-in; the stored parameter stays ``weight``, so the
+state-dict keys are those of ``dp``. The output convolution and the residual shortcuts (no
+normalisation after them) keep plain weights. Written by hand: neither MONAI nor Opacus has a
+weight-standardised convolution; its per-sample gradient is
+:func:`adpfl.training.grad_samplers.ws_conv_grad_sample` (exact, tested).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from monai.networks.nets import UNet
 
-__all__ = ["DPUNet"]
+__all__ = ["DPUNet", "WSConv2d", "WSConv3d", "standardised_weight", "standardise_convolutions", "WS_EPS"]
+
+WS_EPS = 1e-5  # added to the fan-in variance of each output channel's weights
+
+
+def standardised_weight(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tensor:
+    """``weight`` standardised per output channel (dim 0) over its fan-in (all other dims)."""
+    flat = weight.reshape(weight.shape[0], -1)
+    mean = flat.mean(1, keepdim=True)
+    var = flat.var(1, unbiased=False, keepdim=True)
+    return ((flat - mean) / torch.sqrt(var + eps)).reshape_as(weight)
+
+
+class WSConv2d(torch.nn.Conv2d):
+    """``Conv2d`` that convolves with :func:`standardised_weight` of its ``weight``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, standardised_weight(self.weight), self.bias)
+
+
+class WSConv3d(torch.nn.Conv3d):
+    """``Conv3d`` that convolves with :func:`standardised_weight` of its ``weight``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, standardised_weight(self.weight), self.bias)
+
+
+_WS = {torch.nn.Conv2d: WSConv2d, torch.nn.Conv3d: WSConv3d}
+
+
+def standardise_convolutions(net: torch.nn.Module) -> int:
+    """Turn, in place, every convolution of a MONAI ``Convolution`` block whose ADN has a
+    normalisation into its weight-standardised class (same parameters); returns how many."""
+    n = 0
+    for block in net.modules():
+        adn = getattr(block, "adn", None)
+        conv = getattr(block, "conv", None)
+        if isinstance(block, Convolution) and adn is not None and "N" in adn._modules and type(conv) in _WS:
+            conv.__class__ = _WS[type(conv)]
+            n += 1
+    return n
 
 
 class DPUNet(UNet):

@@ -15,6 +15,11 @@ re-runs the layer per sample.
   layer.groups`` -- makes each group one sample's convolution, so the weight gradient of that
   grouped convolution *is* the per-sample gradient, computed by the same optimised kernel as the
   plain backward and without the unfolded copy. Bias: the backprops summed over space.
+* Weight-standardised convolutions (``WSConv{2,3}d``, network ``dp_ws``): the layer convolves
+  with ``w_hat = (w - mean) / s`` per output channel, so the per-sample gradient of ``w_hat`` is
+  the convolution's above, and the chain rule through the standardisation (which depends on the
+  weights only, not on the sample) maps each sample's row: ``(g - mean(g) - w_hat *
+  mean(g * w_hat)) / s`` over the fan-in, the backward of a normalisation without affine.
 * ``PReLU``: ``d out / d a = min(x, 0)``, so a sample's slope gradient is
   ``sum(min(x, 0) * backprops)`` over its elements (per channel when the layer has one slope per
   channel).
@@ -32,7 +37,7 @@ import torch
 from opacus.grad_sample.conv import compute_conv_grad_sample as opacus_conv_grad_sample
 from opacus.grad_sample.utils import register_grad_sampler
 
-__all__ = ["conv_grad_sample", "conv_transpose_grad_sample", "prelu_grad_sample", "register"]
+__all__ = ["conv_grad_sample", "conv_transpose_grad_sample", "ws_conv_grad_sample", "prelu_grad_sample", "register"]
 
 Grads = dict[torch.nn.Parameter, torch.Tensor]
 
@@ -89,6 +94,23 @@ def conv_transpose_grad_sample(layer: torch.nn.Module, activations: list[torch.T
     return _conv_like(layer, activations, backprops, transposed=True)
 
 
+def ws_conv_grad_sample(layer: torch.nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> Grads:
+    """Opacus grad sampler of ``WSConv2d``/``WSConv3d``: the convolution's per-sample gradient
+    of the standardised weight, taken back through the standardisation to ``weight``."""
+    from adpfl.tasks.dp_unet import WS_EPS
+
+    ret = conv_grad_sample(layer, activations, backprops)
+    if layer.weight in ret:
+        w = layer.weight.detach().to(backprops.dtype)
+        flat = w.reshape(w.shape[0], -1)
+        s = torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + WS_EPS)
+        w_hat = (flat - flat.mean(1, keepdim=True)) / s
+        g = ret[layer.weight].reshape(-1, *flat.shape)
+        g = (g - g.mean(2, keepdim=True) - w_hat * (g * w_hat).mean(2, keepdim=True)) / s
+        ret[layer.weight] = g.reshape(-1, *w.shape)
+    return ret
+
+
 def prelu_grad_sample(layer: torch.nn.PReLU, activations: list[torch.Tensor], backprops: torch.Tensor) -> Grads:
     """Opacus grad sampler of ``PReLU``: ``{weight: (B, num_parameters)}``."""
     prod = torch.clamp(activations[0].to(backprops.dtype), max=0) * backprops
@@ -98,8 +120,12 @@ def prelu_grad_sample(layer: torch.nn.PReLU, activations: list[torch.Tensor], ba
 
 
 def register() -> None:
-    """Make these Opacus' grad samplers of ``Conv{2,3}d``, ``ConvTranspose{2,3}d`` and ``PReLU``
+    """Make these Opacus' grad samplers of ``Conv{2,3}d``, ``ConvTranspose{2,3}d``, ``PReLU`` and
+    the weight-standardised ``WSConv{2,3}d``
     (idempotent; process-wide, as Opacus' registry is)."""
     register_grad_sampler([torch.nn.Conv2d, torch.nn.Conv3d])(conv_grad_sample)
     register_grad_sampler([torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d])(conv_transpose_grad_sample)
     register_grad_sampler([torch.nn.PReLU])(prelu_grad_sample)
+    from adpfl.tasks.dp_unet import WSConv2d, WSConv3d
+
+    register_grad_sampler([WSConv2d, WSConv3d])(ws_conv_grad_sample)

@@ -58,8 +58,9 @@ class SiteConfig:
     task: str = field(default="skin2d", metadata={"help": "the segmentation task: skin2d, kidney3d or brain3d"})
     network: str = field(default="standard", metadata={
         "help": "the task network's variant: `standard` (MONAI UNet, PReLU, transposed convolutions) or `dp` "
-                "(same UNet with ReLU and convolution + linear up-sampling instead of transposed convolutions); "
-                "both have fast exact per-sample gradients for DP-SGD; server and sites build the same one"})
+                "(same UNet with ReLU and convolution + linear up-sampling instead of transposed convolutions) or "
+                "`dp_ws` (`dp` with weight-standardised convolutions before each normalisation); all have fast "
+                "exact per-sample gradients for DP-SGD; server and sites build the same one"})
     data_root: str | None = field(default=None, metadata={
         "help": "the task's data folder holding `<site>/datalist.json`; the site's `local/adpfl_site.json` "
                 "or `$ADPFL_DATA_ROOT` override it (None: `~/.cache/adpfl/data/<task>`)", "unit": "path"})
