@@ -33,7 +33,7 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 
 from _machine import machine  # bench/ is on sys.path when a script runs
-from adpfl.tasks.base import get_task
+from adpfl.tasks.base import NETWORKS, get_task
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training import grad_samplers
 from adpfl.training.dp_noise import RecordDPOptimizer
@@ -133,7 +133,7 @@ def steps(task, network: str, x, y, ghost: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", nargs="+", default=["skin2d", "kidney3d", "brain3d"])
-    ap.add_argument("--networks", nargs="+", default=["standard", "dp"], choices=["standard", "dp"])
+    ap.add_argument("--networks", nargs="+", default=["standard", "dp"], choices=NETWORKS)
     ap.add_argument("--size2d", type=int, default=64)
     ap.add_argument("--size3d", type=int, default=32)
     ap.add_argument("--batch2d", type=int, default=8)

@@ -25,7 +25,7 @@ from _machine import machine  # bench/ is on sys.path when a script runs
 from adpfl.data.datalist import load_site_datalist
 from adpfl.data.synthetic import ensure_site_data
 from adpfl.privacy.config import DPSGDConfig
-from adpfl.tasks.base import get_task
+from adpfl.tasks.base import NETWORKS, get_task
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training import LocalTrainer, TrainConfig
 from adpfl.training.dpsgd import DPSGDTrainer
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--networks", nargs="+", default=["standard", "dp"], choices=["standard", "dp"])
+    ap.add_argument("--networks", nargs="+", default=["standard", "dp"], choices=NETWORKS)
     args = ap.parse_args()
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as root:

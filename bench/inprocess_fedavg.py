@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=1e5)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--task", default="skin2d", choices=["skin2d", "kidney3d", "brain3d"])
-    ap.add_argument("--networks", nargs="+", default=["standard"], choices=["standard", "dp"])
+    ap.add_argument("--networks", nargs="+", default=["standard"], choices=["standard", "dp", "dp_ws"])
     ap.add_argument("--image-size", type=int, default=None, help="default: the task's")
     ap.add_argument("--data-root", default=None, help="default: <tmp>/adpfl_bench_data/<task>")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="torch seeds, one run each")
