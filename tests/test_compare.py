@@ -150,6 +150,22 @@ def test_report_names_the_scoring_and_prints_no_cases(tmp_path):
     assert cells[cols.index("Surface Dice kidney")].startswith("0.700")
 
 
+def test_report_says_prv_not_computed(tmp_path):
+    """A private run whose PRV epsilon was not computed (update-level z < 0.1) reads "not
+    computed" in the PRV column, not "no cases" (which is for metrics no case had)."""
+    runs = [_fake_run("npfl", 0, None, 0.8, [0.5, 0.8]), _fake_run("dpfl", 0, 1e5, 0.7, [0.4, 0.7], eps_spent=1e5)]
+    for site in runs[1]["privacy"]["sites"].values():
+        site["epsilon_prv"] = None
+    _write(tmp_path, runs)
+    md = Path(write_report(tmp_path)["markdown"]).read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    row = next(line for line in md.splitlines() if line.startswith("| DP-FL"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[cols.index("eps PRV (max site)")] == "not computed"
+    assert cells[cols.index("eps RDP (max site)")].startswith("110000.0")
+
+
 def test_report_cli(synthetic):
     from adpfl.cli import main
 

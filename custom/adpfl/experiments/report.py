@@ -240,12 +240,12 @@ def _record_statements(by: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- formatting
-def _pm(v, digits=3) -> str:
+def _pm(v, digits=3, missing="no cases") -> str:
     if v is None:
         return "-"
     m, s = v
     if not math.isfinite(m):
-        return "no cases"
+        return missing
     return f"{m:.{digits}f} +- {s:.{digits}f}"
 
 
@@ -298,7 +298,7 @@ def markdown(summary: dict, title: str = "ADP-FL comparison", task: str = "") ->
         cells += [_pm(r[k], 2 if "hd95" in k else 3) for k in keys]
         cells += [_reach(r["rounds_to_90"]), f"{_pm(r['round_abs_change'])} / {_pm(r['round_max_drop'])}",
                   _pm(r["epsilon_rdp"], 4 if _small(r["epsilon_rdp"]) else 1),
-                  _pm(r["epsilon_prv"], 4 if _small(r["epsilon_prv"]) else 1),
+                  _pm(r["epsilon_prv"], 4 if _small(r["epsilon_prv"]) else 1, missing="not computed"),
                   "n/a" if not math.isfinite(r["dice_fraction_of_npfl"]) else f"{r['dice_fraction_of_npfl']:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Privacy / utility", ""] + [f"- {s}" for s in summary["statements"]]
