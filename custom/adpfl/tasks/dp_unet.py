@@ -42,7 +42,6 @@ weight-standardised convolution; its per-sample gradient is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import Convolution, ResidualUnit, UpSample
 from monai.networks.nets import UNet
 
