@@ -96,9 +96,14 @@ def search_configs(lrs, batches, num_train: int, epochs_per_round: float,
 
 
 def row_epochs(extra: dict, num_train: int, rounds: int) -> float:
-    """Epochs in all that a row's settings train (its step cap x expected batch over the rounds),
-    to the nearest quarter epoch (the step caps round: 52 steps of 32 over 4 rounds are 2.02 epochs)."""
-    return round(4 * rounds * int(extra["max_steps_per_round"]) * int(extra["batch_size"]) / num_train) / 4
+    """Epochs in all that a row's settings train (its steps a round x expected batch over the
+    rounds), to the nearest quarter epoch (the step caps round: 52 steps of 32 over 4 rounds are
+    2.02 epochs). A round trains at most ``local_epochs`` epochs whatever its step cap, as the
+    trainers do (``int(n / batch)`` steps an epoch)."""
+    batch = int(extra["batch_size"])
+    steps = int(extra["max_steps_per_round"])
+    steps = min(steps, int(extra.get("local_epochs", 1)) * max(1, num_train // batch))
+    return round(4 * rounds * steps * batch / num_train) / 4
 
 
 def ablation_configs(base: dict, num_train: int, epochs_per_round: float) -> dict[str, tuple[str, dict]]:

@@ -32,3 +32,14 @@ def test_a_network_without_checkpoint_is_refused_naming_the_option(tune):
     cfgs = tune.search_configs([1e-2], [32], num_train=3300, epochs_per_round=0.25)
     with pytest.raises(SystemExit, match="--initial-checkpoint: row b32_lr0.01 trains the 'dp' network"):
         tune.with_initial_checkpoints(cfgs, {"standard": "/p/std.pt"})
+
+
+def test_row_epochs_count_what_the_trainer_runs(tune):
+    """A row's epochs are its steps a round x batch over the rounds, and a round never trains more
+    than local_epochs epochs whatever its step cap (52 steps of 128 over 3,300 images are 25 steps
+    at local_epochs 1: 4 epochs over 4 rounds, not 8)."""
+    row = {"batch_size": 32, "max_steps_per_round": 52, "local_epochs": 1}
+    assert tune.row_epochs(row, 3300, 4) == 2.0
+    assert tune.row_epochs({**row, "batch_size": 128}, 3300, 4) == 4.0
+    assert tune.row_epochs({**row, "batch_size": 128, "local_epochs": 2}, 3300, 4) == 7.75  # 50 steps a round
+    assert tune.row_epochs({**row, "batch_size": 64, "max_steps_per_round": 104, "local_epochs": 2}, 3300, 4) == 8.0
