@@ -24,6 +24,8 @@ import tempfile
 
 import torch
 
+from adpfl.tasks.base import NETWORKS
+
 CONFIGS = {
     "npfl": None,
     "dpfl": dict(mode="dpfl", clip_norm=2.0),
@@ -40,7 +42,7 @@ def main() -> None:
     ap.add_argument("--epsilon", type=float, default=1e5)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--task", default="skin2d", choices=["skin2d", "kidney3d", "brain3d"])
-    ap.add_argument("--networks", nargs="+", default=["standard"], choices=["standard", "dp", "dp_ws"])
+    ap.add_argument("--networks", nargs="+", default=["standard"], choices=NETWORKS)
     ap.add_argument("--image-size", type=int, default=None, help="default: the task's")
     ap.add_argument("--data-root", default=None, help="default: <tmp>/adpfl_bench_data/<task>")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="torch seeds, one run each")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adpfl.data import ensure_site_data, load_site_datalist
-from adpfl.tasks.base import TASK_NAMES, SegTask, get_task, labels_to_regions
+from adpfl.tasks.base import NETWORKS, SMALL_CHANNEL_DIVISOR, TASK_NAMES, SegTask, get_task, labels_to_regions
 from adpfl.tasks.network import TaskNetwork
 from adpfl.training.loop import LocalTrainer, TrainConfig
 
@@ -222,7 +222,7 @@ def test_brain_channels_follow_the_datalist_order(datalists):
 
 
 # -- network ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("network", ["standard", "dp", "dp_ws"])
+@pytest.mark.parametrize("network", NETWORKS)
 @pytest.mark.parametrize("name, spatial", [("skin2d", (32, 32)), ("kidney3d", (32,) * 3), ("brain3d", (32,) * 3)])
 def test_task_network_forward(name, spatial, network):
     task = get_task(name)
@@ -265,6 +265,28 @@ def test_both_networks_have_only_registered_per_sample_gradients(name):
     assert ws_convs and len(ws_convs) == len(normed)
     assert not isinstance(list(ws.modules())[-1], (WSConv2d, WSConv3d))
     assert not [m for m in dp.modules() if isinstance(m, (WSConv2d, WSConv3d))]
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_small_variants_are_the_same_unet_narrower(name):
+    """`small` / `dp_small`: the same UNet (and the same up-sampling of their full-width variant)
+    with every level's channels divided by SMALL_CHANNEL_DIVISOR and one residual unit a level,
+    so several times fewer parameters (DP-SGD's noise norm grows with the square root of their
+    number); every parametrised layer keeps a registered per-sample gradient."""
+    from opacus import GradSampleModule
+
+    import adpfl.training.dpsgd  # noqa: F401  (registers adpfl.training.grad_samplers)
+
+    task = get_task(name)
+    for small, full in (("small", "standard"), ("dp_small", "dp")):
+        s_net, f_net = TaskNetwork(name, small), TaskNetwork(name, full)
+        convs = [m for m in s_net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+        assert max(m.out_channels for m in convs) == task.unet_channels[-1] // SMALL_CHANNEL_DIVISOR
+        n_small, n_full = (sum(p.numel() for p in m.parameters()) for m in (s_net, f_net))
+        assert n_small < n_full / 4, (small, n_small, n_full)
+        assert ({type(m) for m in s_net.modules()} - {type(m) for m in f_net.modules()}) == set()
+        layers = {type(m) for m in s_net.modules() if any(True for _ in m.parameters(recurse=False))}
+        assert layers <= set(GradSampleModule.GRAD_SAMPLERS), layers
 
 
 def test_network_setting_is_checked():
