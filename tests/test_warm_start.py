@@ -164,3 +164,31 @@ def test_inprocess_runner_starts_from_the_checkpoint(ckpt, tmp_path, monkeypatch
     assert res["settings"]["executor"]["initial_checkpoint"] == str(ckpt)
     assert set(seen[0]) == set(saved)
     assert all(np.array_equal(seen[0][k], saved[k].numpy()) for k in saved)
+
+
+def test_keep_best_writes_the_best_public_epoch(tmp_path, monkeypatch):
+    """keep="best": the weights written are those of the epoch with the highest public validation
+    Dice (here the first of two, by a scripted evaluation), and the provenance says which."""
+    from adpfl.training import pretrain as pre
+
+    states, scripted = [], iter([0.5, 0.2])
+
+    def evaluate(self, model, with_hd95=False):
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"dice_mean": next(scripted)}
+
+    monkeypatch.setattr(pre.LocalTrainer, "evaluate", evaluate)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prov = pre.pretrain_public("skin2d", str(tmp_path / "best.pt"), data_root=str(tmp_path / "data"),
+                                   num_train=4, num_val=2, image_size=16, epochs=2, batch_size=2, public_sites=1,
+                                   keep="best", log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert prov["kept_epoch"] == 1 and prov["keep"] == "best" and prov["public_validation_dice_by_epoch"] == [0.5, 0.2]
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in states[0].items())
+    assert not all(torch.equal(saved[k], v) for k, v in states[1].items())
+    with pytest.raises(ValueError, match="keep"):
+        pre.pretrain_public("skin2d", str(tmp_path / "x.pt"), keep="first")
