@@ -233,3 +233,30 @@ def test_a_declared_public_record_count_hides_the_true_one(tmp_path):
     assert t.sample_rate == pytest.approx(10 / 40)
     with pytest.raises(PrivacyConfigError, match="public_num_records"):
         DPSGDConfig(noise_multiplier=1.0, public_num_records=0).validate()
+
+
+def test_augmult_views_of_a_3d_crop_are_one_row_each():
+    """The 3D tasks' training transforms return a one-patch list per draw (MONAI's random crop);
+    with augmentation multiplicity each view is that patch, so a record's K views collate to K
+    contiguous rows (they used to collate to a list, and DP-SGD training stopped with a TypeError)."""
+    from monai.data import list_data_collate
+
+    from adpfl.training.dp_extras import AugmentedCopies
+
+    class Crops(torch.utils.data.Dataset):
+        def __init__(self, per_draw=1):
+            self.per_draw = per_draw
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return [{"image": torch.full((1, 4, 4, 4), float(i)), "label": torch.zeros(1, 4, 4, 4)}
+                    for _ in range(self.per_draw)]
+
+    ds = AugmentedCopies(Crops(), 2)
+    batch = list_data_collate([ds[0], ds[2]])
+    assert isinstance(batch, dict) and tuple(batch["image"].shape) == (4, 1, 4, 4, 4)
+    assert [float(v) for v in batch["image"][:, 0, 0, 0, 0]] == [0.0, 0.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="dpsgd_augmult needs one training sample per draw"):
+        AugmentedCopies(Crops(per_draw=2), 2)[0]

@@ -5,7 +5,9 @@
   independently augmented views of record ``i`` (the task's per-item random transforms run
   once per view, and its batch augmentation draws each row on its own); MONAI's
   ``list_data_collate`` flattens them, so a Poisson batch of ``B`` records becomes ``B * K``
-  rows with each record's views contiguous. The optimizer
+  rows with each record's views contiguous. A 3D task's random crop returns a one-patch list per
+  draw; each view is that one patch (a draw of more than one is refused: it would not be one
+  row a view). The optimizer
   (:class:`adpfl.training.dp_noise.RecordDPOptimizer`) averages the ``K`` per-sample
   gradients into one per record *before* clipping: one record, one clipped contribution.
 * :func:`ema_tracker`: exponential moving average of the weights over the round's steps
@@ -40,7 +42,18 @@ class AugmentedCopies(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> list:
-        return [self.dataset[index] for _ in range(self.k)]
+        views = []
+        for _ in range(self.k):
+            item = self.dataset[index]
+            if isinstance(item, list):
+                # the 3D tasks' random crop returns a list of num_samples patches; each view must be
+                # exactly one row, or the optimizer's groups of K rows would not be one record's
+                if len(item) != 1:
+                    raise ValueError(f"dpsgd_augmult needs one training sample per draw of a record, but the "
+                                     f"task's training transforms give {len(item)}")
+                item = item[0]
+            views.append(item)
+        return views
 
 
 def ema_tracker(model: torch.nn.Module, decay: float, warmup: bool = False) -> AveragedModel | None:
