@@ -24,7 +24,7 @@ import tempfile
 
 import torch
 
-from adpfl.tasks.base import NETWORKS
+from adpfl.tasks.base import NETWORKS, TASK_NAMES
 
 CONFIGS = {
     "npfl": None,
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--epsilon", type=float, default=1e5)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    ap.add_argument("--task", default="skin2d", choices=["skin2d", "kidney3d", "brain3d"])
+    ap.add_argument("--task", default="skin2d", choices=TASK_NAMES)
     ap.add_argument("--networks", nargs="+", default=["standard"], choices=NETWORKS)
     ap.add_argument("--image-size", type=int, default=None, help="default: the task's")
     ap.add_argument("--data-root", default=None, help="default: <tmp>/adpfl_bench_data/<task>")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from adpfl.tasks.base import NETWORKS
 from adpfl.training import grad_samplers
 
 
@@ -74,7 +75,7 @@ def test_empty_batch_gives_zero_rows():
     assert got[layer.weight].shape == (1, 3, 2, 3, 3, 3) and not got[layer.weight].any()
 
 
-@pytest.mark.parametrize("network", ["standard", "dp", "dp_ws", "small", "dp_small"])
+@pytest.mark.parametrize("network", NETWORKS)
 def test_unet_per_sample_grads_exact_without_functorch(network):
     """Both 3D UNet variants: every parametrised layer is hooked by a registered sampler (no
     functorch), and the per-sample gradients equal one-sample-at-a-time gradients."""

@@ -106,7 +106,7 @@ class SegTask:
     def build_network(self, network: str = "standard") -> torch.nn.Module:
         """The MONAI UNet of this task in variant ``network`` (:data:`NETWORKS`; wrapped by
         :class:`adpfl.tasks.network.TaskNetwork`)."""
-        if check_network(network) in ("dp", "dp_ws", "dp_small"):
+        if check_network(network).startswith("dp"):  # dp, dp_ws, dp_small: the DPUNet family
             from adpfl.tasks.dp_unet import DPUNet as UNet
         else:
             from monai.networks.nets import UNet
