@@ -128,7 +128,8 @@ COMPONENTS: dict[str, dict] = {
         "args": _group(_SITE, "task network data_root synthetic data_size num_train num_val")
         + _group(_TRAIN, "image_size")
         + _group(_SITE, "data_seed")
-        + _group(_TRAIN, "local_epochs batch_size learning_rate max_steps_per_round amp device num_workers seed")
+        + _group(_TRAIN, "local_epochs batch_size learning_rate max_steps_per_round trainable amp device "
+                         "num_workers seed")
         + _group(_SITE, "hd95 dpsgd")
         + _group(_DPSGD, "target_epsilon delta max_grad_norm noise_multiplier planned_rounds", prefix="dpsgd_")
         + _group(_DPSGD, "adaptive clip_quantile clip_learning_rate clip_count_noise noise_min_factor "

@@ -68,6 +68,7 @@ class SegmentationExecutor(Executor):
         batch_size: int = _T.batch_size,
         learning_rate: float = _T.learning_rate,
         max_steps_per_round: int | None = _T.max_steps_per_round,
+        trainable: str = _T.trainable,
         amp: bool = _T.amp,
         device: str = _T.device,
         num_workers: int = _T.num_workers,
@@ -123,6 +124,7 @@ class SegmentationExecutor(Executor):
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.max_steps_per_round = max_steps_per_round
+        self.trainable = trainable
         self.amp = amp
         self.device = device
         self.num_workers = num_workers
@@ -160,7 +162,7 @@ class SegmentationExecutor(Executor):
         self.dpsgd_ledger_name = self._site_config.validate().ledger_name
         self._train_config = TrainConfig(
             local_epochs=local_epochs, batch_size=batch_size, learning_rate=learning_rate,
-            max_steps_per_round=max_steps_per_round, amp=amp, image_size=image_size, device=device,
+            max_steps_per_round=max_steps_per_round, trainable=trainable, amp=amp, image_size=image_size, device=device,
             num_workers=num_workers, seed=seed,
         )
         dp = None

@@ -65,6 +65,7 @@ from adpfl.privacy.mechanisms import make_generator
 from adpfl.privacy.record import PRIVACY_UNIT, RecordLedger, calibrate_with_prior, opacus_rdp_epsilon
 from adpfl.privacy.record_adaptive import QuantileClip, RecordNoiseSchedule, gradient_noise_multiplier
 from adpfl.tasks.base import SegTask
+from adpfl.tasks.network import set_trainable
 from adpfl.training.dp_extras import AugmentedCopies, ema_tracker, lr_factor, random_mask
 from adpfl.training.dp_noise import RecordDPOptimizer
 from adpfl.training.grad_samplers import register as _register_grad_samplers
@@ -255,7 +256,9 @@ class DPSGDTrainer:
 
     def _base_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         """One optimizer per model object, kept across rounds (its moments are
-        post-processing of noisy gradients, hence private)."""
+        post-processing of noisy gradients, hence private), over the parameters setting
+        ``trainable`` names (frozen here first: they get no per-sample gradient and no noise)."""
+        set_trainable(model, self.config.trainable)
         if self._optimizer is None or self._optimizer_model_id != id(model):
             params = [p for p in model.parameters() if p.requires_grad]
             if self.dp.optimizer == "adam":
@@ -314,6 +317,7 @@ class DPSGDTrainer:
                     f"{self.dp.target_epsilon} (delta={self.dp.delta}); not training"
                 )
         model.to(self.device).train()
+        set_trainable(model, self.config.trainable)  # before Opacus hooks the trainable modules
         gen = make_generator(self.device)  # OS entropy: noise and the mask
         sample_gen = make_generator("cpu")
         aug_gen = self.base.augment_generator()  # augmentation only (per row, before per-sample gradients)

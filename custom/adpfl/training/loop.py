@@ -22,6 +22,7 @@ from monai.losses import DiceCELoss
 
 from adpfl.metrics import ScoreAccumulator, score_case, scoring_for
 from adpfl.tasks.base import SegTask
+from adpfl.tasks.network import TRAINABLE, set_trainable
 from adpfl.training.original_grid import OriginalGrid
 
 __all__ = ["TrainConfig", "LocalTrainer", "resolve_device"]
@@ -54,6 +55,10 @@ class TrainConfig:
     image_size: int | None = field(default=None, metadata={
         "help": "training image size, one int for every axis (None: the task's default, 128 for 2D, 64^3 for 3D)",
         "unit": "voxels per axis"})
+    trainable: str = field(default="all", metadata={
+        "help": "which parameters local training updates: `all`, `decoder` (the UNet's up-sampling path) or "
+                "`head` (its output block); the rest keeps the global model's values. With a public warm start, "
+                "fewer trained parameters means less DP-SGD noise per step (the noise has their dimension)"})
     device: str = field(default="auto", metadata={"help": "`auto` (CUDA when present), `cpu` or `cuda[:N]`"})
     num_workers: int = field(default=0, metadata={"help": "data-loader worker processes"})
     seed: int | None = field(default=None, metadata={
@@ -82,6 +87,7 @@ class TrainConfig:
              or (isinstance(self.image_size, (tuple, list)) and all(is_int(v) and v >= 16 for v in self.image_size)),
              "None (the task's default) or an int >= 16 (or one per axis)"),
             ("seed", self.seed, self.seed is None or (is_int(self.seed) and self.seed >= 0), "None or an int >= 0"),
+            ("trainable", self.trainable, self.trainable in TRAINABLE, f"one of {TRAINABLE}"),
         ]
         for name, value, ok, rule in checks:
             if not ok:
@@ -159,9 +165,12 @@ class LocalTrainer:
         return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._rng).item()))
 
     def optimizer_for(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        """One Adam optimizer per site, kept across rounds (its moments are local state)."""
+        """One Adam optimizer per site, kept across rounds (its moments are local state), over
+        the parameters setting ``trainable`` names (frozen here first)."""
+        set_trainable(model, self.config.trainable)
         if self._optimizer is None or self._optimizer_model_id != id(model):
-            self._optimizer = torch.optim.Adam(model.parameters(), lr=self.config.learning_rate)
+            params = [p for p in model.parameters() if p.requires_grad]
+            self._optimizer = torch.optim.Adam(params, lr=self.config.learning_rate)
             self._optimizer_model_id = id(model)
         return self._optimizer
 
