@@ -43,3 +43,11 @@ def test_row_epochs_count_what_the_trainer_runs(tune):
     assert tune.row_epochs({**row, "batch_size": 128}, 3300, 4) == 4.0
     assert tune.row_epochs({**row, "batch_size": 128, "local_epochs": 2}, 3300, 4) == 7.75  # 50 steps a round
     assert tune.row_epochs({**row, "batch_size": 64, "max_steps_per_round": 104, "local_epochs": 2}, 3300, 4) == 8.0
+
+
+def test_the_reference_is_the_best_npfl_row_of_the_same_epochs(tune):
+    rows = [{"epochs": 8, "dice": 0.645, "dice_key": 0.78}, {"epochs": 8, "dice": 0.718, "dice_key": 0.82},
+            {"epochs": 8, "dice": 0.70, "dice_key": 0.85}, {"epochs": 16, "dice": 0.5, "dice_key": None}]
+    refs, refs_key = tune.npfl_references(rows)
+    assert refs == {8: 0.718, 16: 0.5}
+    assert refs_key == {8: 0.82, 16: None}  # the key-region figure of that same row
