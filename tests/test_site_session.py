@@ -101,6 +101,7 @@ def test_site_cap_lowers_the_record_budget(tmp_path):
     [
         ({"image_size": 0}, "image_size=0: must be None"),
         ({"max_steps_per_round": 0}, "max_steps_per_round=0: must be None"),
+        ({"trainable": "encoder"}, "trainable='encoder': must be one of"),
         ({"num_train": 0}, "num_train must be None .* or an int >= 1"),
         ({"task": "liver"}, "liver"),
         ({"dpsgd_ledger_name": "../x"}, "dpsgd_ledger_name must be a plain file name"),
