@@ -108,3 +108,24 @@ def test_dpsgd_adds_noise_only_to_the_trainable_part_and_accounts_the_same(site)
             assert set(frozen) <= changed
         eps[trainable] = out["epsilon"]
     assert eps["head"] == pytest.approx(eps["all"], rel=1e-12)
+
+
+@pytest.mark.parametrize("trainable", ["all", "head"])
+def test_per_record_gradient_norms_match_one_record_at_a_time(site, trainable):
+    from adpfl.training.dpsgd import per_record_gradient_norms
+
+    cfg = TrainConfig(image_size=32, device="cpu", batch_size=4)
+    tr = LocalTrainer(get_task("skin2d"), site, cfg)
+    torch.manual_seed(1)
+    model = TaskNetwork("skin2d")
+    norms = per_record_gradient_norms(model, tr, trainable, chunk=3)  # chunks of 3, 3, 2 records
+    assert norms.shape == (len(tr.train_ds),)
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in params) == set_trainable(model, trainable)[0]
+    for i in range(len(tr.train_ds)):
+        d = tr.train_ds[i]
+        x, y = torch.as_tensor(d["image"])[None], torch.as_tensor(d["label"])[None]
+        grads = torch.autograd.grad(tr.loss_fn(model(x), y), params)
+        expected = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
+        assert float(norms[i]) == pytest.approx(float(expected), rel=1e-4)

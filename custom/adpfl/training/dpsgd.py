@@ -90,6 +90,7 @@ __all__ = [
     "dpsgd_network",
     "make_private_trainer",
     "opacus_rdp_epsilon",
+    "per_record_gradient_norms",
 ]
 
 
@@ -412,3 +413,39 @@ def make_private_trainer(
 ) -> DPSGDTrainer:
     """Shorthand: ``DPSGDTrainer(task, datalist, config, DPSGDConfig(**dp_kwargs))``."""
     return DPSGDTrainer(task, datalist, config, DPSGDConfig(**dp_kwargs))
+
+
+def per_record_gradient_norms(model: torch.nn.Module, trainer: LocalTrainer, trainable: str = "all",
+                              chunk: int = 8) -> torch.Tensor:
+    """The L2 norm of each training record's loss gradient over the parameters ``trainable``
+    names (:func:`adpfl.tasks.network.set_trainable`): what DP-SGD clips, per record, in
+    ``trainer.train_ds`` order, without augmentation (the records as cached).
+
+    For choosing ``dpsgd_max_grad_norm`` on **public** records only (``bench/grad_norms.py``):
+    on a site's own records these norms are a release that no ledger accounts for. The model's
+    ``requires_grad`` flags are left as ``trainable`` sets them. Per-sample gradients from Opacus'
+    ``GradSampleModule`` (loss reduction "mean", so each is the gradient of that record's own
+    loss), as in training. The records are drawn as the data loader draws them (3D tasks: the
+    task's random patch); the batch augmentation is not applied."""
+    from monai.data.utils import list_data_collate
+
+    set_trainable(model, trainable)
+    model.to(trainer.device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    norms = []
+    try:
+        for start in range(0, len(trainer.train_ds), int(chunk)):
+            batch = list_data_collate([trainer.train_ds[i]
+                                       for i in range(start, min(start + int(chunk), len(trainer.train_ds)))])
+            x, y = batch["image"].to(trainer.device), batch["label"].to(trainer.device)
+            loss = trainer.loss_fn(gsm(x), y)
+            loss.backward()
+            sq = sum(p.grad_sample.reshape(x.shape[0], -1).double().pow(2).sum(1) for p in params)
+            norms.append(sq.sqrt().float().cpu())
+            gsm.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad_sample = None
+    finally:
+        gsm._close()
+    return torch.cat(norms)
