@@ -6,7 +6,8 @@ norm clips every record to the same length. Measuring the norms on a site's own 
 a release no ledger accounts for, so this measures them on public synthetic records only (the
 public sites ``public-N`` of ``adpfl pretrain-public``, data seed 1000, which no federation site
 is; by default ``public-4``, which no checkpoint here was trained on), for each setting of
-``trainable``, and prints the quantiles (also written to ``--out`` as JSON). Pure part: :func:`adpfl.training.dpsgd.per_record_gradient_norms` (tested).
+``trainable``, and prints the quantiles (also written to ``--out`` as JSON). Pure part:
+:func:`adpfl.training.dpsgd.per_record_gradient_norms` (tested).
 
 Example (brain3d, the 30-patient public checkpoint, one public site at the realistic count)::
 
