@@ -443,9 +443,7 @@ def per_record_gradient_norms(model: torch.nn.Module, trainer: LocalTrainer, tra
             loss.backward()
             sq = sum(p.grad_sample.reshape(x.shape[0], -1).double().pow(2).sum(1) for p in params)
             norms.append(sq.sqrt().float().cpu())
-            gsm.zero_grad(set_to_none=True)
-            for p in params:
-                p.grad_sample = None
+            gsm.zero_grad(set_to_none=True)  # Opacus clears grad_sample too
     finally:
         gsm._close()
     return torch.cat(norms)
