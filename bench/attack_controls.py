@@ -178,7 +178,7 @@ def noise_oracle(a, argv) -> int:
     return 0
 
 
-BASIN_T = (0.99, 0.9, 0.5, 0.0)
+BASIN_T = (0.999, 0.99, 0.9, 0.5, 0.0)
 
 
 def basin(a, argv) -> int:
@@ -189,9 +189,15 @@ def basin(a, argv) -> int:
     and the way to the truth (``truth - z_t``; a smooth basin gives a clearly positive value),
     and ``--pixel-iterations`` (default 50) Adam steps of lr 1e-4 on that loss: the distance to
     the truth closed (1 - |z_K - truth| / |z_t - truth|; negative: it moved away) and SSIM
-    against the noisy truth before and after."""
+    against the noisy truth before and after. Why descent cannot work, in float64 on a copy of
+    the network: the change of the (kept) gradient between z_t and the truth, ``r``, against
+    its first-order prediction ``J d`` (central finite difference along ``d = truth - z_t``,
+    step 1e-3 x d): the size ratio |J d| / |r| and their cosine (a differentiable map gives
+    ~1 and ~1 near the truth), and how many inputs of the network's PReLU activations change
+    sign between z_t and the truth (each switches that unit's backward slope between 1 and the
+    PReLU's negative slope: a jump no derivative in the pixels sees)."""
     from adpfl.evaluation.attack import default_loss, image_metrics, model_gradient
-    from adpfl.evaluation.image_prior import gradient_cost
+    from adpfl.evaluation.image_prior import gradient_cost, vanishing_tensors
     from adpfl.tasks.base import get_task
     from _machine import run_header
     from attack_eval import _cases
@@ -203,14 +209,38 @@ def basin(a, argv) -> int:
     C, _ = _cases(a.size, a.images, clean=True)
     steps = a.pixel_iterations or 50
     lines = [header, "", "| image | t (share of the truth's noise) | PSNR / SSIM vs truth | layer-wise 1 - cos "
-             "| cos(steepest descent, way to the truth) | after descent: PSNR / SSIM | distance closed |",
-             "|---|---|---|---|---|---|---|"]
+             "| cos(steepest descent, way to the truth) | after descent: PSNR / SSIM | distance closed "
+             "| gradient change / norm | first order: size ratio, cos | PReLU sign flips |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for i in range(a.images):
         x, y, clean = X[i:i + 1], Y[i:i + 1], C[i:i + 1]
         torch.manual_seed(0)
         net = get_task("skin2d").build_network().eval()
         cost_of = gradient_cost(net, [g.detach() for g in model_gradient(net, default_loss(), x, y)], y)
+        net64 = get_task("skin2d").build_network().eval()
+        net64.load_state_dict(net.state_dict())
+        net64 = net64.double()
+        x64, y64, c64 = x.double(), y.double(), clean.double()
+        keep = [not v for v in vanishing_tensors(model_gradient(net64, default_loss(), x64, y64))]
+
+        def flat64(img):
+            return torch.cat([g.flatten() for g, k in zip(model_gradient(net64, default_loss(), img, y64), keep) if k])
+
+        pre: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, inp, _o: pre.append(inp[0].detach().flatten() > 0))
+                 for m in net64.modules() if isinstance(m, torch.nn.PReLU)]
+        g_truth = flat64(x64)
+        signs_truth, pre[:] = list(pre), []
         for t in BASIN_T:
+            z64 = c64 + t * (x64 - c64)
+            d64 = x64 - z64
+            r = flat64(z64) - g_truth
+            flips = sum(int((a != b).sum()) for a, b in zip(pre, signs_truth))
+            pre.clear()
+            jd = (flat64(z64 + 1e-3 * d64) - flat64(z64 - 1e-3 * d64)) / 2e-3
+            pre.clear()
+            first = (f"{float(jd.norm() / r.norm()):.3f}, {float(torch.nn.functional.cosine_similarity(jd, -r, dim=0)):+.3f}"
+                     if t < 1 else "-")
             z0 = clean + t * (x - clean)
             z = z0.clone().requires_grad_(True)
             cost = cost_of(z)
@@ -225,8 +255,11 @@ def basin(a, argv) -> int:
             closed = 1 - float((zk - x).norm() / (z0 - x).norm().clamp_min(1e-12))
             m0, mk = image_metrics(z0, x), image_metrics(zk, x)
             lines.append(f"| {i} | {t:g} | {m0['psnr']:.2f} / {m0['ssim']:.3f} | {float(cost):.4f} | {cos:+.4f} "
-                         f"| {mk['psnr']:.2f} / {mk['ssim']:.3f} | {closed:+.3f} |")
+                         f"| {mk['psnr']:.2f} / {mk['ssim']:.3f} | {closed:+.3f} | {float(r.norm() / g_truth.norm()):.4f} "
+                         f"| {first} | {flips} of {sum(a.numel() for a in signs_truth)} |")
             print(lines[-1], flush=True)
+        for h in hooks:
+            h.remove()
     lines.insert(1, f"wall {(time.perf_counter() - t_all) / 60:.1f} min; {steps} Adam steps of lr 1e-4 from each start; "
                     "layer-wise 1 - cos against the clear one-step gradient (vanishing tensors left out).")
     Path(a.out).mkdir(parents=True, exist_ok=True)
