@@ -196,10 +196,10 @@ def basin(a, argv) -> int:
     ~1 and ~1 near the truth), and how many inputs of the network's PReLU activations change
     sign between z_t and the truth (each switches that unit's backward slope between 1 and the
     PReLU's negative slope: a jump no derivative in the pixels sees)."""
+    from _machine import run_header
     from adpfl.evaluation.attack import default_loss, image_metrics, model_gradient
     from adpfl.evaluation.image_prior import gradient_cost, vanishing_tensors
     from adpfl.tasks.base import get_task
-    from _machine import run_header
     from attack_eval import _cases
 
     header = run_header("attack_controls.py", argv)
@@ -223,11 +223,11 @@ def basin(a, argv) -> int:
         x64, y64, c64 = x.double(), y.double(), clean.double()
         keep = [not v for v in vanishing_tensors(model_gradient(net64, default_loss(), x64, y64))]
 
-        def flat64(img):
+        def flat64(img, net64=net64, y64=y64, keep=keep):
             return torch.cat([g.flatten() for g, k in zip(model_gradient(net64, default_loss(), img, y64), keep) if k])
 
         pre: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda _m, inp, _o: pre.append(inp[0].detach().flatten() > 0))
+        hooks = [m.register_forward_hook(lambda _m, inp, _o, pre=pre: pre.append(inp[0].detach().flatten() > 0))
                  for m in net64.modules() if isinstance(m, torch.nn.PReLU)]
         g_truth = flat64(x64)
         signs_truth, pre[:] = list(pre), []
@@ -239,8 +239,8 @@ def basin(a, argv) -> int:
             pre.clear()
             jd = (flat64(z64 + 1e-3 * d64) - flat64(z64 - 1e-3 * d64)) / 2e-3
             pre.clear()
-            first = (f"{float(jd.norm() / r.norm()):.3f}, {float(torch.nn.functional.cosine_similarity(jd, -r, dim=0)):+.3f}"
-                     if t < 1 else "-")
+            cos_first = float(torch.nn.functional.cosine_similarity(jd, -r, dim=0))
+            first = f"{float(jd.norm() / r.norm()):.3f}, {cos_first:+.3f}"
             z0 = clean + t * (x - clean)
             z = z0.clone().requires_grad_(True)
             cost = cost_of(z)
@@ -255,13 +255,14 @@ def basin(a, argv) -> int:
             closed = 1 - float((zk - x).norm() / (z0 - x).norm().clamp_min(1e-12))
             m0, mk = image_metrics(z0, x), image_metrics(zk, x)
             lines.append(f"| {i} | {t:g} | {m0['psnr']:.2f} / {m0['ssim']:.3f} | {float(cost):.4f} | {cos:+.4f} "
-                         f"| {mk['psnr']:.2f} / {mk['ssim']:.3f} | {closed:+.3f} | {float(r.norm() / g_truth.norm()):.4f} "
+                         f"| {mk['psnr']:.2f} / {mk['ssim']:.3f} | {closed:+.3f} "
+                         f"| {float(r.norm() / g_truth.norm()):.4f} "
                          f"| {first} | {flips} of {sum(a.numel() for a in signs_truth)} |")
             print(lines[-1], flush=True)
         for h in hooks:
             h.remove()
-    lines.insert(1, f"wall {(time.perf_counter() - t_all) / 60:.1f} min; {steps} Adam steps of lr 1e-4 from each start; "
-                    "layer-wise 1 - cos against the clear one-step gradient (vanishing tensors left out).")
+    lines.insert(1, f"wall {(time.perf_counter() - t_all) / 60:.1f} min; {steps} Adam steps of lr 1e-4 from each "
+                    "start; layer-wise 1 - cos against the clear one-step gradient (vanishing tensors left out).")
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "basin.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
