@@ -174,6 +174,8 @@ def test_prior_attack_leaks_beyond_the_prior_on_the_real_unet():
     out = invert_with_prior(net, prior, grads, y, config=LatentAttackConfig(restarts=1, latent_iterations=60))
     m = image_metrics(out["image"], x, pub.mean(dim=(0, 2, 3), keepdim=True))
     guess = image_metrics(prior.prior_guess(y), x)
+    print(f"prior attack, image 1: {m['psnr']:.2f} dB / SSIM {m['ssim']:.3f}; prior guess {guess['psnr']:.2f} / "
+          f"{guess['ssim']:.3f}; mean colour {m['psnr_baseline']:.2f} / {m['ssim_baseline']:.3f}")
     assert m["psnr"] >= guess["psnr"] + 5.0, (m, guess)
     assert m["ssim"] >= guess["ssim"] and m["psnr"] > m["psnr_baseline"] + 5.0, (m, guess)
 
