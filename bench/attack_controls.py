@@ -86,7 +86,8 @@ def main(argv=None) -> int:
         text = Path(a.table_from).read_text().splitlines()
         rows = [ast.literal_eval(t) for t in text if t.startswith("{'image'")]
         wall = next(t for t in text if t.startswith("wall "))
-        _write(Path(a.out), rows, None, text[0], float(wall.split()[1]) * 60,
+        header = next((t for t in text if t.startswith("machine:")), text[0])
+        _write(Path(a.out), rows, None, header, float(wall.split()[1]) * 60,
                [k for k in rows[0] if isinstance(rows[0][k], dict) and k != "prior"])
         return 0
     from adpfl.evaluation.attack import default_loss, image_metrics, model_gradient
