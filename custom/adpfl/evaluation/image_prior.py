@@ -174,6 +174,12 @@ def vanishing_tensors(grads: Sequence[torch.Tensor], rel: float = 1e-6) -> list[
     return [n <= rel * top for n in norms]
 
 
+def _target_norm(tgt: Sequence[torch.Tensor], skip: Sequence[bool]) -> torch.Tensor:
+    """Norm of the observed target over the tensors the cost keeps (the whole-gradient cosine's
+    denominator)."""
+    return torch.sqrt(sum((t * t).sum() for t, s in zip(tgt, skip) if not s)).clamp_min(1e-12)
+
+
 def _cosine_cost(model, loss_fn, img, label, tgt, tgt_norm, masks, layerwise=False, observe=None, skip=None):
     """``1 - cos`` between the dummy's gradient (or ``observe(img, label)``) and the target:
     over the whole flattened gradient, or (``layerwise``) averaged over the parameter tensors
@@ -225,7 +231,7 @@ def invert_with_prior(
     # tensors into sign-like moves, so the probe is the gradient, not the map's output)
     skip = vanishing_tensors(model_gradient(model, loss_fn, guess, label))
     tgt = [t.detach() if m is None else t.detach()[m] for t, m in zip(target_grads, masks)]
-    tgt_norm = torch.sqrt(sum((t * t).sum() for t, s in zip(tgt, skip) if not s)).clamp_min(1e-12)
+    tgt_norm = _target_norm(tgt, skip)
     best_z, best_cost, restart_costs = None, math.inf, []
 
     def cost_of(img):
@@ -274,6 +280,6 @@ def gradient_cost(model: nn.Module, target_grads: Sequence[torch.Tensor], label:
     loss_fn = loss_fn or default_loss()
     tgt = [t.detach() for t in target_grads]
     skip = vanishing_tensors(tgt)
-    tgt_norm = torch.sqrt(sum((t * t).sum() for t, s in zip(tgt, skip) if not s)).clamp_min(1e-12)
+    tgt_norm = _target_norm(tgt, skip)
     masks = [None] * len(tgt)
     return lambda img: _cosine_cost(model, loss_fn, img, label, tgt, tgt_norm, masks, layerwise, skip=skip)
